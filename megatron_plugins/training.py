@@ -1,0 +1,118 @@
+"""The training step, built from megatron-core's pieces.
+
+Model chunks wrapped in megatron DDP, megatron's optimizer (optionally the distributed one),
+and megatron's forward-backward schedules (no pipelining, 1F1B, interleaved 1F1B). Nothing
+here knows about data files or logging: `pretrain_neon.py` supplies micro-batches and reads
+back the losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_plugins import cpu_runtime
+from neon.config import NeonConfig
+
+
+def build_model_chunks(config: NeonConfig, build_stage: Callable, wrap_ddp: bool = True,
+                       ddp_config: Optional[DistributedDataParallelConfig] = None) -> list:
+    """One model chunk per virtual pipeline stage (one chunk without interleaving).
+
+    `build_stage(config, pre_process, post_process, vp_stage)` builds one chunk."""
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        model = build_stage(
+            config,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                               vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                               vp_stage=stage),
+            vp_stage=stage,
+        )
+        model.to(cpu_runtime.device())
+        if config.bf16:
+            model.bfloat16()
+        chunks.append(model)
+    if wrap_ddp:
+        ddp_config = ddp_config or DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False)
+        chunks = [DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
+                  for i, chunk in enumerate(chunks)]
+    # Hooks the schedules call: gradient all-reduce across DP, tied/shared weights across PP.
+    config.finalize_model_grads_func = finalize_model_grads
+    if wrap_ddp and len(chunks) == 1:
+        config.no_sync_func = chunks[0].no_sync
+    elif wrap_ddp:
+        config.no_sync_func = [c.no_sync for c in chunks]
+    return chunks
+
+
+def build_optimizer(chunks: list, opt_config: OptimizerConfig):
+    return get_megatron_optimizer(opt_config, chunks)
+
+
+def lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Sum of the masked token losses, with the token count: megatron's per-token reduction."""
+    mask = loss_mask.reshape(-1).float()
+    total = torch.sum(per_token_loss.reshape(-1).float() * mask)
+    num_tokens = mask.sum().to(torch.int)
+    reported = torch.stack([total.detach(), num_tokens.float()])
+    return total, num_tokens, {"lm loss": reported}
+
+
+def forward_step(data_iterator: Iterator[dict], model):
+    """Megatron's forward_step contract: (output, loss function of that output)."""
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(lm_loss, batch["loss_mask"])
+
+
+@dataclass
+class StepResult:
+    loss: Optional[float]  # mean token loss over the global batch (last stage), else None
+    grad_norm: Optional[float]
+    skipped: bool
+
+
+def train_step(chunks: list, optimizer, data_iterator, config: NeonConfig, *,
+               num_microbatches: int, seq_length: int, micro_batch_size: int,
+               forward_step_func=forward_step) -> StepResult:
+    """One optimizer step over `num_microbatches` micro-batches of this data-parallel rank."""
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterator,  # a list, one per chunk, when interleaved
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    update_ok, grad_norm, _ = optimizer.step()
+    return StepResult(loss=reduce_losses(losses), grad_norm=grad_norm, skipped=not update_ok)
+
+
+def reduce_losses(losses: list) -> Optional[float]:
+    """Token-weighted mean of the micro-batch losses, averaged over data-parallel ranks."""
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    totals = torch.stack([item["lm loss"] for item in losses]).sum(0)
+    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return (totals[0] / totals[1].clamp(min=1)).item()

@@ -1,0 +1,97 @@
+"""Run a function in N real torch.distributed processes (gloo) and collect each rank's result.
+
+    results = run_distributed(check_fn, world_size=2, tp=2, kwargs={"seed": 1})
+
+`check_fn(**kwargs)` must be a module-level function (processes are spawned, not forked). Each
+process sets OMP_NUM_THREADS=1, joins a gloo group on a free local port, and initialises
+megatron-core's parallel state with the given layout (the CPU runtime is installed there).
+Whatever a rank returns (tensors included) comes back in rank order. An exception on any rank
+fails the calling test with that rank's traceback; a rank that does not finish within
+`timeout` seconds fails it too, and every process is killed: a hang never stalls CI.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+
+
+class DistributedFailure(AssertionError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, layout, fn, kwargs, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        from megatron_plugins import distributed
+
+        distributed.initialize(**layout)
+        value = fn(**kwargs)
+        buf = io.BytesIO()
+        torch.save(value, buf)
+        results.put((rank, "ok", buf.getvalue()))
+        distributed.shutdown()
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_distributed(fn, world_size: int = 2, *, tp: int = 1, pp: int = 1, ep: int = 1,
+                    vpp: int | None = None, seed: int = 1234, kwargs: dict | None = None,
+                    timeout: float = 240.0) -> list:
+    """Run fn(**kwargs) on `world_size` ranks; return the list of per-rank results."""
+    import torch
+
+    assert world_size <= 4, "at most 4 processes on this machine"
+    layout = dict(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
+                  virtual_pipeline=vpp, seed=seed)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, daemon=True,
+                         args=(r, world_size, port, layout, fn, kwargs or {}, results))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    collected, deadline = {}, time.monotonic() + timeout
+    try:
+        while len(collected) < world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(world_size)) - set(collected))
+                raise DistributedFailure(f"ranks {missing} did not finish within {timeout:.0f} s "
+                                         f"(hang or deadlock in {fn.__name__})")
+            try:
+                rank, status, payload = results.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs)
+                        if p.exitcode not in (None, 0) and r not in collected]
+                if dead:
+                    raise DistributedFailure(
+                        f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}"
+                    ) from None
+                continue
+            if status == "error":
+                raise DistributedFailure(f"rank {rank} of {world_size} failed:\n{payload}")
+            collected[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [collected[r] for r in range(world_size)]
