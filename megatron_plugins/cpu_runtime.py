@@ -27,6 +27,7 @@ PATCHES: dict[str, str] = {
     "moe_router_gemm": "moe_utils names te_general_gemm without TE installed (NameError); set it to None",
     "moe_split_sizes": "the alltoall dispatcher converts split sizes to numpy only for CUDA tensors",
     "memory_stats": "memory reporting asks torch.cuda for allocator statistics; report zero",
+    "moe_dtoh_event": "the alltoall dispatcher synchronizes on stream.record_event(), None for CPU streams",
 }
 
 _installed: set[str] = set()
@@ -185,6 +186,18 @@ def _patch_moe_split_sizes():
     moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
     if hasattr(token_dispatcher, "maybe_move_tensor_to_cpu"):
         token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+def _patch_moe_dtoh_event():
+    # MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize: self.d2h_event.synchronize()
+    stream_cls = torch.cuda.Stream
+
+    def record_event(self, event=None):
+        event = event if event is not None else torch.cpu.Event()
+        event.record(self)
+        return event
+
+    stream_cls.record_event = record_event
 
 
 def _patch_memory_stats():

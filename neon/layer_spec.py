@@ -27,6 +27,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron_plugins.norm import RMSNorm
 from neon.attention import NeonCoreAttention
 from neon.config import NeonConfig
+from neon.flaming import FlamingMoE, FlamingTransformerLayer, FlamingTransformerLayerSubmodules
 
 try:  # Transformer Engine: present in NGC containers, absent on CPU machines
     import transformer_engine  # noqa: F401
@@ -53,9 +54,19 @@ def _modules(use_te: bool) -> dict:
 def get_neon_layer_spec(config: NeonConfig, use_te: Optional[bool] = None) -> ModuleSpec:
     """ModuleSpec of one Neon TransformerLayer (TE flavour when `use_te`, default: if TE imports)."""
     m = _modules(HAVE_TE if use_te is None else use_te)
+    flaming = config.flaming_moe
+    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=m["column"], linear_fc2=m["row"]))
+    layer, extra = TransformerLayer, {}
+    if flaming == "mlp":  # the FlamingMoE block replaces the MLP (uses pre_mlp_layernorm)
+        mlp = ModuleSpec(module=FlamingMoE)
+    elif flaming == "between":  # its own pre-norm and residual between attention and MLP
+        layer = FlamingTransformerLayer
+        extra = dict(pre_flaming_layernorm=m["norm"], flaming_moe=ModuleSpec(module=FlamingMoE),
+                     flaming_bda=get_bias_dropout_add)
+    submodules_cls = FlamingTransformerLayerSubmodules if extra else TransformerLayerSubmodules
     return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
+        module=layer,
+        submodules=submodules_cls(
             input_layernorm=m["norm"],
             self_attention=ModuleSpec(
                 module=SelfAttention,
@@ -70,11 +81,9 @@ def get_neon_layer_spec(config: NeonConfig, use_te: Optional[bool] = None) -> Mo
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=m["norm"],
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(linear_fc1=m["column"], linear_fc2=m["row"]),
-            ),
+            mlp=mlp,
             mlp_bda=get_bias_dropout_add,
+            **extra,
         ),
     )
 
