@@ -159,8 +159,10 @@ def _patch_tensor_type():
     @functools.wraps(original)
     def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
         if dtype is None and not kwargs:
-            name = original(self)
-            return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+            name = original(self)  # under the device mode this can re-enter tensor_type itself
+            if self.device.type == "cpu" and not name.startswith("torch.cuda."):
+                name = name.replace("torch.", "torch.cuda.", 1)
+            return name
         return original(self, dtype, non_blocking, **kwargs)
 
     torch.Tensor.type = tensor_type
