@@ -138,7 +138,7 @@ class HeadRMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(width, dtype=dtype))
 
     def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 or wider
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight if weight is None else weight) * x32.to(x.dtype)
 
@@ -162,7 +162,7 @@ class DiffCoreAttention(MegatronModule):
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.window = config.sliding_window
         self.tp_group = (pg_collection.tp if pg_collection is not None
-                         else parallel_state.get_tensor_model_parallel_group())
+                         else parallel_state.get_tensor_model_parallel_group(check_initialized=False))
         # Four vectors of size d, shared by every head of the layer, initialised N(0, 0.1) from
         # the default generator (identical on the ranks of a tensor-parallel group).
         for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
@@ -191,16 +191,17 @@ class DiffCoreAttention(MegatronModule):
     def shared_parameters(self) -> tuple[torch.Tensor, ...]:
         """lq1, lk1, lq2, lk2, norm scale; under TP, their gradients are summed over the group."""
         params = [self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2, self.subln.weight]
-        if torch.distributed.is_initialized() and self.tp_group.size() > 1:
+        if self.tp_group is not None and self.tp_group.size() > 1:
             flat = tensor_parallel.copy_to_tensor_model_parallel_region(
                 torch.cat(params), group=self.tp_group)
             return tuple(torch.split(flat, [p.numel() for p in params]))
         return tuple(params)
 
     def lambda_full(self, lq1, lk1, lq2, lk2) -> torch.Tensor:
-        """lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init, in fp32."""
-        return (torch.exp(torch.dot(lq1.float(), lk1.float()))
-                - torch.exp(torch.dot(lq2.float(), lk2.float())) + self.lambda_init)
+        """lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init, in fp32 (or wider)."""
+        dt = torch.promote_types(lq1.dtype, torch.float32)
+        return (torch.exp(torch.dot(lq1.to(dt), lk1.to(dt)))
+                - torch.exp(torch.dot(lq2.to(dt), lk2.to(dt))) + self.lambda_init)
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):

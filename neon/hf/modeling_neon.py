@@ -49,7 +49,7 @@ class NeonRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 or wider
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
@@ -73,7 +73,7 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torc
     """softmax(q k^T * scaling + mask): q [b, n, s, d], k [b, g, t, d] (n = r g), mask [b, 1, s, t]."""
     k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # query head i reads key head i // r
     scores = torch.matmul(q, k.transpose(-1, -2)) * scaling + mask
-    return F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return F.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
 
 
 def weighted_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -111,8 +111,10 @@ class NeonAttention(nn.Module):
         return q, k
 
     def diff_lambda(self) -> torch.Tensor:
-        return (torch.exp(torch.dot(self.lambda_q1.float(), self.lambda_k1.float()))
-                - torch.exp(torch.dot(self.lambda_q2.float(), self.lambda_k2.float())) + self.lambda_init)
+        """lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init, in fp32 (or wider)."""
+        dt = torch.promote_types(self.lambda_q1.dtype, torch.float32)
+        lq1, lk1, lq2, lk2 = (p.to(dt) for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2))
+        return torch.exp(torch.dot(lq1, lk1)) - torch.exp(torch.dot(lq2, lk2)) + self.lambda_init
 
     def forward(self, x, cos, sin, attention_mask, cache: Cache | None = None):
         b, s, _ = x.shape
