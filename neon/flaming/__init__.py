@@ -10,6 +10,8 @@ from neon.flaming.block import (
     usage_counts,
 )
 from neon.flaming.layer import FlamingTransformerLayer, FlamingTransformerLayerSubmodules
+from neon.flaming.losses import aux_loss_report, set_aux_loss_scale
 
 __all__ = ["FlamingMoE", "FunctionBank", "FlamingTransformerLayer", "FlamingTransformerLayerSubmodules",
-           "attach_global_bank", "flaming_blocks", "reset_usage", "usage_counts"]
+           "attach_global_bank", "flaming_blocks", "reset_usage", "usage_counts", "aux_loss_report",
+           "set_aux_loss_scale"]

@@ -78,6 +78,8 @@ class FlamingMoE(MegatronModule):
                             if config.flaming_global_functions else None)
         self.layer_bank = (FunctionBank(config, "layer", layer_number, pg_collection)
                            if config.flaming_layer_functions else None)
+        if layer_number is not None:  # the routers log their losses per layer
+            self.set_layer_number(layer_number)
 
     def banks(self) -> list[FunctionBank]:
         return [b for b in (self.global_bank, self.layer_bank) if b is not None]

@@ -12,7 +12,7 @@ from megatron.core.optimizer import OptimizerConfig
 
 from megatron_plugins.training import build_model_chunks, build_optimizer, train_step
 from neon.config import NeonConfig
-from neon.flaming import reset_usage, usage_counts
+from neon.flaming import aux_loss_report, reset_usage, usage_counts
 from neon.model import build_model
 from tests.dist import run_distributed
 
@@ -43,15 +43,18 @@ def global_bank_params(chunks) -> dict:
             if n.startswith("flaming_global_functions.")}
 
 
-def train_pp(sync: bool, steps: int = 4):
+STEPS, MICROBATCHES = 4, 2
+
+
+def train_pp(sync: bool, steps: int = STEPS):
     cfg = tiny_flaming_config()
     cfg.has_cond_embedder = sync  # False: the control run without the pipeline-stage gradient sum
     chunks = build_model_chunks(cfg, build_model)
     opt = build_optimizer(chunks, OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.0, bf16=False))
     before = global_bank_params(chunks)
-    data = batches(steps * 2)
+    data = batches(steps * MICROBATCHES)
     for _ in range(steps):
-        train_step(chunks, opt, data, cfg, num_microbatches=2, seq_length=SEQ, micro_batch_size=MB)
+        train_step(chunks, opt, data, cfg, num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=MB)
     return chunks, before, global_bank_params(chunks)
 
 
@@ -62,7 +65,8 @@ def check_global_bank_under_pp():
         chunks, before, after = train_pp(sync)
         both = [None, None]
         torch.distributed.all_gather_object(both, after, group=group)
-        out[sync] = dict(identical=all(torch.equal(both[0][n], both[1][n]) for n in after),
+        report = aux_loss_report(num_microbatches=STEPS * MICROBATCHES)  # the training log's router losses
+        out[sync] = dict(identical=all(torch.equal(both[0][n], both[1][n]) for n in after), report=report,
                          moved=max((after[n] - before[n]).abs().max().item() for n in after),
                          names=sorted(after))
     # the checkpoint holds the global bank once: one main replica per key across the stages
@@ -83,6 +87,11 @@ def test_global_bank_replicas_stay_identical_under_pp():
         assert r[True]["moved"] > 1e-3, "the optimizer did not change the global bank"
         assert r[True]["identical"], "global bank replicas differ between pipeline stages"
         assert not r[False]["identical"], "control: without the stage gradient sum the replicas should drift"
+        report = r[True]["report"]
+        assert sorted(report) == [f"flaming_{b}_{loss}" for b in ("global", "layer")
+                                  for loss in ("load_balancing_loss", "z_loss")], report
+        for name, value in report.items():  # balancing: n * sum_i f_i P_i, 1 when perfectly even
+            assert (0.2 < value < 4.0) if "balancing" in name else (0.0 < value < 10.0), (name, value)
     keys = [set(r["replicas"]) for r in ranks]
     assert keys[0] == keys[1] and keys[0], "stages give different checkpoint keys for the global bank"
     for k in keys[0]:
