@@ -60,12 +60,13 @@ def compile_helpers(out_dir: Path | None = None, timeout: float = 600) -> Path:
     return target
 
 
-def _load(path: Path):
-    loader = importlib.machinery.ExtensionFileLoader(MODULE, str(path))
-    spec = importlib.util.spec_from_file_location(MODULE, str(path), loader=loader)
+def load_extension(path: Path, name: str = MODULE):
+    """Import the compiled helpers at `path` as module `name` (registered in sys.modules)."""
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
-    sys.modules[MODULE] = module
+    sys.modules[name] = module
     return module
 
 
@@ -77,6 +78,6 @@ def ensure_helpers():
     except ImportError:
         pass
     cached = _cache_dir() / f"helpers_cpp{sysconfig.get_config_var('EXT_SUFFIX')}"
-    _load(cached if cached.is_file() else compile_helpers())
+    load_extension(cached if cached.is_file() else compile_helpers())
     from megatron.core.datasets import helpers
     return helpers
