@@ -10,6 +10,8 @@ BlendedMegatronDatasetBuilder, as Megatron-LM's pretrain_gpt.py builds them.
   indices are cached in `cache_dir` (Megatron's --data-cache-path; default `<prefix>/cache/`).
 - Each item: {"tokens", "labels", "loss_mask", "position_ids"}, tensors of length seq_length
   (blended datasets add "dataset_id").
+- A split asked for samples but left without documents by --split: DataError for train and
+  valid; a warning and None for test.
 
 The data files are checked (check_data_files) before anything is built.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Optional
@@ -79,19 +82,26 @@ def _split_ranges(split_vector: list[float], n: int) -> list[Optional[tuple[int,
     return ranges
 
 
-def _check_split_coverage(infos: list[DataFileInfo], split: str, split_vector: list[float],
-                          num_samples: tuple[int, int, int]) -> None:
+def _empty_splits(infos: list[DataFileInfo], split: str, split_vector: list[float],
+                  num_samples: tuple[int, int, int]) -> set[int]:
+    """Splits asked for samples whose document range is empty in some dataset (megatron-core would
+    loop forever on them). Train or valid: DataError. Test (Megatron's habitual "949,50,1" on small
+    data, and pretraining rarely reads it): a warning, and that split is not built."""
+    empty = set()
     for info in infos:
         lengths = np.memmap(get_idx_path(info.prefix), mode="r", dtype=np.int32, offset=34,
                             shape=(info.num_sequences,))
         for i, rng in enumerate(_split_ranges(split_vector, info.num_sequences)):
-            if num_samples[i] <= 0 or rng is None:
+            if num_samples[i] <= 0 or rng is None or (rng[1] > rng[0] and int(lengths[rng[0]:rng[1]].sum()) > 0):
                 continue
-            if rng[1] <= rng[0] or int(lengths[rng[0]:rng[1]].sum()) == 0:
-                raise DataError(
-                    f"--split {split!r} leaves the {SPLIT_NAMES[i]} split of {info.prefix} empty ({info.num_documents} "
-                    f"documents in all) while {num_samples[i]} {SPLIT_NAMES[i]} samples are asked for; give that split "
-                    f"a bigger share of --split, use more data, or ask for no {SPLIT_NAMES[i]} samples.")
+            msg = (f"--split {split!r} leaves the {SPLIT_NAMES[i]} split of {info.prefix} empty ({info.num_documents} "
+                   f"documents in all) while {num_samples[i]} {SPLIT_NAMES[i]} samples are asked for")
+            if i < 2:
+                raise DataError(f"{msg}; give that split a bigger share of --split, use more data, or ask for no "
+                                f"{SPLIT_NAMES[i]} samples.")
+            warnings.warn(f"{msg}: there is no test set.", stacklevel=3)
+            empty.add(i)
+    return empty
 
 
 def _gpt_dataset_cached_in(cache_dir: str) -> type:
@@ -136,7 +146,8 @@ def build_datasets(data_path: list[str], split: str, seq_length: int, num_sample
     split_vector = parse_split(split)
     prefixes, weights = parse_data_path(data_path)
     infos = check_data_files(data_path, vocab_size)
-    _check_split_coverage(infos, split, split_vector, num_samples)
+    empty = _empty_splits(infos, split, split_vector, num_samples)
+    num_samples = tuple(0 if i in empty else n for i, n in enumerate(num_samples))
     ensure_helpers()
 
     config = GPTDatasetConfig(

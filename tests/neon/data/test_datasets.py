@@ -71,6 +71,10 @@ def test_split_sizes_and_zero_sample_splits(tiny_dataset, tmp_path):
     train, valid, test = build([prefix], split="6,2,2", samples=(10, 0, 0), cache=str(tmp_path / "c"))
     assert train is not None and valid is None and test is None
     assert build([prefix], split="100,0,0", samples=(10, 5, 5), cache=str(tmp_path / "c"))[1:] == (None, None)
+    # Megatron's habitual 949,50,1 leaves 120 documents no test document: a warning, no test set
+    with pytest.warns(UserWarning, match="leaves the test split .* empty .* there is no test set"):
+        train, valid, test = build([prefix], split="949,50,1", samples=(10, 5, 5), cache=str(tmp_path / "c"))
+    assert len(valid) >= 5 and test is None
 
 
 def test_same_seed_same_order_other_seed_other_order(tiny_dataset, tmp_path):
@@ -148,9 +152,9 @@ def test_bad_data_files_fail_before_any_work_naming_file_and_fix(tiny_dataset, t
         build_datasets([prefix], "8,1,1", SEQ, (8, 0, 0), 1, max_id, EOD, cache_dir=str(cache))
     check_data_files([prefix], max_id + 1)  # the exact bound passes
 
-    with pytest.raises(DataError, match=r"--split '990,9,1' leaves the test split of .*tiny_text_document empty "
-                                        r"\(120 documents in all\) while 8 test samples are asked for"):
-        build([prefix], split="990,9,1", samples=(8, 8, 8), cache=str(cache))
+    with pytest.raises(DataError, match=r"--split '999,0.5,0.5' leaves the valid split of .*tiny_text_document "
+                                        r"empty \(120 documents in all\) while 8 valid samples are asked for"):
+        build([prefix], split="999,0.5,0.5", samples=(8, 8, 8), cache=str(cache))
     assert not cache.exists()  # nothing was built for any of them
 
 
