@@ -8,9 +8,12 @@ same run, with the ratio to the first (the baseline, 1 worker by default).
 Without --input it builds the demo corpus (neon.data.corpus) and repeats it --repeat-corpus
 times; without --tokenizer-model it trains a BPE model of --vocab-size on it (not timed).
 Each setting runs --runs times (best run reported); outputs of all settings must be identical.
+A last row, "sp only", is the ceiling: sentencepiece encoding the same documents in this process
+(JSON parsing included; no worker processes, no writing).
 """
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -22,6 +25,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pa
 
 from neon.data.corpus import build_demo_corpus  # noqa: E402
 from neon.data.preprocess import preprocess  # noqa: E402
+from neon.data.tokenizer import NeonTokenizer  # noqa: E402
 from neon.data.tokenizer_training import train_tokenizer  # noqa: E402
 
 
@@ -74,6 +78,21 @@ def main(argv=None) -> int:
         for workers, r in rows:
             print(f"{workers:>7} {r.num_documents:>8} {sum(r.num_tokens.values()):>11} {r.seconds:>8.2f} "
                   f"{r.docs_per_second:>9.0f} {r.mb_per_second:>7.2f} {r.mb_per_second / base.mb_per_second:>7.2f}")
+        tok, key = NeonTokenizer(model), args.json_keys[0]
+        best_raw = None
+        for _ in range(args.runs):
+            t0, ndocs, ntok, nbytes = time.perf_counter(), 0, 0, 0
+            for f in inputs:
+                with open(f, "rb") as fh:
+                    for line in fh:
+                        if line.strip():
+                            ntok += len(tok.encode(json.loads(line)[key]))
+                            ndocs, nbytes = ndocs + 1, nbytes + len(line)
+            raw_s = time.perf_counter() - t0
+            best_raw = raw_s if best_raw is None else min(best_raw, raw_s)
+        raw_mbs = nbytes / 1e6 / best_raw
+        print(f"{'sp only':>7} {ndocs:>8} {ntok:>11} {best_raw:>8.2f} {ndocs / best_raw:>9.0f} {raw_mbs:>7.2f} "
+              f"{raw_mbs / base.mb_per_second:>7.2f}")
         same = len({v for v in outputs.values()}) == 1
         print(f"\noutputs identical across worker counts: {'yes' if same else 'NO'}; "
               f"load average {os.getloadavg()[0]:.1f} at end")
