@@ -33,11 +33,11 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
     convert_split_vector_to_split_matrix,
     parse_and_normalize_split,
 )
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import get_idx_path
 
 from neon.data.checks import DataFileInfo, check_data_files, parse_data_path
 from neon.data.errors import DataError
+from neon.data.gpt_dataset import GPTDataset, NeonGPTDatasetConfig
 from neon.data.helpers import ensure_helpers
 
 logger = logging.getLogger(__name__)
@@ -104,25 +104,6 @@ def _empty_splits(infos: list[DataFileInfo], split: str, split_vector: list[floa
     return empty
 
 
-def _gpt_dataset_cached_in(cache_dir: str) -> type:
-    """GPTDataset whose index cache is `cache_dir` while the blend's own cache stays off.
-
-    megatron-core 0.16.1's BlendedDataset calls torch.distributed.get_rank() on a cache miss and so
-    fails in a process without torch.distributed; without distributed we cache only the
-    GPTDataset indices (the expensive part) and build the blending indices in memory.
-    """
-
-    class CachedGPTDataset(GPTDataset):
-        def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config):
-            split_matrix = config.split_matrix
-            config = dataclasses.replace(config, path_to_cache=cache_dir)
-            config.split_matrix = split_matrix
-            super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
-
-    CachedGPTDataset.__name__ = CachedGPTDataset.__qualname__ = GPTDataset.__name__  # same cache files
-    return CachedGPTDataset
-
-
 def build_datasets(data_path: list[str], split: str, seq_length: int, num_samples: tuple[int, int, int],
                    seed: int, vocab_size: int, eod_id: int, cache_dir: Optional[str] = None, *,
                    is_built_on_rank: Optional[Callable[[], bool]] = None, pad_id: int = -1,
@@ -150,7 +131,7 @@ def build_datasets(data_path: list[str], split: str, seq_length: int, num_sample
     num_samples = tuple(0 if i in empty else n for i, n in enumerate(num_samples))
     ensure_helpers()
 
-    config = GPTDatasetConfig(
+    config = NeonGPTDatasetConfig(
         random_seed=int(seed), sequence_length=int(seq_length), blend=(prefixes, weights), split=split,
         path_to_cache=None if cache_dir is None else str(cache_dir), mmap_bin_files=True,
         tokenizer=DatasetTokenizer(vocab_size=int(vocab_size), eod=int(eod_id), pad=int(pad_id)),
@@ -160,11 +141,9 @@ def build_datasets(data_path: list[str], split: str, seq_length: int, num_sample
     # splits nobody asked for are not built at all
     config.split_matrix = [m if n > 0 else None for m, n in zip(config.split_matrix, num_samples)]
 
-    cls = GPTDataset
     blended = len(prefixes) > 1 or weights is not None
     if blended and cache_dir is not None and not torch.distributed.is_initialized():
-        config.path_to_cache = None
-        cls = _gpt_dataset_cached_in(str(cache_dir))
+        config.path_to_cache, config.gpt_index_cache = None, str(cache_dir)  # see neon/data/gpt_dataset.py
     sizes = list(num_samples)
-    built = BlendedMegatronDatasetBuilder(cls, sizes, is_built_on_rank or (lambda: True), config).build()
+    built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank or (lambda: True), config).build()
     return tuple(None if ds is None or n == 0 or len(ds) == 0 else ds for ds, n in zip(built, num_samples))

@@ -3,6 +3,7 @@
 bad data files fail before anything is built, naming the file and the fix."""
 
 import os
+import pickle
 from collections import Counter
 from pathlib import Path
 
@@ -106,6 +107,9 @@ def test_blending_weights_are_honoured(tiny_dataset, tmp_path):
         expect = weights[0] / sum(weights)
         assert abs(share[0] / n - expect) < 0.02, (share, weights)
         assert abs(Counter(int(valid[i]["dataset_id"]) for i in range(len(valid)))[0] / len(valid) - expect) < 0.05
+    # DataLoader workers (spawn) receive the datasets pickled, the cache-folder variant included
+    clone = pickle.loads(pickle.dumps(train))
+    assert all((clone[i]["tokens"] == train[i]["tokens"]).all() for i in range(0, n, 9))
     # plain prefixes: blended in proportion to their sizes (equal here); the cache is optional
     train = build([a, b], split="9,1,0", samples=(100, 0, 0))[0]
     share = Counter(int(train[i]["dataset_id"]) for i in range(len(train)))
