@@ -19,9 +19,11 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed")  # megatron-core's import
 
 from neon.data.corpus import build_demo_corpus  # noqa: E402
 from neon.data.preprocess import preprocess  # noqa: E402
@@ -29,8 +31,12 @@ from neon.data.tokenizer import NeonTokenizer  # noqa: E402
 from neon.data.tokenizer_training import train_tokenizer  # noqa: E402
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--input", nargs="+", default=None, help="text/JSONL files; default: the demo corpus")
     p.add_argument("--json-keys", nargs="+", default=["text"])
     p.add_argument("--tokenizer-model", default=None, help="default: train one on the input")

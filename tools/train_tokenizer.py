@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a sentencepiece tokenizer (BPE with byte fallback by default) from text or JSONL files.
+r"""Train a sentencepiece tokenizer (BPE with byte fallback by default) from text or JSONL files.
 
     python tools/train_tokenizer.py --input corpus.jsonl --json-keys text \
         --output-prefix tokenizers/neon --vocab-size 32000
@@ -20,8 +20,12 @@ from neon.data.tokenizer import NeonTokenizer  # noqa: E402
 from neon.data.tokenizer_training import MODEL_TYPES, train_tokenizer  # noqa: E402
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="text or JSONL files (globs allowed)")
     p.add_argument("--json-keys", nargs="+", default=["text"],
                    help="JSONL keys whose text is used (all of them feed the tokenizer)")
