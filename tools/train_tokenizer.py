@@ -50,14 +50,12 @@ def get_args(argv=None):
 def main(argv=None) -> int:
     args = get_args(argv)
     try:
-        model = None
-        for key in args.json_keys[:1]:
-            model = train_tokenizer(
-                args.input, args.output_prefix, vocab_size=args.vocab_size, model_type=args.model_type,
-                json_key=key, input_format=args.input_format, text_unit=args.text_unit,
-                byte_fallback=not args.no_byte_fallback, character_coverage=args.character_coverage,
-                input_sentence_size=args.input_sentence_size, num_threads=args.num_threads, seed=args.seed,
-                show_progress=not args.quiet, verbose=args.verbose)
+        model = train_tokenizer(
+            args.input, args.output_prefix, vocab_size=args.vocab_size, model_type=args.model_type,
+            json_key=args.json_keys, input_format=args.input_format, text_unit=args.text_unit,
+            byte_fallback=not args.no_byte_fallback, character_coverage=args.character_coverage,
+            input_sentence_size=args.input_sentence_size, num_threads=args.num_threads, seed=args.seed,
+            show_progress=not args.quiet, verbose=args.verbose)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
