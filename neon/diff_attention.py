@@ -33,6 +33,7 @@ parallelism, so every rank applies the same update as a TP=1 run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -203,6 +204,18 @@ class DiffCoreAttention(MegatronModule):
         return (torch.exp(torch.dot(lq1.to(dt), lk1.to(dt)))
                 - torch.exp(torch.dot(lq2.to(dt), lk2.to(dt))) + self.lambda_init)
 
+    def local_maps(self, q, k, v, dropout_p: float = 0.0, split_values: Optional[bool] = None):
+        """[A_1 V; A_2 V] with torch SDPA: q [b, 2n, s, d], k [b, 2g, s, d], v [b, 2g, s, d_v].
+
+        Flash kernels need d_v == d: on a GPU the 'matched' layout (d_v = 2d) runs two calls on
+        the halves of V instead of one memory-efficient call (dropout masks then differ per half)."""
+        if split_values is None:
+            split_values = q.is_cuda and v.size(-1) == 2 * q.size(-1) and not dropout_p
+        attend = partial(sdpa, scale=self.softmax_scale, window=self.window, dropout_p=dropout_p)
+        if split_values:
+            return torch.cat([attend(q, k, half) for half in v.chunk(2, dim=-1)], dim=-1)
+        return attend(q, k, v)
+
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         assert packed_seq_params is None, "packed sequences are not supported with DiffAttention"
@@ -221,12 +234,8 @@ class DiffCoreAttention(MegatronModule):
             maps = maps.view(sq, b, n2, -1).permute(1, 2, 0, 3)  # [b, 2n, sq, d_v]
         else:
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, .]
-            if dropout_p:
-                with tensor_parallel.get_cuda_rng_tracker().fork():
-                    maps = sdpa(q, k, v, scale=self.softmax_scale, window=self.window,
-                                dropout_p=dropout_p)
-            else:
-                maps = sdpa(q, k, v, scale=self.softmax_scale, window=self.window)
+            with (tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p else contextlib.nullcontext()):
+                maps = self.local_maps(q, k, v, dropout_p)
         a1_v, a2_v = maps[:, :n], maps[:, n:]  # A_1 V, A_2 V: [b, n, sq, d_v]
         diff = a1_v - lam.to(a1_v.dtype) * a2_v
         heads = self.subln(diff, norm_weight) * (1.0 - self.lambda_init)
