@@ -159,7 +159,10 @@ def _patch_tensor_type():
     def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
         if dtype is None and not kwargs:
             name = original(self)
-            return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+            # under the cuda_device_mode TorchFunctionMode this wrapper can run twice: rename once
+            if self.device.type == "cpu" and not name.startswith("torch.cuda."):
+                return name.replace("torch.", "torch.cuda.", 1)
+            return name
         return original(self, dtype, non_blocking, **kwargs)
 
     torch.Tensor.type = tensor_type
