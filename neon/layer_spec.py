@@ -27,6 +27,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron_plugins.norm import RMSNorm
 from neon.attention import NeonCoreAttention
 from neon.config import NeonConfig
+from neon.ngpt import ngpt_layer_spec
 
 try:  # Transformer Engine: present in NGC containers, absent on CPU machines
     import transformer_engine  # noqa: F401
@@ -53,7 +54,7 @@ def _modules(use_te: bool) -> dict:
 def get_neon_layer_spec(config: NeonConfig, use_te: Optional[bool] = None) -> ModuleSpec:
     """ModuleSpec of one Neon TransformerLayer (TE flavour when `use_te`, default: if TE imports)."""
     m = _modules(HAVE_TE if use_te is None else use_te)
-    return ModuleSpec(
+    spec = ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=m["norm"],
@@ -77,6 +78,9 @@ def get_neon_layer_spec(config: NeonConfig, use_te: Optional[bool] = None) -> Mo
             mlp_bda=get_bias_dropout_add,
         ),
     )
+    if config.ngpt:  # normalized layer: no norms, residual updates on the sphere (neon/ngpt.py)
+        spec = ngpt_layer_spec(spec, config)
+    return spec
 
 
 def get_neon_block_spec(
@@ -87,5 +91,5 @@ def get_neon_block_spec(
     layer = get_neon_layer_spec(config, use_te)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
-        layer_norm=_modules(use_te)["norm"],
+        layer_norm=None if config.ngpt else _modules(use_te)["norm"],  # nGPT: no final norm
     )

@@ -6,6 +6,7 @@ from typing import Optional
 
 from megatron.core.models.gpt import GPTModel
 
+from neon import ngpt
 from neon.config import NeonConfig
 from neon.layer_spec import get_neon_block_spec
 
@@ -18,7 +19,7 @@ def build_model(
     use_te: Optional[bool] = None,
 ) -> GPTModel:
     """One pipeline stage (the whole model when pipeline parallelism is off)."""
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=get_neon_block_spec(config, use_te=use_te, vp_stage=vp_stage),
         vocab_size=config.vocab_size,
@@ -30,3 +31,8 @@ def build_model(
         rotary_base=config.rope_theta,
         vp_stage=vp_stage,
     )
+    if config.ngpt:
+        if post_process:
+            ngpt.attach_logit_scale(model, config)  # z <- z * s_z
+        ngpt.mark_and_normalize_weights(model)  # E_in, E_out, W_q/k/v/o, W_gate/up/down on the sphere
+    return model

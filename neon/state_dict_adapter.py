@@ -34,6 +34,28 @@ GLOBAL_DIRECT = [
     ("model.norm.weight", "decoder.final_layernorm.weight", None, "post"),
     ("lm_head.weight", "output_layer.weight", 0, "post"),
 ]
+# nGPT (neon/ngpt.py): no RMSNorm weights; the scaling vectors, stored values as they are.
+NGPT_NORMS = {"input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight"}
+NGPT_LAYER = [
+    ("attn_alpha", "self_attn_bda.alpha", None),             # alpha_A [d_model]
+    ("mlp_alpha", "mlp_bda.alpha", None),                    # alpha_M [d_model]
+    ("self_attn.s_qk", "self_attention.core_attention.s_qk", 0),  # [heads * head_dim]
+    ("mlp.s_u", "mlp.s_u", 0),                               # [ffn]
+    ("mlp.s_v", "mlp.s_v", 0),                               # [ffn]
+]
+NGPT_GLOBAL = [("lm_head.s_z", "output_layer.s_z", 0, "post")]  # [vocab]
+
+
+def _layer_direct(config: NeonConfig) -> list:
+    if not config.ngpt:
+        return LAYER_DIRECT
+    return [e for e in LAYER_DIRECT if e[0] not in NGPT_NORMS] + NGPT_LAYER
+
+
+def _global_direct(config: NeonConfig) -> list:
+    if not config.ngpt:
+        return GLOBAL_DIRECT
+    return [e for e in GLOBAL_DIRECT if e[0] not in NGPT_NORMS] + NGPT_GLOBAL
 
 
 def _chunk(t: torch.Tensor, dim, rank: int, size: int) -> torch.Tensor:
@@ -53,7 +75,7 @@ def hf_to_megatron(hf: dict, config: NeonConfig, tp_rank: int = 0, tp_size: int 
     """State dict of one megatron (TP rank, PP stage) from a full HF state dict."""
     num_layers = config.num_layers if num_layers is None else num_layers
     out = {}
-    for hf_name, mg_name, dim, where in GLOBAL_DIRECT:
+    for hf_name, mg_name, dim, where in _global_direct(config):
         wanted = pre_process if where == "pre" else post_process
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             wanted = False  # the tied output layer reuses the embedding
@@ -61,7 +83,7 @@ def hf_to_megatron(hf: dict, config: NeonConfig, tp_rank: int = 0, tp_size: int 
             out[mg_name] = _chunk(hf[hf_name], dim, tp_rank, tp_size)
     for local in range(num_layers):
         src, dst = f"model.layers.{local + layer_offset}.", f"decoder.layers.{local}."
-        for hf_suffix, mg_suffix, dim in LAYER_DIRECT:
+        for hf_suffix, mg_suffix, dim in _layer_direct(config):
             out[dst + mg_suffix] = _chunk(hf[src + hf_suffix], dim, tp_rank, tp_size)
         qkv = _qkv_groups(config, *(hf[src + f"self_attn.{p}_proj.weight"] for p in "qkv"))
         out[dst + "self_attention.linear_qkv.weight"] = (
@@ -80,7 +102,7 @@ def megatron_to_hf(shards: list[dict], config: NeonConfig, layer_offset: int = 0
     def join(name, dim):
         return first[name] if dim is None else torch.cat([s[name] for s in shards], dim=dim)
 
-    for hf_name, mg_name, dim, _ in GLOBAL_DIRECT:
+    for hf_name, mg_name, dim, _ in _global_direct(config):
         if mg_name in first:
             out[hf_name] = join(mg_name, dim)
     layers = sorted({int(m.group(1)) for k in first
@@ -89,7 +111,7 @@ def megatron_to_hf(shards: list[dict], config: NeonConfig, layer_offset: int = 0
     q_rows = config.num_attention_heads // groups * d
     for local in layers:
         src, dst = f"decoder.layers.{local}.", f"model.layers.{local + layer_offset}."
-        for hf_suffix, mg_suffix, dim in LAYER_DIRECT:
+        for hf_suffix, mg_suffix, dim in _layer_direct(config):
             out[dst + hf_suffix] = join(src + mg_suffix, dim)
         qkv = join(src + "self_attention.linear_qkv.weight", 0).view(groups, q_rows + 2 * d, -1)
         q, k, v = torch.split(qkv, [q_rows, d, d], dim=1)
