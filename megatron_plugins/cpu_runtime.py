@@ -26,6 +26,8 @@ PATCHES: dict[str, str] = {
     "tensor_type": "clip_grads and the optimizers check Tensor.type() == 'torch.cuda.FloatTensor'",
     "moe_router_gemm": "moe_utils names te_general_gemm without TE installed (NameError); set it to None",
     "moe_split_sizes": "the alltoall dispatcher converts split sizes to numpy only for CUDA tensors",
+    "p2p_unbatched": "gloo mismatches a batched send/recv in both directions between the same two ranks "
+    "(interleaved PP=2): configs default to unbatched p2p",
 }
 
 _originals: dict[str, list[tuple[object, str, object]]] = {}  # patch -> (owner, attr, original)
@@ -86,7 +88,14 @@ def _set(patch: str, owner, attr: str, value) -> None:
 
 
 def _patch_rng_tracker(set_):
+    import logging
+
     from megatron.core.tensor_parallel import random as mp_random
+
+    # The tracker warns when the CPU generator moves inside a fork; on the CPU the forked
+    # generator IS the CPU one, so the warning would fire on every dropout draw.
+    logging.getLogger(mp_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed" not in record.getMessage())
 
     set_(mp_random, "_get_cuda_rng_state", lambda device="cuda", clone=False, graph_safe=False:
          torch.get_rng_state())
@@ -223,3 +232,15 @@ def _patch_moe_split_sizes(set_):
     set_(moe_utils, "maybe_move_tensor_to_cpu", _maybe_move_tensor_to_cpu)
     if hasattr(token_dispatcher, "maybe_move_tensor_to_cpu"):
         set_(token_dispatcher, "maybe_move_tensor_to_cpu", _maybe_move_tensor_to_cpu)
+
+
+def _patch_p2p_unbatched(set_):
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    original = ModelParallelConfig.__post_init__
+
+    def post_init(self):
+        self.batch_p2p_comm = False
+        original(self)
+
+    set_(ModelParallelConfig, "__post_init__", post_init)

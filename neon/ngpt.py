@@ -147,14 +147,21 @@ class NGPTMLP(MLP):
         return self.linear_fc2(u * F.silu(v))  # ([s, b, d_model], None)
 
 
+def _normalized_qk(core):
+    """The core-attention entry of a spec (class, partial of a class, or ModuleSpec), nGPT's q/k."""
+    if isinstance(core, ModuleSpec):
+        return replace(core, module=_normalized_qk(core.module))
+    if isinstance(core, partial):  # e.g. partial(DiffCoreAttention, use_te=...)
+        return partial(ngpt_core_attention(core.func), *core.args, **core.keywords)
+    return ngpt_core_attention(core)
+
+
 def ngpt_layer_spec(spec: ModuleSpec, config: NeonConfig) -> ModuleSpec:
     """The Neon layer spec turned into nGPT's: no norms, normalized residuals, scaled q/k and MLP."""
     sub = spec.submodules
     attn = sub.self_attention
-    core = attn.submodules.core_attention
-    core_spec = core if isinstance(core, ModuleSpec) else ModuleSpec(module=core)
     attn = replace(attn, submodules=replace(
-        attn.submodules, core_attention=replace(core_spec, module=ngpt_core_attention(core_spec.module))))
+        attn.submodules, core_attention=_normalized_qk(attn.submodules.core_attention)))
     mlp = sub.mlp
     if not (isinstance(mlp, ModuleSpec) and mlp.module is MLP):
         raise NotImplementedError(f"nGPT needs the dense MLP, the layer spec has {mlp}")
