@@ -174,6 +174,7 @@ def check_block_parity():
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ep", [1, 2], ids=["ep1", "ep2"])
 def test_block_matches_dense_reference(ep):
     per_rank = run_distributed(check_block_parity, ep, ep=ep, timeout=300)

@@ -124,6 +124,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_logits_match_hf_reference(layout):
     world, parallel, cases = LAYOUTS[layout]

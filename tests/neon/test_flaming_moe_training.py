@@ -80,6 +80,7 @@ def check_global_bank_under_pp():
     return out
 
 
+@pytest.mark.slow
 def test_global_bank_replicas_stay_identical_under_pp():
     ranks = run_distributed(check_global_bank_under_pp, 2, pp=2, timeout=300)
     for r in ranks:
@@ -161,12 +162,14 @@ def single_process():
     return run_distributed(single_process_checks, 1, timeout=300)[0]
 
 
+@pytest.mark.slow
 def test_evaluation_is_deterministic(single_process):
     det = single_process["determinism"]
     assert det["eval"], "two evaluations of the same input differ"
     assert not det["train"], "control: Gumbel noise should make training forwards differ"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("router", ["topk", "gumbel"])
 def test_balancing_loss_evens_out_function_usage(single_process, router):
     off, on = single_process["balance"][(router, 0.0)], single_process["balance"][(router, 0.1)]
