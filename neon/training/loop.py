@@ -216,10 +216,12 @@ def pretrain(cfg: Config) -> RunSummary:
             step_time = time.perf_counter() - t0
             if not (math.isfinite(loss) and (result.grad_norm is None or math.isfinite(grad_norm))):
                 where = f"{checkpointing.iteration_dir(c.save, last_saved)}" if last_saved is not None else "none"
+                what = "loss" if not math.isfinite(loss) else "gradient norm"
                 raise TrainingDiverged(
-                    f"iteration {iteration}: the training loss is {loss} (grad norm {grad_norm}); stopping "
-                    f"without saving this state. Last good checkpoint: {where}. Fix: lower --lr, lengthen "
-                    f"--lr-warmup-iters, keep --clip-grad on, or check the data; then resume with --load.")
+                    f"iteration {iteration}: the training {what} is not finite (loss {loss}, grad norm "
+                    f"{grad_norm}); stopping without saving this state. Last good checkpoint: {where}. "
+                    f"Fix: lower --lr, lengthen --lr-warmup-iters, keep --clip-grad on, or check the data; "
+                    f"then resume with --load.")
             train_loss = loss
             logger.train_step(iteration=iteration, loss=loss, grad_norm=grad_norm if result.grad_norm is not None
                               else None, lr=_lr(optimizer), consumed_samples=consumed, step_time_s=step_time,
