@@ -18,7 +18,10 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
+
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
