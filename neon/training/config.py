@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import os
 import types
 import typing
@@ -408,6 +409,7 @@ def _metavar(tp) -> str:
     return _type_name(base[0]).upper() if len(base) == 1 else "VALUE"
 
 
+@functools.cache
 def _field_docs(cls) -> dict[str, str]:
     """Attribute docstrings (the string literal after each field) of a section dataclass."""
     import ast

@@ -91,10 +91,11 @@ def test_tp2_checkpoint_loads_at_tp1_with_the_same_validation_loss(corpus, refer
     assert math.isclose(_eval_at_tp1(corpus, save, 8, tmp_path), expected, rel_tol=1e-5)
 
 
-def test_pp2_interleaved_checkpoint_loads_at_pp1_with_the_same_validation_loss(corpus, tmp_path):
+def test_pp2_interleaved_distopt_recompute_checkpoint_loads_at_pp1_with_the_same_validation_loss(corpus, tmp_path):
     save = tmp_path / "pp2"
     check(launch(tiny_args(*corpus, pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1,
-                           use_distributed_optimizer=True, train_iters=4, save=save,
+                           use_distributed_optimizer=True, recompute_granularity="full", recompute_method="uniform",
+                           recompute_num_layers=1, train_iters=4, save=save,
                            tensorboard_dir=tmp_path / "tb", wandb_project="neon-test"), nproc=2))
     expected = metrics(save, "valid")[4]["loss"]
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
