@@ -54,7 +54,6 @@ def bare_loop(cfg, batch, steps: int, warmup: int) -> list[float]:
 def framework(cfg, steps: int, warmup: int, run_dir: Path) -> list[float]:
     from neon.training.loop import pretrain
 
-    cfg.schedule.train_iters = warmup + steps
     cfg.logging.log_interval = 1
     cfg.logging.run_dir = str(run_dir)
     cfg.logging.progress_bar = False
@@ -77,7 +76,8 @@ def main(argv=None) -> int:
         extra += ["--data-path", str(prefix), "--tokenizer-model", str(tokenizer)]
     from neon.training.config import resolve
 
-    cfg = resolve([*extra, "--eval-iters", "0", "--num-workers", "1"], world_size=1)
+    cfg = resolve([*extra, "--eval-iters", "0", "--num-workers", "1", "--save", "unused",
+                   "--train-iters", str(args.warmup + args.steps), "--lr-warmup-iters", "1"], world_size=1)
     cfg.checkpointing.save = cfg.checkpointing.load = None
     cfg.checkpointing.save_interval = None
 
