@@ -23,6 +23,7 @@ Which matrices and along which dim: the `ngpt_unit_norm_dim` attribute `neon.ngp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -149,6 +150,12 @@ def _projection_for(opt) -> _SphereProjection | None:
     return _SphereProjection(slices) if slices else None
 
 
+def _project_current(opt, *_hook_args) -> None:
+    projection = _projection_for(opt)
+    if projection is not None:
+        projection()
+
+
 def add_weight_normalization(optimizer):
     """Make every `optimizer.step()` end with nGPT's weights back on the unit sphere. Returns it."""
     if getattr(optimizer, "ngpt_weight_normalization", False):
@@ -160,7 +167,9 @@ def add_weight_normalization(optimizer):
             continue
         projection = _projection_for(opt)
         if projection is not None:
-            opt.optimizer.register_step_post_hook(projection)
+            # the main tensors are looked up again at every step: a checkpoint load or a
+            # re-sharding may replace megatron's main parameters after this call
+            opt.optimizer.register_step_post_hook(partial(_project_current, opt))
             hooked += len(projection.slices)
     optimizer.ngpt_weight_normalization = True
     optimizer.ngpt_normalized_matrices = hooked

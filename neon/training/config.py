@@ -30,6 +30,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from neon.config import NeonConfig, NeonConfigError
+from neon.ngpt import ngpt_optimizer_defaults
 
 
 class ConfigError(ValueError):
@@ -246,7 +247,7 @@ ALIASES = {
 # Defaults that a Neon feature brings when it is on (applied below the YAML file and flags):
 # {model field: {"section.field": value}}. The nGPT work owns its entry.
 FEATURE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ngpt": {"optimizer.weight_decay": 0.0, "schedule.lr_warmup_iters": 0},
+    "ngpt": ngpt_optimizer_defaults(),  # weight decay 0, no warmup (neon/ngpt.py)
 }
 
 

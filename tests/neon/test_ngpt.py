@@ -369,3 +369,31 @@ def test_model_parallel_matches_one_process(single, layout):
             torch.testing.assert_close(r["hidden_norms"], torch.ones_like(r["hidden_norms"]),
                                        rtol=0, atol=1e-5)
     _assert_same_training(single, results, layout)
+
+
+def test_pretrain_config_applies_ngpt_defaults_and_flags_override_them():
+    from neon.training.config import resolve
+
+    common = ["--data-path", "x", "--tokenizer-model", "t", "--vocab-size", "128", "--num-layers", "2",
+              "--hidden-size", "32", "--num-attention-heads", "4", "--weight-decay", "0.1"]
+    plain = resolve(common[:-2] + ["--lr-warmup-iters", "5"], world_size=1, check_files=False)
+    assert (plain.optimizer.weight_decay, plain.schedule.lr_warmup_iters) == (0.1, 5)
+    ngpt = resolve(common[:-2] + ["--ngpt"], world_size=1, check_files=False)
+    assert (ngpt.optimizer.weight_decay, ngpt.schedule.lr_warmup_iters) == (0.0, 0)
+    chosen = resolve(common + ["--ngpt", "--lr-warmup-iters", "7"], world_size=1, check_files=False)
+    assert (chosen.optimizer.weight_decay, chosen.schedule.lr_warmup_iters) == (0.1, 7)
+
+
+def test_hf_reference_is_the_equations():
+    """The HF reference (neon/hf) against the plain forward above, on the same weights."""
+    from neon.hf.modeling_neon import NeonForCausalLM
+    from neon.state_dict_adapter import neon_hf_config
+
+    hf = NeonForCausalLM(neon_hf_config(NeonConfig(**TINY))).eval()
+    weights = initial_weights()
+    hf.load_state_dict(weights, strict=True)
+    tokens = torch.randint(0, TINY["vocab_size"], (2, SEQ), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = hf(tokens).logits, reference_logits(weights, tokens)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
