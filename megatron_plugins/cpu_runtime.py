@@ -203,6 +203,7 @@ def _patch_tensor_type(set_):
     def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
         if dtype is None and not kwargs:
             name = original(self)
+            # under the cuda_device_mode TorchFunctionMode this wrapper can run twice: rename once
             if self.device.type == "cpu" and not name.startswith("torch.cuda."):
                 return name.replace("torch.", "torch.cuda.", 1)
             return name

@@ -1,0 +1,225 @@
+"""Distributed checkpoints with megatron-core's dist_checkpointing (torch_dist format).
+
+Layout (Megatron-LM's):  SAVE/latest_checkpointed_iteration.txt   the iteration to resume from
+                         SAVE/iter_0000100/                       one complete checkpoint
+A checkpoint is complete or absent: every rank writes into SAVE/.tmp_iter_XXXXXXX, all ranks
+meet at a barrier, then rank 0 renames the directory and replaces the marker atomically
+(write + fsync + os.replace). A crash mid-write leaves the previous marker and checkpoint; the
+stale temporary directory is removed by the next save.
+
+Each checkpoint holds the model chunks, the optimizer (reshardable "model space" layout), the
+learning-rate scheduler, the RNG states per (PP, TP) rank, the data position (consumed samples)
+and the resolved run configuration. Loading at another TP/PP layout reshards model and
+optimizer (megatron-core does it); RNG states are then re-seeded instead.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+TRACKER = "latest_checkpointed_iteration.txt"
+FORMAT_VERSION = 1
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the path and the fix."""
+
+
+@dataclass
+class Loaded:
+    iteration: int
+    consumed_train_samples: int
+    config: dict
+    resharded: bool
+
+
+def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def _tmp_dir(root, iteration: int) -> Path:
+    return Path(root) / f".tmp_iter_{iteration:07d}"
+
+
+def latest_iteration(root: str | os.PathLike) -> Optional[int]:
+    """The iteration the marker names, None when there is no checkpoint yet."""
+    marker = Path(root) / TRACKER
+    if not marker.is_file():
+        return None
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{marker}: expected an iteration number, found {text!r}. Fix: point --load "
+                              f"at a directory written by pretrain_neon.py --save (a Megatron-LM 'release' "
+                              f"checkpoint is not supported), or remove the file to start from scratch.")
+    return int(text)
+
+
+def layout() -> dict:
+    ps = parallel_state
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "vpp": ps.get_virtual_pipeline_model_parallel_world_size(),
+        "ep": ps.get_expert_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+    }
+
+
+def _rng_object() -> ShardedObject:
+    ps = parallel_state
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    return ShardedObject(
+        "rng_state", state,
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def _restore_rng(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _model_keys(chunks) -> list[str]:
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def _sharded_state(chunks, optimizer, scheduler, *, is_loading: bool, with_optimizer: bool,
+                   with_rng: bool, common: Optional[dict] = None) -> dict:
+    state = dict(common or {})
+    for key, chunk in zip(_model_keys(chunks), chunks):
+        state[key] = chunk.sharded_state_dict()
+    if with_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading,
+                                                          metadata=OPTIMIZER_METADATA)
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    if with_rng:
+        state["rng_state"] = _rng_object()
+    return state
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_marker(root: Path, iteration: int) -> None:
+    tmp = root / f".{TRACKER}.tmp"
+    with open(tmp, "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / TRACKER)
+    _fsync_dir(root)
+
+
+def save(root: str | os.PathLike, iteration: int, chunks, optimizer, scheduler, *,
+         consumed_train_samples: int, config: dict, keep_last: int = 0) -> Path:
+    """Write a complete checkpoint of `iteration` (collective: every rank calls it)."""
+    root = Path(root)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    tmp, final = _tmp_dir(root, iteration), iteration_dir(root, iteration)
+    if rank0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp_iter_*"):  # left by a crash during an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    common = {"iteration": iteration, "consumed_train_samples": consumed_train_samples,
+              "config": config, "layout": layout(), "format_version": FORMAT_VERSION}
+    state = _sharded_state(chunks, optimizer, scheduler, is_loading=False, with_optimizer=True,
+                           with_rng=True, common=common)
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()  # every rank has finished writing
+    if rank0:
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        _write_marker(root, iteration)
+        if keep_last > 0:
+            kept = sorted(root.glob("iter_*"), key=lambda p: p.name)
+            for old in kept[:-keep_last]:
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load(root: str | os.PathLike, chunks, optimizer, scheduler, *, load_optimizer: bool = True,
+         load_rng: bool = True) -> Optional[Loaded]:
+    """Restore the latest checkpoint under `root` into the built model/optimizer/scheduler.
+    Returns None when there is none (the run starts from scratch)."""
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return None
+    path = iteration_dir(root, iteration)
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(f"{root}/{TRACKER} names iteration {iteration} but {path} is missing or "
+                              f"incomplete. Fix: point {TRACKER} at an existing iter_XXXXXXX directory.")
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+    except Exception as e:  # noqa: BLE001 - any unreadable file becomes one clear error
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e}). Fix: resume from an earlier "
+                              f"iteration by editing {TRACKER}.") from e
+    saved = common.get("layout", {})
+    now = layout()
+    resharded = any(saved.get(k) != now[k] for k in ("tp", "pp", "vpp", "ep"))
+    with_rng = load_rng and not resharded
+    state = _sharded_state(chunks, optimizer, scheduler, is_loading=True, with_optimizer=load_optimizer,
+                           with_rng=with_rng)
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: loading failed ({type(e).__name__}: {e}). The model settings may differ "
+                              f"from the ones saved in the checkpoint (see its config). Fix: use the saved "
+                              f"model settings.") from e
+    for key, chunk in zip(_model_keys(chunks), chunks):
+        chunk.load_state_dict(loaded[key], strict=True)
+    if load_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if with_rng:
+        _restore_rng(loaded["rng_state"])
+    return Loaded(iteration=int(common["iteration"]),
+                  consumed_train_samples=int(common["consumed_train_samples"]),
+                  config=common.get("config", {}), resharded=resharded)
+
