@@ -11,6 +11,11 @@ Each checkpoint holds the model chunks, the optimizer (reshardable "model space"
 learning-rate scheduler, the RNG states per (PP, TP) rank, the data position (consumed samples)
 and the resolved run configuration. Loading at another TP/PP layout reshards model and
 optimizer (megatron-core does it); RNG states are then re-seeded instead.
+
+A weights-only checkpoint (`save(..., optimizer=None)`, written by tools/convert_from_hf.py)
+holds the model and the common state with `weights_only: True`; loading it skips optimizer,
+scheduler and RNG (as Megatron-LM's --finetune / --no-load-optim), and the optimizer's main
+parameters are re-copied from the loaded weights.
 """
 
 from __future__ import annotations
@@ -152,7 +157,8 @@ def _write_marker(root: Path, iteration: int) -> None:
 
 def save(root: str | os.PathLike, iteration: int, chunks, optimizer, scheduler, *,
          consumed_train_samples: int, config: dict, keep_last: int = 0) -> Path:
-    """Write a complete checkpoint of `iteration` (collective: every rank calls it)."""
+    """Write a complete checkpoint of `iteration` (collective: every rank calls it). With
+    optimizer=None only the model is written (a weights-only checkpoint)."""
     root = Path(root)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     tmp, final = _tmp_dir(root, iteration), iteration_dir(root, iteration)
@@ -163,9 +169,10 @@ def save(root: str | os.PathLike, iteration: int, chunks, optimizer, scheduler, 
         tmp.mkdir()
     _barrier()
     common = {"iteration": iteration, "consumed_train_samples": consumed_train_samples,
-              "config": config, "layout": layout(), "format_version": FORMAT_VERSION}
-    state = _sharded_state(chunks, optimizer, scheduler, is_loading=False, with_optimizer=True,
-                           with_rng=True, common=common)
+              "config": config, "layout": layout(), "format_version": FORMAT_VERSION,
+              "weights_only": optimizer is None}
+    state = _sharded_state(chunks, optimizer, scheduler, is_loading=False, with_optimizer=optimizer is not None,
+                           with_rng=optimizer is not None, common=common)
     dist_checkpointing.save(state, str(tmp))
     _barrier()  # every rank has finished writing
     if rank0:
@@ -185,16 +192,18 @@ def save(root: str | os.PathLike, iteration: int, chunks, optimizer, scheduler, 
 
 
 def load(root: str | os.PathLike, chunks, optimizer, scheduler, *, load_optimizer: bool = True,
-         load_rng: bool = True) -> Optional[Loaded]:
-    """Restore the latest checkpoint under `root` into the built model/optimizer/scheduler.
-    Returns None when there is none (the run starts from scratch)."""
-    iteration = latest_iteration(root)
+         load_rng: bool = True, iteration: Optional[int] = None) -> Optional[Loaded]:
+    """Restore the latest checkpoint (or `iteration`) under `root` into the built model, optimizer
+    and scheduler. Returns None when there is none (the run starts from scratch)."""
     if iteration is None:
-        return None
+        iteration = latest_iteration(root)
+        if iteration is None:
+            return None
     path = iteration_dir(root, iteration)
     if not (path / "metadata.json").is_file():
-        raise CheckpointError(f"{root}/{TRACKER} names iteration {iteration} but {path} is missing or "
-                              f"incomplete. Fix: point {TRACKER} at an existing iter_XXXXXXX directory.")
+        raise CheckpointError(f"{path}: no complete checkpoint of iteration {iteration} there. Fix: check "
+                              f"--load / --ckpt-step (or {root}/{TRACKER}) names an existing iter_XXXXXXX "
+                              f"directory.")
     try:
         common = dist_checkpointing.load_common_state_dict(str(path))
     except Exception as e:  # noqa: BLE001 - any unreadable file becomes one clear error
@@ -203,7 +212,9 @@ def load(root: str | os.PathLike, chunks, optimizer, scheduler, *, load_optimize
     saved = common.get("layout", {})
     now = layout()
     resharded = any(saved.get(k) != now[k] for k in ("tp", "pp", "vpp", "ep"))
-    with_rng = load_rng and not resharded
+    weights_only = bool(common.get("weights_only", False))
+    load_optimizer = load_optimizer and not weights_only
+    with_rng = load_rng and not resharded and not weights_only
     state = _sharded_state(chunks, optimizer, scheduler, is_loading=True, with_optimizer=load_optimizer,
                            with_rng=with_rng)
     try:
@@ -217,6 +228,8 @@ def load(root: str | os.PathLike, chunks, optimizer, scheduler, *, load_optimize
     if load_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    elif optimizer is not None:
+        optimizer.reload_model_params()  # main (fp32 / distributed) copies of the loaded weights
     if with_rng:
         _restore_rng(loaded["rng_state"])
     return Loaded(iteration=int(common["iteration"]),
