@@ -109,6 +109,11 @@ def _restore_rng(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _unwrap(chunk):
+    """The GPTModel inside megatron's DDP wrapper (parameter names without 'module.')."""
+    return getattr(chunk, "module", chunk)
+
+
 def _model_keys(chunks) -> list[str]:
     return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
 
@@ -117,7 +122,7 @@ def _sharded_state(chunks, optimizer, scheduler, *, is_loading: bool, with_optim
                    with_rng: bool, common: Optional[dict] = None) -> dict:
     state = dict(common or {})
     for key, chunk in zip(_model_keys(chunks), chunks):
-        state[key] = chunk.sharded_state_dict()
+        state[key] = _unwrap(chunk).sharded_state_dict()
     if with_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading,
                                                           metadata=OPTIMIZER_METADATA)
@@ -224,7 +229,7 @@ def load(root: str | os.PathLike, chunks, optimizer, scheduler, *, load_optimize
                               f"from the ones saved in the checkpoint (see its config). Fix: use the saved "
                               f"model settings.") from e
     for key, chunk in zip(_model_keys(chunks), chunks):
-        chunk.load_state_dict(loaded[key], strict=True)
+        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if load_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
