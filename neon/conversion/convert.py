@@ -34,7 +34,8 @@ LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 
 
 def is_plain_mistral(config: NeonConfig) -> bool:
-    return config.diff_attention == "off" and not config.ngpt and not config.num_moe_experts
+    return (config.diff_attention == "off" and not config.ngpt and not config.num_moe_experts
+            and getattr(config, "flaming_moe", "off") == "off")
 
 
 def unsupported_settings(config: NeonConfig) -> list[str]:
@@ -69,7 +70,8 @@ def hf_config_for(config: NeonConfig, dtype: torch.dtype, token_ids: dict):
 
 
 def megatron_units(model) -> dict[Optional[int], dict]:
-    """The model's tensors grouped by decoder layer (None: embedding, final norm, output layer)."""
+    """The model's tensors grouped by decoder layer (None: the model-level ones: embedding, final
+    norm, output layer, FlamingMoE's global function bank)."""
     units: dict[Optional[int], dict] = {}
     for name, t in model.state_dict().items():
         if not torch.is_tensor(t) or name.endswith("_extra_state"):
@@ -79,13 +81,16 @@ def megatron_units(model) -> dict[Optional[int], dict]:
     return units
 
 
-def unit_to_hf(config: NeonConfig, layer: Optional[int], tensors: dict) -> dict:
-    """HF tensors of one unit: a layer is renamed to local layer 0 and mapped with its offset."""
+def unit_to_hf(config: NeonConfig, layer: Optional[int], units: dict) -> dict:
+    """HF tensors of one unit. A layer is renamed to local layer 0 and mapped with its offset,
+    next to the model-level tensors (the mapping may read them, e.g. FlamingMoE's global bank);
+    only the layer's own HF tensors are kept."""
     if layer is None:
-        return megatron_to_hf([tensors], config)
+        return megatron_to_hf([units[None]], config)
     prefix = f"decoder.layers.{layer}."
-    local = {"decoder.layers.0." + k[len(prefix):]: v for k, v in tensors.items()}
-    return megatron_to_hf([local], config, layer_offset=layer)
+    local = {"decoder.layers.0." + k[len(prefix):]: v for k, v in units[layer].items()}
+    out = megatron_to_hf([{**units.get(None, {}), **local}], config, layer_offset=layer)
+    return {k: v for k, v in out.items() if k.startswith(f"model.layers.{layer}.")}
 
 
 def _hf_order(name: str):
@@ -136,8 +141,10 @@ def export_to_hf(load: str | os.PathLike, save: str | os.PathLike, iteration: Op
     units = megatron_units(model)
     params = sum(p.numel() for p in model.parameters())
     plan, unit_of = {}, {}
-    for layer, tensors in units.items():
-        meta = unit_to_hf(config, layer, {k: torch.empty_like(v, device="meta") for k, v in tensors.items()})
+    meta_units = {layer: {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
+                  for layer, tensors in units.items()}
+    for layer in units:
+        meta = unit_to_hf(config, layer, meta_units)
         for name, t in meta.items():
             unit_of[name] = layer
             plan[name] = t
@@ -159,7 +166,7 @@ def export_to_hf(load: str | os.PathLike, save: str | os.PathLike, iteration: Op
             if layer not in cache:
                 cache.clear()  # one unit converted at a time (a unit can span two shards)
                 with torch.no_grad():
-                    cache[layer] = unit_to_hf(config, layer, units[layer])
+                    cache[layer] = unit_to_hf(config, layer, units)
             out[name] = cache[layer][name]
         return out
 

@@ -4,6 +4,7 @@ training layout (run in real gloo processes by tests.dist.run_distributed)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,10 +29,9 @@ TINY_MODEL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query
                   max_position_embeddings=64)
 
 
-def train(save: Path, tokenizer: str, data: str, nproc: int, timeout: float = 300, model: bool = True,
-          **settings) -> str:
-    """A few steps of pretrain_neon.py (the tiny model unless model=False); settings use flag names
-    with '_'. Returns the run's output."""
+def pretrain_args(save: Path, tokenizer: str, data: str, model: bool = True, **settings) -> list[str]:
+    """pretrain_neon.py flags for a few steps (of the tiny model unless model=False); settings use
+    flag names with '_'."""
     values = dict(TINY_MODEL if model else {})
     values.update(seq_length=32, micro_batch_size=2, global_batch_size=4, train_iters=3, lr=3e-3, min_lr=3e-4,
                   lr_warmup_iters=1, eval_iters=0, log_interval=1, split="98,2,0", num_workers=0, seed=7, save=save)
@@ -45,11 +45,51 @@ def train(save: Path, tokenizer: str, data: str, nproc: int, timeout: float = 30
             args.append("--no-" + key.replace("_", "-"))
         elif value is not None:
             args += [flag, str(value)]
+    return args
+
+
+def train(save: Path, tokenizer: str, data: str, nproc: int, timeout: float = 300, model: bool = True,
+          **settings) -> str:
+    """Run pretrain_neon.py under torchrun; returns its output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           str(ROOT / "pretrain_neon.py"), *args]
+           str(ROOT / "pretrain_neon.py"), *pretrain_args(save, tokenizer, data, model, **settings)]
     out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return out.stdout + out.stderr
+
+
+def run_tool_many(name: str, argvs: list[list], timeout: float = 300) -> tuple[list[int], str]:
+    """tools/<name>.py's main(argv) for each argv in ONE process (one start-up instead of many);
+    returns the exit statuses and the output."""
+    script = (f"import importlib.util, json, os, sys\n"
+              f"spec = importlib.util.spec_from_file_location('tool', {str(ROOT / 'tools' / (name + '.py'))!r})\n"
+              f"tool = importlib.util.module_from_spec(spec); spec.loader.exec_module(tool)\n"
+              f"codes = []\n"
+              f"for argv in {[[str(a) for a in argv] for argv in argvs]!r}:\n"
+              f"    os.environ.pop('MASTER_PORT', None)\n"
+              f"    codes.append(tool.main(argv))\n"
+              f"print('EXIT CODES', json.dumps(codes))\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env(), capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stderr[-5000:]
+    codes = json.loads(out.stdout.split("EXIT CODES", 1)[1])
+    return codes, out.stdout + out.stderr
+
+
+def train_and_reference(runs: list[list[str]], tokens):
+    """In run_distributed's ranks: pretrain (neon.training.loop.pretrain, what pretrain_neon.py runs)
+    each argv in turn, then megatron's logits of each saved checkpoint at this layout."""
+    import torch
+
+    from neon.training.config import resolve
+    from neon.training.loop import pretrain
+
+    saves = []
+    for argv in runs:
+        cfg = resolve(argv, world_size=torch.distributed.get_world_size())
+        pretrain(cfg)
+        saves.append(cfg.checkpointing.save)
+    return megatron_logits(saves, tokens)
 
 
 def megatron_logits(checkpoints: list[str], tokens):

@@ -16,7 +16,7 @@ import torch
 
 from tests.data_helpers import sample_documents
 from tests.dist import run_distributed
-from tests.tools.conversion_helpers import megatron_logits, run_tool, train
+from tests.tools.conversion_helpers import pretrain_args, run_tool, run_tool_many, train_and_reference
 
 # feature combination -> pretrain_neon.py model flags (each combination available on this branch)
 FEATURES = {
@@ -29,22 +29,22 @@ TOKENS = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_tokenizer, tiny_dataset):
-    """{feature: (checkpoint dir, HF dir)} plus megatron's logits at the training layout."""
+    """{feature: (checkpoint dir, HF dir)} and megatron's logits at the training layout: one launch
+    of 4 ranks trains every combination (the library pretrain_neon.py runs) and computes the logits,
+    one process exports them all through the command line's main()."""
     work = tmp_path_factory.mktemp("export")
     prefix, _ = tiny_dataset
-    out = {}
-    for name, flags in FEATURES.items():
-        ckpt, hf = work / f"ckpt-{name}", work / f"hf-{name}"
-        train(ckpt, str(tiny_tokenizer), prefix, nproc=4, tensor_model_parallel_size=2,
-              pipeline_model_parallel_size=2, **flags)
-        done = run_tool("convert_to_hf", "--load", ckpt, "--save", hf, "--max-shard-size", "40KB")
-        assert done.returncode == 0, done.stderr[-4000:]
-        assert "writing safetensors" in done.stderr  # progress shown
-        out[name] = (ckpt, hf)
-    results = run_distributed(megatron_logits, 4, tp=2, pp=2, timeout=300,
-                              kwargs={"checkpoints": [str(c) for c, _ in out.values()], "tokens": TOKENS})
-    reference = dict(zip(out, next(r for r in results if r[0] is not None)))
-    return out, reference
+    dirs = {name: (work / f"ckpt-{name}", work / f"hf-{name}") for name in FEATURES}
+    runs = [pretrain_args(dirs[name][0], str(tiny_tokenizer), prefix, tensor_model_parallel_size=2,
+                          pipeline_model_parallel_size=2, **flags) for name, flags in FEATURES.items()]
+    results = run_distributed(train_and_reference, 4, tp=2, pp=2, timeout=600,
+                              kwargs={"runs": runs, "tokens": TOKENS})
+    reference = dict(zip(FEATURES, next(r for r in results if r[0] is not None)))
+    codes, log = run_tool_many("convert_to_hf", [["--load", c, "--save", h, "--max-shard-size", "40KB"]
+                                                 for c, h in dirs.values()])
+    assert codes == [0] * len(FEATURES), log[-4000:]
+    assert "writing safetensors" in log  # progress shown
+    return dirs, reference
 
 
 @pytest.mark.parametrize("feature", list(FEATURES))
