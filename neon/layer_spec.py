@@ -29,6 +29,7 @@ from megatron_plugins.norm import RMSNorm
 from neon.attention import NeonCoreAttention
 from neon.config import NeonConfig
 from neon.diff_attention import DiffCoreAttention, DiffSelfAttention
+from neon.flaming import FlamingMoE, FlamingTransformerLayer, FlamingTransformerLayerSubmodules
 
 try:  # Transformer Engine: present in NGC containers, absent on CPU machines
     import transformer_engine  # noqa: F401
@@ -64,9 +65,19 @@ def get_neon_layer_spec(config: NeonConfig, use_te: Optional[bool] = None) -> Mo
     use_te = HAVE_TE if use_te is None else use_te
     m = _modules(use_te)
     self_attention, core_attention = _attention(config, m, use_te)
+    flaming = config.flaming_moe
+    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=m["column"], linear_fc2=m["row"]))
+    layer, extra = TransformerLayer, {}
+    if flaming == "mlp":  # the FlamingMoE block replaces the MLP (uses pre_mlp_layernorm)
+        mlp = ModuleSpec(module=FlamingMoE)
+    elif flaming == "between":  # its own pre-norm and residual between attention and MLP
+        layer = FlamingTransformerLayer
+        extra = dict(pre_flaming_layernorm=m["norm"], flaming_moe=ModuleSpec(module=FlamingMoE),
+                     flaming_bda=get_bias_dropout_add)
+    submodules_cls = FlamingTransformerLayerSubmodules if extra else TransformerLayerSubmodules
     return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
+        module=layer,
+        submodules=submodules_cls(
             input_layernorm=m["norm"],
             self_attention=ModuleSpec(
                 module=self_attention,
@@ -81,11 +92,9 @@ def get_neon_layer_spec(config: NeonConfig, use_te: Optional[bool] = None) -> Mo
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=m["norm"],
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(linear_fc1=m["column"], linear_fc2=m["row"]),
-            ),
+            mlp=mlp,
             mlp_bda=get_bias_dropout_add,
+            **extra,
         ),
     )
 

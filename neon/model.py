@@ -7,6 +7,7 @@ from typing import Optional
 from megatron.core.models.gpt import GPTModel
 
 from neon.config import NeonConfig
+from neon.flaming import attach_global_bank
 from neon.layer_spec import get_neon_block_spec
 
 
@@ -17,8 +18,11 @@ def build_model(
     vp_stage: Optional[int] = None,
     use_te: Optional[bool] = None,
 ) -> GPTModel:
-    """One pipeline stage (the whole model when pipeline parallelism is off)."""
-    return GPTModel(
+    """One pipeline stage (the whole model when pipeline parallelism is off).
+
+    With FlamingMoE's global bank, the stage also owns a replica of the bank's functions as
+    `flaming_global_functions` (see neon/flaming/block.py)."""
+    model = GPTModel(
         config=config,
         transformer_layer_spec=get_neon_block_spec(config, use_te=use_te, vp_stage=vp_stage),
         vocab_size=config.vocab_size,
@@ -30,3 +34,5 @@ def build_model(
         rotary_base=config.rope_theta,
         vp_stage=vp_stage,
     )
+    attach_global_bank(model, config)
+    return model

@@ -16,6 +16,14 @@ DiffAttention (per differential head, Q = [Q1; Q2], K = [K1; K2] along the head'
 Layouts: 'matched' n = H/2, g = H_kv/2, d_v = 2d (Mistral's parameter shapes);
          'expressive' n = H, g = H_kv, Q and K doubled, d_v = d.
 
+FlamingMoE (Neon's own; x' the block's normalized input, per token and per bank B of n functions):
+    logits = W_B x'                                   (each layer has its own router per bank)
+    'gumbel': chosen = top-k(logits + g) in training (g ~ Gumbel(0, 1)), top-k(logits) in
+              evaluation (deterministic); weight 1 forward, softmax((logits + g) / tau) backward
+    'topk':   p = softmax(logits); chosen = top-k(p), weight p
+    r = x' + sum_B sum_{i chosen} weight_i f_i(x')    ('between': h <- h + r; 'mlp': r replaces the MLP)
+The global bank's functions belong to the model and serve every layer; each layer owns its own bank.
+
 nGPT seams (filled in by the nGPT work): `NeonAttention.transform_qk` and `.scaling`,
 `NeonMLP.forward`, `NeonDecoderLayer.residual`, `NeonForCausalLM.scale_logits`, the norms.
 """
@@ -156,13 +164,99 @@ class NeonMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class NeonFunction(nn.Module):
+    """One FlamingMoE function: 'linear' W x; 'swiglu' down(SiLU(gate x) * up x); 'lowrank' out(in x)."""
+
+    def __init__(self, config: NeonHFConfig, kind: str):
+        super().__init__()
+        D, self.kind = config.hidden_size, kind
+        if kind == "linear":
+            self.proj = nn.Linear(D, D, bias=False)
+        elif kind == "swiglu":
+            width = config.flaming_ffn_hidden_size or config.intermediate_size
+            self.gate_proj = nn.Linear(D, width, bias=False)
+            self.up_proj = nn.Linear(D, width, bias=False)
+            self.down_proj = nn.Linear(width, D, bias=False)
+        else:  # lowrank
+            self.in_proj = nn.Linear(D, config.flaming_lowrank_rank, bias=False)
+            self.out_proj = nn.Linear(config.flaming_lowrank_rank, D, bias=False)
+
+    def forward(self, x):
+        if self.kind == "linear":
+            return self.proj(x)
+        if self.kind == "swiglu":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.out_proj(self.in_proj(x))
+
+
+def gumbel_noise(shape, device, dtype) -> torch.Tensor:
+    u = torch.rand(shape, device=device, dtype=dtype).clamp_min(torch.finfo(dtype).tiny)
+    return -torch.log((-torch.log(u)).clamp_min(torch.finfo(dtype).tiny))
+
+
+class NeonFlamingMoE(nn.Module):
+    """r = x' + sum over banks of the chosen functions' weighted outputs; x' [b, s, D]."""
+
+    def __init__(self, config: NeonHFConfig):
+        super().__init__()
+        self.config = config
+        D, G, n = config.hidden_size, config.flaming_global_functions, config.flaming_layer_functions
+        self.global_router = nn.Linear(D, G, bias=False) if G else None
+        self.layer_router = nn.Linear(D, n, bias=False) if n else None
+        self.layer_functions = nn.ModuleList([NeonFunction(config, config.flaming_layer_kind) for _ in range(n)])
+        self._global: tuple = ()  # the model's global functions (not a child: stored once, in the model)
+
+    def route(self, router: nn.Linear, x: torch.Tensor):
+        """x [T, D] -> (weights [T, n], chosen [T, n] bool)."""
+        c = self.config
+        logits = router(x).float()
+        if c.flaming_router == "topk":
+            p = torch.softmax(logits, dim=-1)
+            top = torch.topk(p, c.flaming_topk, dim=-1).indices
+            chosen = torch.zeros_like(p, dtype=torch.bool).scatter(1, top, True)
+            return torch.where(chosen, p, torch.zeros_like(p)), chosen
+        scores = logits + gumbel_noise(logits.shape, logits.device, logits.dtype) if self.training else logits
+        y = torch.softmax(scores / c.flaming_gumbel_temperature, dim=-1)
+        top = torch.topk(scores, c.flaming_topk, dim=-1).indices
+        chosen = torch.zeros_like(y, dtype=torch.bool).scatter(1, top, True)
+        return torch.where(chosen, (y - y.detach()) + 1.0, torch.zeros_like(y)), chosen
+
+    @staticmethod
+    def apply_functions(functions, weights, chosen, x):
+        """sum_i weight_i f_i(x) over the chosen functions only (tokens gathered per function)."""
+        out = torch.zeros_like(x)
+        for i, f in enumerate(functions):
+            rows = chosen[:, i].nonzero().squeeze(-1)
+            if rows.numel():
+                out = out.index_add(0, rows, (weights[rows, i, None] * f(x[rows])).to(x.dtype))
+        return out
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        out = x if self.config.flaming_identity else torch.zeros_like(x)
+        banks = []
+        if self.global_router is not None:
+            banks.append((self.global_router, self._global[0]))
+        if self.layer_router is not None:
+            banks.append((self.layer_router, self.layer_functions))
+        for router, functions in banks:
+            weights, chosen = self.route(router, x)
+            out = out + self.apply_functions(functions, weights, chosen, x)
+        return out.view(shape)
+
+
 class NeonDecoderLayer(nn.Module):
     def __init__(self, config: NeonHFConfig, layer_idx: int):
         super().__init__()
         self.self_attn = NeonAttention(config, layer_idx)
-        self.mlp = NeonMLP(config)
+        self.mlp = NeonFlamingMoE(config) if config.flaming_moe == "mlp" else NeonMLP(config)
         self.input_layernorm = NeonRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = NeonRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.flaming = None
+        if config.flaming_moe == "between":
+            self.pre_flaming_layernorm = NeonRMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.flaming = NeonFlamingMoE(config)
 
     def residual(self, h: torch.Tensor, update: torch.Tensor, which: str) -> torch.Tensor:
         """h + update. nGPT seam: Norm(h + |alpha_which| (Norm(update) - h))."""
@@ -170,6 +264,8 @@ class NeonDecoderLayer(nn.Module):
 
     def forward(self, h, cos, sin, attention_mask, cache=None):
         h = self.residual(h, self.self_attn(self.input_layernorm(h), cos, sin, attention_mask, cache), "attn")
+        if self.flaming is not None:
+            h = self.residual(h, self.flaming(self.pre_flaming_layernorm(h)), "flaming")
         return self.residual(h, self.mlp(self.post_attention_layernorm(h)), "mlp")
 
 
@@ -210,6 +306,12 @@ class NeonModel(NeonPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList([NeonDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = NeonRMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.flaming_moe != "off" and config.flaming_global_functions:
+            self.flaming_global_functions = nn.ModuleList(
+                [NeonFunction(config, config.flaming_global_kind) for _ in range(config.flaming_global_functions)])
+            for layer in self.layers:
+                block = layer.flaming if layer.flaming is not None else layer.mlp
+                block._global = (self.flaming_global_functions,)
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
@@ -265,4 +367,4 @@ class NeonForCausalLM(NeonPreTrainedModel, GenerationMixin):
 NeonHFConfig.register_for_auto_class()
 NeonForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["NeonForCausalLM", "NeonModel", "NeonPreTrainedModel"]
+__all__ = ["NeonForCausalLM", "NeonModel", "NeonPreTrainedModel", "NeonFlamingMoE", "NeonFunction"]
