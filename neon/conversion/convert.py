@@ -26,6 +26,7 @@ from neon.config import NeonConfig, NeonConfigError
 from neon.conversion import hf_dir, neon_checkpoint
 from neon.conversion.errors import ConversionError
 from neon.state_dict_adapter import hf_to_megatron, megatron_to_hf, mistral_hf_config, neon_hf_config
+from neon.training.config import MODEL_FIELDS
 
 LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 
@@ -214,9 +215,9 @@ def neon_settings(hf: dict, where: Path) -> dict:
         max_position_embeddings=hf["max_position_embeddings"], layernorm_epsilon=hf.get("rms_norm_eps", 1e-5),
         rope_theta=_rope_theta(hf), sliding_window=hf.get("sliding_window"),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
-    if model_type == "neon":
-        settings.update(diff_attention=hf.get("diff_attention", "off"), diff_lambda_init=hf.get("diff_lambda_init"),
-                        ngpt=bool(hf.get("ngpt", False)))
+    if model_type == "neon":  # the Neon switches keep their names in NeonHFConfig
+        settings.update({k: v for k, v in hf.items() if k.startswith(("diff_", "ngpt", "flaming_"))
+                         and k in MODEL_FIELDS})
     dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
     settings.update(bf16=dtype == "bfloat16", fp16=dtype == "float16")
     return settings
@@ -300,6 +301,8 @@ def import_from_hf(hf_path: str | os.PathLike, save: str | os.PathLike, tensor_p
                               f"not imported {unused[:5]}. Fix: import a Mistral or Neon model whose config.json "
                               f"matches its weights.")
     weights.close()
+    if sp_file.is_file():  # exporting the checkpoint (or one trained from it) finds its tokenizer
+        cfg.data.tokenizer_model = str((save / "tokenizer.model").resolve())
     path = save_weights(save, model, cfg)
     if sp_file.is_file():
         shutil.copy(sp_file, save / "tokenizer.model")

@@ -123,14 +123,14 @@ def load_sentencepiece(path: str | os.PathLike | None):
 
 
 def check_vocab(sp, path, vocab_size: int, multiple: int) -> None:
-    """The tokenizer fits the model: vocab_size is the tokenizer's size padded up to `multiple`
-    (Megatron-LM's --make-vocab-size-divisible-by x TP), or exactly it."""
+    """The tokenizer fits the model: vocab_size lies between the tokenizer's size and that size
+    padded up to `multiple` (Megatron-LM's --make-vocab-size-divisible-by x TP)."""
     n = sp.GetPieceSize()
     padded = -(-n // multiple) * multiple
-    if n > vocab_size or vocab_size not in (n, padded):
+    if not n <= vocab_size <= padded:
         raise ConversionError(f"tokenizer {str(path)!r} has {n} pieces but the model's vocab_size is {vocab_size} "
-                              f"(expected {n} or {n} padded to a multiple of {multiple} = {padded}): this is not "
-                              f"the tokenizer the model was trained with. Fix: pass the right --tokenizer-model.")
+                              f"(expected {n} up to {n} padded to a multiple of {multiple} = {padded}): this is "
+                              f"not the tokenizer the model was trained with. Fix: pass the right --tokenizer-model.")
 
 
 def special_tokens(sp) -> dict:

@@ -148,11 +148,17 @@ def load_model(ckpt: NeonCheckpoint):
     single_process()
     cfg, neon_config = one_process_config(ckpt.run_config)
     model = build_model(neon_config)
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
     try:
         checkpointing.load(ckpt.root, [model], None, None, load_optimizer=False, load_rng=False,
                            iteration=ckpt.iteration)
     except checkpointing.CheckpointError as e:
         raise ConversionError(str(e)) from e
+    except CheckpointException as e:
+        raise ConversionError(f"{ckpt.path}: the saved tensors do not match the model built from the checkpoint's "
+                              f"own configuration ({str(e)[:2000]}). Fix: convert with the Neon version that "
+                              f"wrote the checkpoint.") from None
     return model.eval(), cfg, neon_config
 
 

@@ -76,20 +76,37 @@ def run_tool_many(name: str, argvs: list[list], timeout: float = 300) -> tuple[l
     return codes, out.stdout + out.stderr
 
 
-def train_and_reference(runs: list[list[str]], tokens):
-    """In run_distributed's ranks: pretrain (neon.training.loop.pretrain, what pretrain_neon.py runs)
-    each argv in turn, then megatron's logits of each saved checkpoint at this layout."""
-    import torch
-
+def train_and_reference(runs: list[list[str]], tokens, expert_parallel: int = 1):
+    """In each rank of a torchrun launch: pretrain (neon.training.loop.pretrain, what
+    pretrain_neon.py runs) each argv in turn, then megatron's logits of each saved checkpoint at
+    this layout. `expert_parallel` is set after resolve(): its validation does not know
+    FlamingMoE's banks yet (it asks for num_moe_experts with EP > 1)."""
     from neon.training.config import resolve
     from neon.training.loop import pretrain
 
     saves = []
     for argv in runs:
-        cfg = resolve(argv, world_size=torch.distributed.get_world_size())
+        cfg = resolve(argv, world_size=int(os.environ["WORLD_SIZE"]))
+        cfg.parallelism.expert_model_parallel_size = expert_parallel
         pretrain(cfg)
         saves.append(cfg.checkpointing.save)
     return megatron_logits(saves, tokens)
+
+
+def train_with_reference(work: Path, runs: list[list[str]], tokens, nproc: int = 4, expert_parallel: int = 1,
+                         timeout: float = 600) -> list:
+    """One torchrun launch (megatron's checkpoint writer needs non-daemonic ranks) of
+    train_and_reference; returns the logits of each run."""
+    import torch
+
+    work.mkdir(parents=True, exist_ok=True)
+    spec = work / "spec.pt"
+    torch.save(dict(runs=runs, tokens=tokens, expert_parallel=expert_parallel, out=str(work / "logits.pt")), spec)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "tests.tools.conversion_helpers", str(spec)]
+    out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    return torch.load(work / "logits.pt")
 
 
 def megatron_logits(checkpoints: list[str], tokens):
@@ -116,3 +133,15 @@ def megatron_logits(checkpoints: list[str], tokens):
             logits = forward_logits(model, config, tokens)
         results.append(None if logits is None else logits.float())
     return results
+
+
+if __name__ == "__main__":
+    import torch
+
+    from megatron_plugins import distributed
+
+    spec = torch.load(sys.argv[1])
+    logits = train_and_reference(spec["runs"], spec["tokens"], spec["expert_parallel"])
+    if logits[0] is not None and torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+        torch.save(logits, spec["out"])
+    distributed.shutdown()

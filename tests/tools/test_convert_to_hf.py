@@ -15,15 +15,25 @@ import sentencepiece as spm
 import torch
 
 from tests.data_helpers import sample_documents
-from tests.dist import run_distributed
-from tests.tools.conversion_helpers import pretrain_args, run_tool, run_tool_many, train_and_reference
+from tests.tools.conversion_helpers import pretrain_args, run_tool, run_tool_many, train_with_reference
 
-# feature combination -> pretrain_neon.py model flags (each combination available on this branch)
-FEATURES = {
-    "base": {},
-    "diff-matched": dict(diff_attention="matched", num_attention_heads=8, num_query_groups=4),
-    "diff-expressive": dict(diff_attention="expressive", tie_word_embeddings=True),
+# feature combination -> pretrain_neon.py model flags, trained in launches of 4 ranks per layout
+FLAMING = dict(flaming_moe="between", flaming_global_functions=4, flaming_layer_functions=4,
+               flaming_global_kind="linear", flaming_layer_kind="swiglu", flaming_ffn_hidden_size=16,
+               flaming_router="gumbel", flaming_topk=1, flaming_aux_loss_coeff=1e-2)
+LAUNCHES = {
+    "tp2-pp2": (dict(tp=2, pp=2), {
+        "base": {},
+        "diff-matched": dict(diff_attention="matched", num_attention_heads=8, num_query_groups=4),
+        "diff-expressive": dict(diff_attention="expressive", tie_word_embeddings=True),
+    }),
+    "pp2-ep2": (dict(pp=2, ep=2), {
+        "flaming": FLAMING,
+        "diff-flaming": dict(FLAMING, diff_attention="matched", flaming_moe="mlp", flaming_layer_kind="lowrank",
+                             flaming_lowrank_rank=4, flaming_topk=2, num_attention_heads=8, num_query_groups=4),
+    }),
 }
+FEATURES = {name: flags for _, combos in LAUNCHES.values() for name, flags in combos.items()}
 TOKENS = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(3))
 
 
@@ -35,11 +45,15 @@ def exported(tmp_path_factory, tiny_tokenizer, tiny_dataset):
     work = tmp_path_factory.mktemp("export")
     prefix, _ = tiny_dataset
     dirs = {name: (work / f"ckpt-{name}", work / f"hf-{name}") for name in FEATURES}
-    runs = [pretrain_args(dirs[name][0], str(tiny_tokenizer), prefix, tensor_model_parallel_size=2,
-                          pipeline_model_parallel_size=2, **flags) for name, flags in FEATURES.items()]
-    results = run_distributed(train_and_reference, 4, tp=2, pp=2, timeout=600,
-                              kwargs={"runs": runs, "tokens": TOKENS})
-    reference = dict(zip(FEATURES, next(r for r in results if r[0] is not None)))
+    reference = {}
+    for layout, combos in LAUNCHES.values():
+        runs = [pretrain_args(dirs[name][0], str(tiny_tokenizer), prefix,
+                              tensor_model_parallel_size=layout.get("tp", 1),
+                              pipeline_model_parallel_size=layout.get("pp", 1), **flags)
+                for name, flags in combos.items()]
+        logits = train_with_reference(work / f"launch-{'-'.join(combos)}", runs, TOKENS,
+                                      expert_parallel=layout.get("ep", 1))
+        reference.update(zip(combos, logits))
     codes, log = run_tool_many("convert_to_hf", [["--load", c, "--save", h, "--max-shard-size", "40KB"]
                                                  for c, h in dirs.values()])
     assert codes == [0] * len(FEATURES), log[-4000:]
