@@ -33,6 +33,7 @@ parallelism, so every rank applies the same update as a TP=1 run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -177,7 +178,10 @@ class DiffCoreAttention(MegatronModule):
         if use_te:
             from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
-            # TE sees [Q1; Q2] as 2n heads over [K1; K2] as 2g groups, V (duplicated) of width d_v
+            # TE sees [Q1; Q2] as 2n heads over [K1; K2] as 2g groups and V (duplicated); with
+            # 'matched' (d_v = 2d) and no dropout it runs on the halves of V so that every TE
+            # backend (flash-attention included) takes equal q/k/v widths.
+            self.te_split_values = lay.v_dim == 2 * lay.qk_dim and not self.dropout_p
             te_config = copy.copy(config)
             te_config.num_attention_heads = 2 * lay.heads
             te_config.num_query_groups = 2 * lay.groups
@@ -185,7 +189,8 @@ class DiffCoreAttention(MegatronModule):
             self.kernel = TEDotProductAttention(
                 config=te_config, layer_number=layer_number, attn_mask_type=attn_mask_type,
                 attention_type=attention_type, attention_dropout=attention_dropout,
-                softmax_scale=self.softmax_scale, k_channels=lay.qk_dim, v_channels=lay.v_dim,
+                softmax_scale=self.softmax_scale, k_channels=lay.qk_dim,
+                v_channels=lay.v_dim // 2 if self.te_split_values else lay.v_dim,
                 cp_comm_type=cp_comm_type, pg_collection=pg_collection)
 
     def shared_parameters(self) -> tuple[torch.Tensor, ...]:
@@ -203,6 +208,19 @@ class DiffCoreAttention(MegatronModule):
         return (torch.exp(torch.dot(lq1.to(dt), lk1.to(dt)))
                 - torch.exp(torch.dot(lq2.to(dt), lk2.to(dt))) + self.lambda_init)
 
+    def local_maps(self, q, k, v, dropout_p: float = 0.0, split_values: Optional[bool] = None):
+        """[A_1 V; A_2 V] with torch SDPA: q [b, 2n, s, d], k [b, 2g, s, d], v [b, 2g, s, d_v].
+
+        Flash kernels (CUDA and CPU) need d_v == d: the 'matched' layout (d_v = 2d) runs two
+        calls on the halves of V rather than one call that falls back to a slower kernel (not
+        under dropout, whose masks would then differ between the halves)."""
+        if split_values is None:
+            split_values = v.size(-1) == 2 * q.size(-1) and not dropout_p
+        attend = partial(sdpa, scale=self.softmax_scale, window=self.window, dropout_p=dropout_p)
+        if split_values:
+            return torch.cat([attend(q, k, half) for half in v.chunk(2, dim=-1)], dim=-1)
+        return attend(q, k, v)
+
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         assert packed_seq_params is None, "packed sequences are not supported with DiffAttention"
@@ -216,17 +234,16 @@ class DiffCoreAttention(MegatronModule):
         value = torch.cat([value, value], dim=2)  # both maps read the same V
         dropout_p = self.dropout_p if self.training else 0.0
         if self.kernel is not None:
-            maps = self.kernel(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
-                               attention_bias=attention_bias, packed_seq_params=packed_seq_params)
-            maps = maps.view(sq, b, n2, -1).permute(1, 2, 0, 3)  # [b, 2n, sq, d_v]
+            values = value.chunk(2, dim=-1) if self.te_split_values else (value,)
+            maps = torch.cat([
+                self.kernel(query, key, v.contiguous(), attention_mask, attn_mask_type=attn_mask_type,
+                            attention_bias=attention_bias, packed_seq_params=packed_seq_params
+                            ).view(sq, b, n2, -1)
+                for v in values], dim=-1).permute(1, 2, 0, 3)  # [b, 2n, sq, d_v]
         else:
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, .]
-            if dropout_p:
-                with tensor_parallel.get_cuda_rng_tracker().fork():
-                    maps = sdpa(q, k, v, scale=self.softmax_scale, window=self.window,
-                                dropout_p=dropout_p)
-            else:
-                maps = sdpa(q, k, v, scale=self.softmax_scale, window=self.window)
+            with (tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p else contextlib.nullcontext()):
+                maps = self.local_maps(q, k, v, dropout_p)
         a1_v, a2_v = maps[:, :n], maps[:, n:]  # A_1 V, A_2 V: [b, n, sq, d_v]
         diff = a1_v - lam.to(a1_v.dtype) * a2_v
         heads = self.subln(diff, norm_weight) * (1.0 - self.lambda_init)

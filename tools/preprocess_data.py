@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tokenize text or JSONL into megatron-core indexed datasets (.bin/.idx), Megatron-LM style.
+r"""Tokenize text or JSONL into megatron-core indexed datasets (.bin/.idx), Megatron-LM style.
 
     python tools/preprocess_data.py --input corpus.jsonl --json-keys text \
         --tokenizer-model tokenizers/neon.model --output-prefix data/corpus --workers 8 --append-eod
@@ -12,8 +12,10 @@ The flags are Megatron-LM's tools/preprocess_data.py flags, and the files are th
 import argparse
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed")  # megatron-core's import
 
 from neon.data.documents import TEXT_UNITS  # noqa: E402
 from neon.data.errors import DataError  # noqa: E402
@@ -22,8 +24,12 @@ from neon.data.preprocess import preprocess  # noqa: E402
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer", "NeonTokenizer")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("input data")
     g.add_argument("--input", nargs="+", required=True, help="text or JSONL files (globs allowed), in this order")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract from each JSON line")

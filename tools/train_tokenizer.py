@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a sentencepiece tokenizer (BPE with byte fallback by default) from text or JSONL files.
+r"""Train a sentencepiece tokenizer (BPE with byte fallback by default) from text or JSONL files.
 
     python tools/train_tokenizer.py --input corpus.jsonl --json-keys text \
         --output-prefix tokenizers/neon --vocab-size 32000
@@ -20,8 +20,12 @@ from neon.data.tokenizer import NeonTokenizer  # noqa: E402
 from neon.data.tokenizer_training import MODEL_TYPES, train_tokenizer  # noqa: E402
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="text or JSONL files (globs allowed)")
     p.add_argument("--json-keys", nargs="+", default=["text"],
                    help="JSONL keys whose text is used (all of them feed the tokenizer)")
@@ -46,14 +50,12 @@ def get_args(argv=None):
 def main(argv=None) -> int:
     args = get_args(argv)
     try:
-        model = None
-        for key in args.json_keys[:1]:
-            model = train_tokenizer(
-                args.input, args.output_prefix, vocab_size=args.vocab_size, model_type=args.model_type,
-                json_key=key, input_format=args.input_format, text_unit=args.text_unit,
-                byte_fallback=not args.no_byte_fallback, character_coverage=args.character_coverage,
-                input_sentence_size=args.input_sentence_size, num_threads=args.num_threads, seed=args.seed,
-                show_progress=not args.quiet, verbose=args.verbose)
+        model = train_tokenizer(
+            args.input, args.output_prefix, vocab_size=args.vocab_size, model_type=args.model_type,
+            json_key=args.json_keys, input_format=args.input_format, text_unit=args.text_unit,
+            byte_fallback=not args.no_byte_fallback, character_coverage=args.character_coverage,
+            input_sentence_size=args.input_sentence_size, num_threads=args.num_threads, seed=args.seed,
+            show_progress=not args.quiet, verbose=args.verbose)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -10,6 +10,8 @@ BlendedMegatronDatasetBuilder, as Megatron-LM's pretrain_gpt.py builds them.
   indices are cached in `cache_dir` (Megatron's --data-cache-path; default `<prefix>/cache/`).
 - Each item: {"tokens", "labels", "loss_mask", "position_ids"}, tensors of length seq_length
   (blended datasets add "dataset_id").
+- A split asked for samples but left without documents by --split: DataError for train and
+  valid; a warning and None for test.
 
 The data files are checked (check_data_files) before anything is built.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Optional
@@ -30,11 +33,11 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
     convert_split_vector_to_split_matrix,
     parse_and_normalize_split,
 )
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import get_idx_path
 
 from neon.data.checks import DataFileInfo, check_data_files, parse_data_path
 from neon.data.errors import DataError
+from neon.data.gpt_dataset import GPTDataset, NeonGPTDatasetConfig
 from neon.data.helpers import ensure_helpers
 
 logger = logging.getLogger(__name__)
@@ -79,38 +82,26 @@ def _split_ranges(split_vector: list[float], n: int) -> list[Optional[tuple[int,
     return ranges
 
 
-def _check_split_coverage(infos: list[DataFileInfo], split: str, split_vector: list[float],
-                          num_samples: tuple[int, int, int]) -> None:
+def _empty_splits(infos: list[DataFileInfo], split: str, split_vector: list[float],
+                  num_samples: tuple[int, int, int]) -> set[int]:
+    """Splits asked for samples whose document range is empty in some dataset (megatron-core would
+    loop forever on them). Train or valid: DataError. Test (Megatron's habitual "949,50,1" on small
+    data, and pretraining rarely reads it): a warning, and that split is not built."""
+    empty = set()
     for info in infos:
         lengths = np.memmap(get_idx_path(info.prefix), mode="r", dtype=np.int32, offset=34,
                             shape=(info.num_sequences,))
         for i, rng in enumerate(_split_ranges(split_vector, info.num_sequences)):
-            if num_samples[i] <= 0 or rng is None:
+            if num_samples[i] <= 0 or rng is None or (rng[1] > rng[0] and int(lengths[rng[0]:rng[1]].sum()) > 0):
                 continue
-            if rng[1] <= rng[0] or int(lengths[rng[0]:rng[1]].sum()) == 0:
-                raise DataError(
-                    f"--split {split!r} leaves the {SPLIT_NAMES[i]} split of {info.prefix} empty ({info.num_documents} "
-                    f"documents in all) while {num_samples[i]} {SPLIT_NAMES[i]} samples are asked for; give that split "
-                    f"a bigger share of --split, use more data, or ask for no {SPLIT_NAMES[i]} samples.")
-
-
-def _gpt_dataset_cached_in(cache_dir: str) -> type:
-    """GPTDataset whose index cache is `cache_dir` while the blend's own cache stays off.
-
-    megatron-core 0.16.1's BlendedDataset calls torch.distributed.get_rank() on a cache miss and so
-    fails in a process without torch.distributed; without distributed we cache only the
-    GPTDataset indices (the expensive part) and build the blending indices in memory.
-    """
-
-    class CachedGPTDataset(GPTDataset):
-        def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config):
-            split_matrix = config.split_matrix
-            config = dataclasses.replace(config, path_to_cache=cache_dir)
-            config.split_matrix = split_matrix
-            super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
-
-    CachedGPTDataset.__name__ = CachedGPTDataset.__qualname__ = GPTDataset.__name__  # same cache files
-    return CachedGPTDataset
+            msg = (f"--split {split!r} leaves the {SPLIT_NAMES[i]} split of {info.prefix} empty ({info.num_documents} "
+                   f"documents in all) while {num_samples[i]} {SPLIT_NAMES[i]} samples are asked for")
+            if i < 2:
+                raise DataError(f"{msg}; give that split a bigger share of --split, use more data, or ask for no "
+                                f"{SPLIT_NAMES[i]} samples.")
+            warnings.warn(f"{msg}: there is no test set.", stacklevel=3)
+            empty.add(i)
+    return empty
 
 
 def build_datasets(data_path: list[str], split: str, seq_length: int, num_samples: tuple[int, int, int],
@@ -136,10 +127,11 @@ def build_datasets(data_path: list[str], split: str, seq_length: int, num_sample
     split_vector = parse_split(split)
     prefixes, weights = parse_data_path(data_path)
     infos = check_data_files(data_path, vocab_size)
-    _check_split_coverage(infos, split, split_vector, num_samples)
+    empty = _empty_splits(infos, split, split_vector, num_samples)
+    num_samples = tuple(0 if i in empty else n for i, n in enumerate(num_samples))
     ensure_helpers()
 
-    config = GPTDatasetConfig(
+    config = NeonGPTDatasetConfig(
         random_seed=int(seed), sequence_length=int(seq_length), blend=(prefixes, weights), split=split,
         path_to_cache=None if cache_dir is None else str(cache_dir), mmap_bin_files=True,
         tokenizer=DatasetTokenizer(vocab_size=int(vocab_size), eod=int(eod_id), pad=int(pad_id)),
@@ -149,11 +141,9 @@ def build_datasets(data_path: list[str], split: str, seq_length: int, num_sample
     # splits nobody asked for are not built at all
     config.split_matrix = [m if n > 0 else None for m, n in zip(config.split_matrix, num_samples)]
 
-    cls = GPTDataset
     blended = len(prefixes) > 1 or weights is not None
     if blended and cache_dir is not None and not torch.distributed.is_initialized():
-        config.path_to_cache = None
-        cls = _gpt_dataset_cached_in(str(cache_dir))
+        config.path_to_cache, config.gpt_index_cache = None, str(cache_dir)  # see neon/data/gpt_dataset.py
     sizes = list(num_samples)
-    built = BlendedMegatronDatasetBuilder(cls, sizes, is_built_on_rank or (lambda: True), config).build()
+    built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank or (lambda: True), config).build()
     return tuple(None if ds is None or n == 0 or len(ds) == 0 else ds for ds, n in zip(built, num_samples))

@@ -94,15 +94,17 @@ def iter_text_documents(path: Path, text_unit: str = "line") -> Iterator[str]:
                 yield "".join(para).rstrip("\n")
 
 
-def iter_documents(files: list[Path], json_key: str = "text", input_format: str = "auto",
+def iter_documents(files: list[Path], json_key: str | list[str] = "text", input_format: str = "auto",
                    text_unit: str = "line") -> Iterator[str]:
-    """Every document of every file, in order."""
+    """Every document of every file, in order (JSONL: the text under each of the keys)."""
+    keys = [json_key] if isinstance(json_key, str) else list(json_key)
     for path in files:
         if is_jsonl(path, input_format):
             with open(path, encoding="utf-8") as f:
                 for lineno, line in enumerate(f, start=1):
-                    text = text_from_json_line(line, json_key, where=f"{path}:{lineno}")
-                    if text:
-                        yield text
+                    for key in keys:
+                        text = text_from_json_line(line, key, where=f"{path}:{lineno}")
+                        if text:
+                            yield text
         else:
             yield from iter_text_documents(path, text_unit)

@@ -32,7 +32,7 @@ def _sentences(docs: Iterator[str]) -> Iterator[str]:
 
 
 def train_tokenizer(inputs: list[str] | str, model_prefix: str | Path, vocab_size: int = 32000,
-                    model_type: str = "bpe", json_key: str = "text", input_format: str = "auto",
+                    model_type: str = "bpe", json_key: str | list[str] = "text", input_format: str = "auto",
                     text_unit: str = "line", byte_fallback: bool = True, character_coverage: float = 0.9995,
                     input_sentence_size: int = 0, num_threads: int | None = None, seed: int = 1234,
                     show_progress: bool = True, verbose: bool = False) -> Path:
@@ -69,6 +69,9 @@ def train_tokenizer(inputs: list[str] | str, model_prefix: str | Path, vocab_siz
         pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
         minloglevel=0 if verbose else 1, **SPECIAL_IDS,
     )
+    if show_progress:
+        print(f"training a {vocab_size}-piece {model_type} model with sentencepiece after reading the lines"
+              f"{'' if verbose else ' (--verbose shows its merge log)'}", flush=True)
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), **kwargs)
     except RuntimeError as err:

@@ -7,10 +7,11 @@ meet at a barrier, then rank 0 renames the directory and replaces the marker ato
 (write + fsync + os.replace). A crash mid-write leaves the previous marker and checkpoint; the
 stale temporary directory is removed by the next save.
 
-Each checkpoint holds the model chunks, the optimizer (reshardable "model space" layout), the
-learning-rate scheduler, the RNG states per (PP, TP) rank, the data position (consumed samples)
-and the resolved run configuration. Loading at another TP/PP layout reshards model and
-optimizer (megatron-core does it); RNG states are then re-seeded instead.
+Each checkpoint holds the model chunks, the optimizer (the distributed optimizer in its
+"fully_reshardable" layout), the learning-rate scheduler, the RNG states per (PP, TP) rank,
+the data position (consumed samples) and the resolved run configuration. Loading at another
+TP/PP layout reshards model and optimizer (megatron-core does it); RNG states are then
+re-seeded instead.
 
 A weights-only checkpoint (`save(..., optimizer=None)`, written by tools/convert_from_hf.py)
 holds the model and the common state with `weights_only: True`; loading it skips optimizer,
@@ -23,6 +24,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -36,7 +38,7 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # any TP/PP/DP on load
 
 
 class CheckpointError(RuntimeError):
@@ -49,6 +51,22 @@ class Loaded:
     consumed_train_samples: int
     config: dict
     resharded: bool
+
+
+def prepare_writer(signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
+    """Start megatron's checkpoint-writer result queue (a spawned multiprocessing Manager) with
+    the exit signals ignored. Slurm and torchrun deliver SIGTERM/SIGUSR1 to the whole process
+    group; without this the Manager dies at once and the save that the signal asks for fails
+    with BrokenPipeError. Ignored dispositions survive the spawn; forked writer processes
+    inherit the training process's own handlers."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
@@ -107,6 +125,37 @@ def _restore_rng(state: dict) -> None:
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """megatron-core 0.16.1's DistributedOptimizer.state_dict() needs Adam's per-parameter 'step',
+    which exists only after a first step (without apex/TE). A fresh optimizer gets megatron's own
+    dummy state (one step on zero gradients); every value is overwritten by the load."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and inner is not None and not inner.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _keep_adam_step_on_load(optimizer) -> None:
+    """megatron-core 0.16.1 without apex/TE: DistributedOptimizer.load_state_dict puts torch Adam's
+    'step' into each parameter state (restored from the checkpoint's param groups), then copies
+    every state key from the "fully_reshardable" tensors, which carry no 'step' (KeyError).
+    Supply the already-restored step for that copy."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        original = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if original is None or getattr(original, "_neon_keeps_step", False):
+            continue
+
+        def setter(model_param, tensors, _opt=opt, _original=original):
+            group, order = _opt.model_param_group_index_map[model_param]
+            state = _opt.optimizer.state[_opt.optimizer.param_groups[group]["params"][order]]
+            if "step" in state and "step" not in tensors:
+                tensors = {**tensors, "step": state["step"]}
+            return _original(model_param, tensors)
+
+        setter._neon_keeps_step = True
+        opt._set_main_param_and_optimizer_states = setter
 
 
 def _unwrap(chunk):
@@ -197,7 +246,8 @@ def save(root: str | os.PathLike, iteration: int, chunks, optimizer, scheduler, 
 
 
 def load(root: str | os.PathLike, chunks, optimizer, scheduler, *, load_optimizer: bool = True,
-         load_rng: bool = True, iteration: Optional[int] = None) -> Optional[Loaded]:
+         load_rng: bool = True, iteration: Optional[int] = None,
+         distributed_optimizer: Optional[bool] = None) -> Optional[Loaded]:
     """Restore the latest checkpoint (or `iteration`) under `root` into the built model, optimizer
     and scheduler. Returns None when there is none (the run starts from scratch)."""
     if iteration is None:
@@ -214,12 +264,21 @@ def load(root: str | os.PathLike, chunks, optimizer, scheduler, *, load_optimize
     except Exception as e:  # noqa: BLE001 - any unreadable file becomes one clear error
         raise CheckpointError(f"{path}: cannot read the checkpoint ({e}). Fix: resume from an earlier "
                               f"iteration by editing {TRACKER}.") from e
+    weights_only = bool(common.get("weights_only", False))  # no optimizer, scheduler or RNG state in it
+    load_optimizer = load_optimizer and not weights_only
+    saved_dist_opt = common.get("config", {}).get("parallelism", {}).get("use_distributed_optimizer")
+    if load_optimizer and distributed_optimizer is not None and saved_dist_opt is not None \
+            and saved_dist_opt != distributed_optimizer:
+        raise CheckpointError(f"{path}: its optimizer state was saved with use_distributed_optimizer="
+                              f"{saved_dist_opt}, this run has {distributed_optimizer}. Fix: pass "
+                              f"{'--use-distributed-optimizer' if saved_dist_opt else '--no-use-distributed-optimizer'}"
+                              f" or --no-load-optim (weights only).")
     saved = common.get("layout", {})
     now = layout()
     resharded = any(saved.get(k) != now[k] for k in ("tp", "pp", "vpp", "ep"))
-    weights_only = bool(common.get("weights_only", False))
-    load_optimizer = load_optimizer and not weights_only
     with_rng = load_rng and not resharded and not weights_only
+    if load_optimizer:
+        _materialize_optimizer_state(optimizer)
     state = _sharded_state(chunks, optimizer, scheduler, is_loading=True, with_optimizer=load_optimizer,
                            with_rng=with_rng)
     try:
@@ -231,6 +290,7 @@ def load(root: str | os.PathLike, chunks, optimizer, scheduler, *, load_optimize
     for key, chunk in zip(_model_keys(chunks), chunks):
         _unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if load_optimizer:
+        _keep_adam_step_on_load(optimizer)
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     elif optimizer is not None:

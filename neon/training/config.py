@@ -133,6 +133,8 @@ class ScheduleConfig:
     """Seed of weight init, dropout and data shuffling."""
     exit_interval: Optional[int] = None
     """Save and exit cleanly once the iteration is a multiple of this."""
+    skip_train: bool = False
+    """Do not train: load (--load), evaluate on the validation split, exit."""
 
 
 @dataclass
@@ -143,6 +145,8 @@ class CheckpointingConfig:
     """Directory to resume from (its latest checkpoint); missing or empty starts from scratch."""
     save_interval: Optional[int] = None
     """Save every this many iterations (and at the end of training when save is set)."""
+    ckpt_step: Optional[int] = None
+    """Load this iteration from --load instead of the latest one."""
     ckpt_keep_last: int = 3
     """Keep this many most recent checkpoints (0 keeps all)."""
     no_load_optim: bool = False
@@ -614,6 +618,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         fail("--save-interval", c.save_interval, "must be >= 1", "give a positive interval or leave it unset")
     if c.save_interval and not c.save:
         fail("--save-interval", c.save_interval, "has no --save directory", "add --save DIR")
+    if c.ckpt_step is not None and not c.load:
+        fail("--ckpt-step", c.ckpt_step, "has no --load directory", "add --load DIR")
     if c.ckpt_keep_last < 0:
         fail("--ckpt-keep-last", c.ckpt_keep_last, "must be >= 0", "use 0 to keep all checkpoints")
     if c.load and Path(c.load).exists() and not Path(c.load).is_dir():

@@ -125,11 +125,14 @@ def pretrain(cfg: Config) -> RunSummary:
         decay_style=s.lr_decay_style, weight_decay=cfg.optimizer.weight_decay,
         wsd_decay_iters=s.lr_wsd_decay_iters, wsd_decay_style=s.lr_wsd_decay_style)
 
+    if c.save:
+        checkpointing.prepare_writer()
     iteration, consumed = 0, 0
     last_saved = None
     if c.load:
         loaded = checkpointing.load(c.load, chunks, optimizer, scheduler, load_optimizer=not c.no_load_optim,
-                                    load_rng=not c.no_load_rng)
+                                    load_rng=not c.no_load_rng, iteration=c.ckpt_step,
+                                    distributed_optimizer=p.use_distributed_optimizer)
         if loaded is not None:
             iteration, consumed = loaded.iteration, loaded.consumed_train_samples
             last_saved = iteration if c.load == c.save else None
@@ -188,6 +191,16 @@ def pretrain(cfg: Config) -> RunSummary:
         logger.print(f" saved checkpoint {path} at iteration {iteration} in {time.perf_counter() - t0:.1f} s")
 
     exit_reason, train_loss, valid_loss = "finished", None, None
+    if s.skip_train:
+        try:
+            if s.eval_iters:
+                valid_loss = validation_loss()
+                logger.evaluation(iteration=iteration, loss=valid_loss, consumed_samples=consumed)
+        finally:
+            logger.close()
+            signals.restore()
+        return RunSummary(iteration=iteration, exit_reason="skip-train", last_checkpoint=None, train_loss=None,
+                          valid_loss=valid_loss, run_dir=str(run_dir))
     try:
         while iteration < s.train_iters:
             t0 = time.perf_counter()

@@ -36,7 +36,7 @@ ADAM = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1)
 
 def explicit_softmax_map(q, k, scale, window):
     """A[i, j] = exp(q_i.k_j scale) / sum_{j' visible} exp(q_i.k_j' scale) over visible j."""
-    s = q.size(0)
+    s, q, k = q.size(0), q.detach(), k.detach()
     a = torch.zeros(s, s, dtype=torch.float64)
     for i in range(s):
         visible = [j for j in range(s) if j <= i and (window is None or j > i - window)]
@@ -104,6 +104,12 @@ def test_differential_map_equals_two_softmaxes(mode):
                                   key[:, 0, 2 * grp + 1], value[:, 0, grp], lam, core.lambda_init,
                                   core.subln.weight.detach(), window)
         torch.testing.assert_close(out[:, h].detach(), want, rtol=1e-9, atol=1e-9)
+
+    # the two-call path for GPUs (halves of V, flash-compatible widths) gives the same maps
+    q4, k4 = (t.view(s, 1, -1, 2, d).transpose(2, 3).reshape(s, 1, -1, d).permute(1, 2, 0, 3) for t in (query, key))
+    v4 = torch.cat([value, value], dim=2).permute(1, 2, 0, 3)
+    torch.testing.assert_close(core.local_maps(q4, k4, v4, split_values=True),
+                               core.local_maps(q4, k4, v4, split_values=False), rtol=1e-12, atol=1e-12)
 
     # HF reference: no rotation (cos 1, sin 0), so q/k/v are the projections themselves
     attn = NeonAttention(neon_hf_config(cfg, initializer_range=0.2), layer_idx=1).double()

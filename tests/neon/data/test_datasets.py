@@ -3,6 +3,7 @@
 bad data files fail before anything is built, naming the file and the fix."""
 
 import os
+import pickle
 from collections import Counter
 from pathlib import Path
 
@@ -71,6 +72,10 @@ def test_split_sizes_and_zero_sample_splits(tiny_dataset, tmp_path):
     train, valid, test = build([prefix], split="6,2,2", samples=(10, 0, 0), cache=str(tmp_path / "c"))
     assert train is not None and valid is None and test is None
     assert build([prefix], split="100,0,0", samples=(10, 5, 5), cache=str(tmp_path / "c"))[1:] == (None, None)
+    # Megatron's habitual 949,50,1 leaves 120 documents no test document: a warning, no test set
+    with pytest.warns(UserWarning, match="leaves the test split .* empty .* there is no test set"):
+        train, valid, test = build([prefix], split="949,50,1", samples=(10, 5, 5), cache=str(tmp_path / "c"))
+    assert len(valid) >= 5 and test is None
 
 
 def test_same_seed_same_order_other_seed_other_order(tiny_dataset, tmp_path):
@@ -102,6 +107,9 @@ def test_blending_weights_are_honoured(tiny_dataset, tmp_path):
         expect = weights[0] / sum(weights)
         assert abs(share[0] / n - expect) < 0.02, (share, weights)
         assert abs(Counter(int(valid[i]["dataset_id"]) for i in range(len(valid)))[0] / len(valid) - expect) < 0.05
+    # DataLoader workers (spawn) receive the datasets pickled, the cache-folder variant included
+    clone = pickle.loads(pickle.dumps(train))
+    assert all((clone[i]["tokens"] == train[i]["tokens"]).all() for i in range(0, n, 9))
     # plain prefixes: blended in proportion to their sizes (equal here); the cache is optional
     train = build([a, b], split="9,1,0", samples=(100, 0, 0))[0]
     share = Counter(int(train[i]["dataset_id"]) for i in range(len(train)))
@@ -142,15 +150,27 @@ def test_bad_data_files_fail_before_any_work_naming_file_and_fix(tiny_dataset, t
     with pytest.raises(DataError, match=r"mixed_text_document\.bin has .* bytes.*different runs"):
         check_data_files([mixed], TINY_VOCAB)
 
+    garbage = copy_prefix(prefix, tmp_path / "garbage_text_document")
+    Path(garbage + ".idx").write_bytes(b"not an index at all, just some bytes")
+    with pytest.raises(DataError, match=r"garbage_text_document\.idx is not a megatron indexed-dataset index"):
+        check_data_files([garbage], TINY_VOCAB)
+    Path(garbage + ".idx").write_bytes(Path(prefix + ".idx").read_bytes()[:200])
+    with pytest.raises(DataError, match=r"garbage_text_document\.idx is truncated"):
+        check_data_files([garbage], TINY_VOCAB)
+    with pytest.raises(DataError, match="--seq-length 0 must be positive"):
+        build_datasets([prefix], "8,1,1", 0, (8, 0, 0), 1, TINY_VOCAB, EOD)
+    with pytest.raises(DataError, match="end-of-document id 600 is outside the vocabulary of 512"):
+        build_datasets([prefix], "8,1,1", SEQ, (8, 0, 0), 1, TINY_VOCAB, 600)
+
     max_id = int(np.fromfile(prefix + ".bin", dtype=np.uint16).max())
     with pytest.raises(DataError, match=rf"tiny_text_document\.bin holds token id {max_id}, outside the model's "
                                         rf"vocabulary of {max_id}.*--tokenizer-model"):
         build_datasets([prefix], "8,1,1", SEQ, (8, 0, 0), 1, max_id, EOD, cache_dir=str(cache))
     check_data_files([prefix], max_id + 1)  # the exact bound passes
 
-    with pytest.raises(DataError, match=r"--split '990,9,1' leaves the test split of .*tiny_text_document empty "
-                                        r"\(120 documents in all\) while 8 test samples are asked for"):
-        build([prefix], split="990,9,1", samples=(8, 8, 8), cache=str(cache))
+    with pytest.raises(DataError, match=r"--split '999,0.5,0.5' leaves the valid split of .*tiny_text_document "
+                                        r"empty \(120 documents in all\) while 8 valid samples are asked for"):
+        build([prefix], split="999,0.5,0.5", samples=(8, 8, 8), cache=str(cache))
     assert not cache.exists()  # nothing was built for any of them
 
 
