@@ -24,6 +24,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_plugins import cpu_runtime
+from megatron_plugins.ngpt_optimizer import add_weight_normalization
 from neon.config import NeonConfig
 from neon.flaming.losses import set_aux_loss_scale
 
@@ -64,7 +65,12 @@ def build_model_chunks(config: NeonConfig, build_stage: Callable, wrap_ddp: bool
 
 
 def build_optimizer(chunks: list, opt_config: OptimizerConfig):
-    return get_megatron_optimizer(opt_config, chunks)
+    """megatron's optimizer for these chunks; with nGPT, each step ends with the weights put back
+    on the unit sphere (`megatron_plugins.ngpt_optimizer`)."""
+    optimizer = get_megatron_optimizer(opt_config, chunks)
+    if getattr(chunks[0].config, "ngpt", False):
+        optimizer = add_weight_normalization(optimizer)
+    return optimizer
 
 
 def lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):

@@ -12,6 +12,7 @@ from typing import Literal, Optional
 
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import init_method_normal
 
 
 class NeonConfigError(ValueError):
@@ -92,6 +93,12 @@ class NeonConfig(TransformerConfig):
 
     def __post_init__(self):
         self.validate()
+        if self.ngpt:
+            # nGPT's recipe: every weight drawn with std 1/sqrt(d_model) (then put on the sphere)
+            if self.init_method_std == TransformerConfig.init_method_std:
+                self.init_method_std = self.hidden_size ** -0.5
+            if self.output_layer_init_method is None:
+                self.output_layer_init_method = init_method_normal(self.init_method_std)
         if self.sliding_window is not None:
             # megatron/TE window is (left, right) tokens besides the query itself
             self.window_size = (self.sliding_window - 1, 0)
@@ -174,6 +181,28 @@ class NeonConfig(TransformerConfig):
         if self.num_moe_experts is not None and self.add_bias_linear:
             fail("add_bias_linear", True, "is not supported with experts in megatron-core 0.16.1 "
                  "(in-place update of a view in mlp.py)", "set add_bias_linear=False")
+
+        if self.ngpt:
+            self._validate_ngpt(fail)
+
+    def _validate_ngpt(self, fail) -> None:
+        if self.tie_word_embeddings:
+            fail("tie_word_embeddings", True, "nGPT keeps separate input and output embeddings "
+                 "(E_in, E_out), each normalised on its own", "set tie_word_embeddings=False")
+        if self.add_bias_linear:
+            fail("add_bias_linear", True, "nGPT layers have no biases", "set add_bias_linear=False")
+        if not self.gated_linear_unit or self.activation_func is not F.silu:
+            fail("gated_linear_unit", self.gated_linear_unit, "nGPT's MLP is SwiGLU (scaled u and v)",
+                 "set gated_linear_unit=True and activation_func=F.silu")
+        if self.qk_layernorm:
+            fail("qk_layernorm", True, "nGPT normalises q and k itself (after RoPE)",
+                 "set qk_layernorm=False")
+        if self.num_moe_experts is not None:
+            fail("num_moe_experts", self.num_moe_experts, "nGPT is implemented for the dense MLP "
+                 "only", "turn experts off (num_moe_experts=None) or nGPT off")
+        if self.multi_latent_attention:
+            fail("multi_latent_attention", True, "nGPT needs Neon's self-attention",
+                 "set multi_latent_attention=False")
 
     def _validate_flaming(self, fail) -> None:
         if self.flaming_moe not in FLAMING_PLACEMENTS:

@@ -30,6 +30,7 @@ from neon.attention import NeonCoreAttention
 from neon.config import NeonConfig
 from neon.diff_attention import DiffCoreAttention, DiffSelfAttention
 from neon.flaming import FlamingMoE, FlamingTransformerLayer, FlamingTransformerLayerSubmodules
+from neon.ngpt import ngpt_layer_spec
 
 try:  # Transformer Engine: present in NGC containers, absent on CPU machines
     import transformer_engine  # noqa: F401
@@ -75,7 +76,7 @@ def get_neon_layer_spec(config: NeonConfig, use_te: Optional[bool] = None) -> Mo
         extra = dict(pre_flaming_layernorm=m["norm"], flaming_moe=ModuleSpec(module=FlamingMoE),
                      flaming_bda=get_bias_dropout_add)
     submodules_cls = FlamingTransformerLayerSubmodules if extra else TransformerLayerSubmodules
-    return ModuleSpec(
+    spec = ModuleSpec(
         module=layer,
         submodules=submodules_cls(
             input_layernorm=m["norm"],
@@ -97,6 +98,9 @@ def get_neon_layer_spec(config: NeonConfig, use_te: Optional[bool] = None) -> Mo
             **extra,
         ),
     )
+    if config.ngpt:  # normalized layer: no norms, residual updates on the sphere (neon/ngpt.py)
+        spec = ngpt_layer_spec(spec, config)
+    return spec
 
 
 def get_neon_block_spec(
@@ -107,5 +111,5 @@ def get_neon_block_spec(
     layer = get_neon_layer_spec(config, use_te)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
-        layer_norm=_modules(use_te)["norm"],
+        layer_norm=None if config.ngpt else _modules(use_te)["norm"],  # nGPT: no final norm
     )

@@ -50,19 +50,40 @@ GLOBAL_DIRECT = [
     ("model.norm.weight", "decoder.final_layernorm.weight", None, "post"),
     ("lm_head.weight", "output_layer.weight", 0, "post"),
 ]
-
-
-def _chunk(t: torch.Tensor, dim, rank: int, size: int) -> torch.Tensor:
-    return t if dim is None else torch.chunk(t, size, dim=dim)[rank].clone()
+# nGPT (neon/ngpt.py): no RMSNorm weights; the scaling vectors, stored values as they are.
+NGPT_NORMS = {"input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight"}
+NGPT_LAYER = [
+    ("attn_alpha", "self_attn_bda.alpha", None),             # alpha_A [d_model]
+    ("mlp_alpha", "mlp_bda.alpha", None),                    # alpha_M [d_model]
+    ("self_attn.s_qk", "self_attention.core_attention.s_qk", 0),  # [heads * head_dim]
+    ("mlp.s_u", "mlp.s_u", 0),                               # [ffn]
+    ("mlp.s_v", "mlp.s_v", 0),                               # [ffn]
+]
+NGPT_GLOBAL = [("lm_head.s_z", "output_layer.s_z", 0, "post")]  # [vocab]
+NGPT_FLAMING_ALPHA = ("flaming_alpha", "flaming_bda.alpha", None)  # alpha_F [d_model] (FlamingMoE 'between')
 
 
 def _layer_direct(config: NeonConfig) -> list:
     direct = LAYER_DIRECT + (DIFF_LAYER_DIRECT if config.diff_attention != "off" else [])
-    if config.flaming_moe == "mlp":  # no MLP: the FlamingMoE block takes its place
-        direct = [e for e in direct if not e[0].startswith("mlp.")]
     if config.flaming_moe == "between":
         direct = direct + [("pre_flaming_layernorm.weight", "pre_flaming_layernorm.weight", None)]
+    if config.ngpt:
+        direct = [e for e in direct if e[0] not in NGPT_NORMS] + NGPT_LAYER
+        if config.flaming_moe == "between":  # no pre-norm; alpha_F of the normalized update
+            direct = [e for e in direct if not e[0].startswith("pre_flaming")] + [NGPT_FLAMING_ALPHA]
+    if config.flaming_moe == "mlp":  # no MLP: the FlamingMoE block takes its place (alpha_M stays)
+        direct = [e for e in direct if not e[0].startswith("mlp.")]
     return direct
+
+
+def _global_direct(config: NeonConfig) -> list:
+    if not config.ngpt:
+        return GLOBAL_DIRECT
+    return [e for e in GLOBAL_DIRECT if e[0] not in NGPT_NORMS] + NGPT_GLOBAL
+
+
+def _chunk(t: torch.Tensor, dim, rank: int, size: int) -> torch.Tensor:
+    return t if dim is None else torch.chunk(t, size, dim=dim)[rank].clone()
 
 
 # FlamingMoE function parameters per kind: (HF names, joined along dim 0) -> megatron name
@@ -149,7 +170,7 @@ def hf_to_megatron(hf: dict, config: NeonConfig, tp_rank: int = 0, tp_size: int 
     if flaming and config.flaming_global_functions:  # a replica on every pipeline stage
         _functions_to_megatron(hf, "model.flaming_global_functions.", "flaming_global_functions.",
                                config.flaming_global_kind, config.flaming_global_functions, ep_rank, ep_size, out)
-    for hf_name, mg_name, dim, where in GLOBAL_DIRECT:
+    for hf_name, mg_name, dim, where in _global_direct(config):
         wanted = pre_process if where == "pre" else post_process
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             wanted = False  # the tied output layer reuses the embedding
@@ -189,7 +210,7 @@ def megatron_to_hf(shards: list[dict], config: NeonConfig, layer_offset: int = 0
     def join(name, dim):
         return first[name] if dim is None else torch.cat([s[name] for s in shards], dim=dim)
 
-    for hf_name, mg_name, dim, _ in GLOBAL_DIRECT:
+    for hf_name, mg_name, dim, _ in _global_direct(config):
         if mg_name in first:
             out[hf_name] = join(mg_name, dim)
     layers = sorted({int(m.group(1)) for k in first

@@ -162,6 +162,7 @@ def bank_config(config: TransformerConfig, n: int, kind: str, **overrides) -> Tr
         moe_shared_expert_intermediate_size=None,
         moe_layer_recompute=False,
         expert_tensor_parallel_size=1,
+        ngpt=False,  # the bank's MoE config only describes its functions (nGPT acts on the layer)
         **function_config(config, kind),
     )
     fields.update(overrides)
