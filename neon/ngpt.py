@@ -19,7 +19,7 @@ The pieces plug into the Neon layer spec (`ngpt_layer_spec`), never a fork of me
 - q/k normalisation wraps whatever core attention the spec holds (Neon's SDPA attention, TE's,
   DiffAttention's): RoPE is applied before core attention in megatron's SelfAttention;
 - `NGPTMLP` is megatron's MLP with the scaled SwiGLU;
-- `attach_logit_scale` adds s_z to the GPTModel's output layer.
+- `attach_logit_scale` gives the GPTModel `logit_scale.s_z`, applied to the output layer's logits.
 Weight normalisation after each optimizer step lives in `megatron_plugins/ngpt_optimizer.py`;
 `mark_and_normalize_weights` tags the matrices it acts on and normalises them at build time.
 """
@@ -38,11 +38,23 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
 from neon.config import NeonConfig
 
 # (init, scale) of every scaling vector, from the paper / NVIDIA's reference code.
 ALPHA_INIT = 0.05
+
+
+def ngpt_optimizer_defaults() -> dict:
+    """The optimizer/schedule settings nGPT's recipe needs, as {"section.field": value} for the
+    pretraining config (pretrain_neon's FEATURE_DEFAULTS["ngpt"]): applied when ngpt is on and the
+    user did not set the field (YAML or flag), so each one can be overridden.
+
+    - optimizer.weight_decay = 0: the weights live on the unit sphere, decay would only fight the
+      normalisation (the paper trains without it);
+    - schedule.lr_warmup_iters = 0: no learning-rate warmup (the paper's recipe)."""
+    return {"optimizer.weight_decay": 0.0, "schedule.lr_warmup_iters": 0}
 
 
 def scaling_constants(config: NeonConfig) -> dict:
@@ -64,6 +76,16 @@ def _scaling_vector(config: NeonConfig, name: str, size: int, tp_sharded: bool) 
     if tp_sharded:  # one slice per tensor-parallel rank (heads, MLP width or vocabulary)
         tensor_parallel.set_tensor_model_parallel_attributes(p, True, 0, 1)
     return p
+
+
+def _tp_sharded_vectors(module, names, prefix, sharded_offsets, metadata) -> dict:
+    """Distributed-checkpoint entries of `module`'s own vectors `names`, split along dim 0 over
+    tensor-parallel ranks (megatron's default treats a module's direct parameters as replicated)."""
+    metadata = ensure_metadata_has_dp_cp_group(metadata)
+    return make_sharded_tensors_for_checkpoint(
+        {name: getattr(module, name) for name in names}, prefix, {name: 0 for name in names},
+        sharded_offsets, tp_group=parallel_state.get_tensor_model_parallel_group(),
+        dp_cp_group=metadata["dp_cp_group"])
 
 
 def _effective(config: NeonConfig, name: str, stored: torch.Tensor) -> torch.Tensor:
@@ -114,6 +136,11 @@ def ngpt_core_attention(base: type) -> type:
             heads = config.num_attention_heads * (2 if config.diff_attention == "expressive" else 1)
             self.s_qk = _scaling_vector(config, "s_qk", heads * config.head_dim // tp, tp_sharded=True)
 
+        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+            sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+            sd.update(_tp_sharded_vectors(self, ["s_qk"], prefix, sharded_offsets, metadata))
+            return sd
+
         def forward(self, query, key, value, *args, **kwargs):
             # query [sq, b, heads, d], key [sk, b, kv_heads, d]
             s_qk = _effective(self.config, "s_qk", self.s_qk).view(query.shape[-2:])
@@ -136,6 +163,11 @@ class NGPTMLP(MLP):
         local_ffn = self.linear_fc1.weight.shape[0] // 2
         self.s_u = _scaling_vector(config, "s_u", local_ffn, tp_sharded=True)
         self.s_v = _scaling_vector(config, "s_v", local_ffn, tp_sharded=True)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)  # megatron's: submodules only
+        sd.update(_tp_sharded_vectors(self, ["s_u", "s_v"], prefix, sharded_offsets, metadata))
+        return sd
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         assert per_token_scale is None, "per-token scales are for MoE experts"
@@ -221,17 +253,31 @@ def mark_and_normalize_weights(model: torch.nn.Module) -> list[str]:
     return tagged
 
 
-def attach_logit_scale(model, config: NeonConfig) -> None:
-    """z <- z * s_z on the output layer of the last pipeline stage (s_z split with the vocabulary)."""
-    layer = model.output_layer
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    layer.register_parameter("s_z", _scaling_vector(config, "s_z", config.vocab_size // tp, tp_sharded=True))
+class LogitScale(MegatronModule):
+    """s_z [vocab / tp], split with the vocabulary: z <- z * s_z on the output layer's logits."""
 
-    def scale_logits(module, _args, output):
-        logits, bias = output  # [s, b, vocab / tp], or the full vocabulary when gathered
-        s_z = _effective(config, "s_z", module.s_z)
+    def __init__(self, config: NeonConfig):
+        super().__init__(config=config)
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.s_z = _scaling_vector(config, "s_z", config.vocab_size // tp, tp_sharded=True)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        s_z = _effective(self.config, "s_z", self.s_z)  # logits [s, b, vocab / tp] (or gathered)
         if logits.size(-1) != s_z.numel():
             s_z = tensor_parallel.gather_from_tensor_model_parallel_region(s_z)
-        return logits * s_z.to(logits.dtype), bias
+        return logits * s_z.to(logits.dtype)
 
-    layer.register_forward_hook(scale_logits)
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        return _tp_sharded_vectors(self, ["s_z"], prefix, sharded_offsets, metadata)
+
+
+def attach_logit_scale(model, config: NeonConfig) -> None:
+    """Give the last pipeline stage's GPTModel `logit_scale` (s_z), applied to the output layer's
+    logits by a forward hook (megatron's GPTModel calls output_layer itself)."""
+    model.logit_scale = LogitScale(config)
+
+    def scale_logits(_module, _args, output):
+        logits, bias = output
+        return model.logit_scale(logits), bias
+
+    model.output_layer.register_forward_hook(scale_logits)

@@ -59,7 +59,7 @@ NGPT_LAYER = [
     ("mlp.s_u", "mlp.s_u", 0),                               # [ffn]
     ("mlp.s_v", "mlp.s_v", 0),                               # [ffn]
 ]
-NGPT_GLOBAL = [("lm_head.s_z", "output_layer.s_z", 0, "post")]  # [vocab]
+NGPT_GLOBAL = [("lm_head.s_z", "logit_scale.s_z", 0, "post")]  # [vocab]
 NGPT_FLAMING_ALPHA = ("flaming_alpha", "flaming_bda.alpha", None)  # alpha_F [d_model] (FlamingMoE 'between')
 
 

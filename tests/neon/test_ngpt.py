@@ -25,7 +25,7 @@ from megatron_plugins import training
 from megatron_plugins.ngpt_optimizer import _Slice, normalized_slices
 from neon.config import NeonConfig, NeonConfigError
 from neon.model import build_model
-from neon.ngpt import NormalizedResidual
+from neon.ngpt import NormalizedResidual, ngpt_optimizer_defaults
 from neon.state_dict_adapter import hf_to_megatron, megatron_to_hf
 from tests.dist import run_distributed
 
@@ -180,14 +180,17 @@ def _logits(model, tokens, hidden: list):
 
 def run_training(runs: list[dict]) -> list[dict]:
     """Each run: {"sp": bool, "distributed_optimizer": bool, "bucket_size": int (DDP buckets,
-    gradient reduction overlapped)}. Returns per run: the logits error
-    against the reference, hidden-state norms, losses, and the weights after STEPS steps."""
+    gradient reduction overlapped), "bf16": bool (bf16 model, fp32 main params)}. Returns per run:
+    the logits error against the reference, hidden-state norms, losses, the weights after STEPS
+    steps (HF layout) and the largest |norm - 1| of the optimizer's fp32 main weight vectors."""
     results = []
     hf0 = initial_weights()
     tokens = torch.stack([b["tokens"][0] for b in batches()[:2]])
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     for run in runs:
-        cfg = tiny_config(sequence_parallel=run.get("sp", False))
+        bf16 = run.get("bf16", False)
+        cfg = tiny_config(sequence_parallel=run.get("sp", False), bf16=bf16,
+                          params_dtype=torch.bfloat16 if bf16 else torch.float32)
         torch.manual_seed(0)
         chunks = training.build_model_chunks(
             cfg, lambda c, **kw: _stage(c, hf0),
@@ -195,7 +198,7 @@ def run_training(runs: list[dict]) -> list[dict]:
                 grad_reduce_in_fp32=True, overlap_grad_reduce="bucket_size" in run, bucket_size=run.get("bucket_size"),
                 use_distributed_optimizer=run.get("distributed_optimizer", False)))
         optimizer = training.build_optimizer(chunks, OptimizerConfig(
-            optimizer="adam", lr=0.02, adam_eps=1e-4, weight_decay=0.0, clip_grad=1.0, bf16=False, fp16=False,
+            optimizer="adam", lr=0.02, adam_eps=1e-4, weight_decay=0.0, clip_grad=1.0, bf16=bf16, fp16=False,
             use_distributed_optimizer=run.get("distributed_optimizer", False)))
         split = [(s.start, s.end, s.rows, s.cols, s.dim) for s in normalized_slices(optimizer)]
         # forward against the paper's equations
@@ -221,9 +224,13 @@ def run_training(runs: list[dict]) -> list[dict]:
             losses.append(result.loss)
         weights = {}
         for chunk in chunks:
-            weights.update(_hf_weights(chunk, cfg))
+            weights.update({k: v.float() for k, v in _hf_weights(chunk, cfg).items()})
+        # the optimizer's fp32 main copies of the listed matrices (shards, with the distributed one)
+        sums = torch.cat([s.sum_of_squares() for s in normalized_slices(optimizer)])
+        if run.get("distributed_optimizer"):
+            torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
         results.append(dict(logits_err=logits_err, hidden_norms=hidden_norms, losses=losses,
-                            weights=weights, split=split,
+                            weights=weights, split=split, main_norm_err=(sums.sqrt() - 1).abs().max().item(),
                             normalized=getattr(optimizer, "ngpt_normalized_matrices", 0)))
     return results
 
@@ -270,14 +277,23 @@ def test_config_rejects_what_ngpt_cannot_build(bad, setting):
         NeonConfig(**{**TINY, **bad})
 
 
+def test_optimizer_defaults_are_the_recipe():
+    assert ngpt_optimizer_defaults() == {"optimizer.weight_decay": 0.0, "schedule.lr_warmup_iters": 0}
+
+
 def test_ngpt_init_std_is_one_over_sqrt_d_model():
     cfg = NeonConfig(**TINY)
     assert cfg.init_method_std == pytest.approx(BASE)
 
 
 @pytest.fixture(scope="module")
-def single():
-    return run_distributed(run_training, 1, kwargs={"runs": [{}]})[0][0]
+def single_runs():
+    return run_distributed(run_training, 1, kwargs={"runs": [{}, {"bf16": True}]})[0]
+
+
+@pytest.fixture(scope="module")
+def single(single_runs):
+    return single_runs[0]
 
 
 def test_forward_matches_the_equations_and_stays_on_the_sphere(single):
@@ -303,6 +319,15 @@ def test_every_listed_weight_vector_has_unit_norm_after_training(single):
         assert not torch.allclose(w[name], start[name]), f"{name} did not train"
 
 
+def test_bf16_model_keeps_fp32_main_weights_on_the_sphere(single_runs):
+    bf16 = single_runs[1]
+    assert bf16["main_norm_err"] <= 1e-6 and single_runs[0]["main_norm_err"] <= 1e-6
+    for name, t in bf16["weights"].items():  # the bf16 model copies: rounded unit vectors
+        if unit_dim(name) is not None:
+            torch.testing.assert_close(t.norm(dim=unit_dim(name)), torch.ones(t.size(1 - unit_dim(name))),
+                                       rtol=0, atol=1e-2, msg=name)
+
+
 def _assert_same_training(single, results, label):
     merged = {}
     for r in results:
@@ -314,9 +339,10 @@ def _assert_same_training(single, results, label):
     assert losses == pytest.approx(single["losses"], abs=1e-5), label
 
 
-def test_data_parallel_ddp_and_distributed_optimizer_match_one_process(single):
-    ddp, dist_opt = zip(*run_distributed(run_training, 2, kwargs={
-        "runs": [{}, {"distributed_optimizer": True, "bucket_size": 3000}]}))
+def test_data_parallel_ddp_and_distributed_optimizer_match_one_process(single, single_runs):
+    ddp, dist_opt, dist_bf16 = zip(*run_distributed(run_training, 2, kwargs={
+        "runs": [{}, {"distributed_optimizer": True, "bucket_size": 3000},
+                 {"distributed_optimizer": True, "bucket_size": 3000, "bf16": True}]}))
     _assert_same_training(single, ddp, "DP2 DDP")
     _assert_same_training(single, dist_opt, "DP2 distributed optimizer")
     # the distributed optimizer really cut rows of d_model-space matrices between the two ranks
@@ -324,6 +350,10 @@ def test_data_parallel_ddp_and_distributed_optimizer_match_one_process(single):
                 if dim == 1 and 0 < start < rows * cols and start % cols]
     assert cut_rows, "no weight vector straddles two shards: the test would not see the all-reduce"
     assert all(r["normalized"] > 0 for r in dist_opt)
+    # bf16 model, fp32 main shards: the all-reduced norms of the main vectors are exactly 1
+    assert max(r["main_norm_err"] for r in dist_opt + dist_bf16) <= 1e-6
+    bf16_losses = [x for x in dist_bf16[0]["losses"]]
+    assert bf16_losses == pytest.approx(single_runs[1]["losses"], abs=2e-2), (bf16_losses, single_runs[1]["losses"])
 
 
 @pytest.mark.parametrize("layout", ["tp2-sp", "pp2"])

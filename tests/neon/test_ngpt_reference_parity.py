@@ -120,3 +120,35 @@ def test_megatron_ngpt_matches_reference(layout):
         assert min(r["moved"] for r in per_rank) > 1e-4, what
         worst = max((r["weight_diff"], r["worst"]) for r in per_rank)
         assert worst[0] <= 2e-6, (what, worst)
+
+
+
+def checkpoint_sharding():
+    """TP=2: megatron's distributed-checkpoint entries of the nGPT vectors (global shape, offset)."""
+    cfg = ngpt_config("matched", sequence_parallel=True)
+    model = build_model(cfg)
+    out = {}
+    for key, sh in model.sharded_state_dict().items():
+        if key.rsplit(".", 1)[-1] in ("s_qk", "s_u", "s_v", "s_z", "alpha"):
+            out[key] = (tuple(sh.global_shape), tuple(sh.global_offset), tuple(sh.local_shape),
+                        sh.replica_id)
+    return out
+
+
+@pytest.mark.slow
+def test_distributed_checkpoint_entries_split_the_scaling_vectors():
+    """megatron's default checkpoint entries treat a module's own parameters as replicated (and
+    MLP's drop them): s_qk, s_u, s_v and s_z must be saved split over TP ranks, alphas replicated."""
+    ranks = run_distributed(checkpoint_sharding, 2, tp=2)
+    layer = "decoder.layers.1."
+    full = {layer + "self_attention.core_attention.s_qk": TINY["num_attention_heads"] * 8,
+            layer + "mlp.s_u": TINY["ffn_hidden_size"], layer + "mlp.s_v": TINY["ffn_hidden_size"],
+            "logit_scale.s_z": TINY["vocab_size"]}
+    for key, size in full.items():
+        for rank, entries in enumerate(ranks):
+            global_shape, offset, local, _ = entries[key]  # layers add a leading (layer) axis
+            assert global_shape[-1] == size and local == (size // 2,), (key, entries[key])
+            assert offset[-1] == rank * size // 2, (key, rank, offset)
+    for entries in ranks:
+        global_shape, offset, local, _ = entries[layer + "mlp_bda.alpha"]
+        assert global_shape[-1] == local[-1] == TINY["hidden_size"] and offset[-1] == 0
