@@ -26,11 +26,13 @@ LAUNCHES = {
         "base": {},
         "diff-matched": dict(diff_attention="matched", num_attention_heads=8, num_query_groups=4),
         "diff-expressive": dict(diff_attention="expressive", tie_word_embeddings=True),
+        "ngpt": dict(ngpt=True),
     }),
     "pp2-ep2": (dict(pp=2, ep=2), {
         "flaming": FLAMING,
         "diff-flaming": dict(FLAMING, diff_attention="matched", flaming_moe="mlp", flaming_layer_kind="lowrank",
                              flaming_lowrank_rank=4, flaming_topk=2, num_attention_heads=8, num_query_groups=4),
+        "all": dict(FLAMING, diff_attention="matched", ngpt=True, num_attention_heads=8, num_query_groups=4),
     }),
 }
 FEATURES = {name: flags for _, combos in LAUNCHES.values() for name, flags in combos.items()}
