@@ -12,6 +12,11 @@ Each checkpoint holds the model chunks, the optimizer (the distributed optimizer
 the data position (consumed samples) and the resolved run configuration. Loading at another
 TP/PP layout reshards model and optimizer (megatron-core does it); RNG states are then
 re-seeded instead.
+
+A weights-only checkpoint (`save(..., optimizer=None)`, written by tools/convert_from_hf.py)
+holds the model and the common state with `weights_only: True`; loading it skips optimizer,
+scheduler and RNG (as Megatron-LM's --finetune / --no-load-optim), and the optimizer's main
+parameters are re-copied from the loaded weights.
 """
 
 from __future__ import annotations
@@ -206,7 +211,8 @@ def _write_marker(root: Path, iteration: int) -> None:
 
 def save(root: str | os.PathLike, iteration: int, chunks, optimizer, scheduler, *,
          consumed_train_samples: int, config: dict, keep_last: int = 0) -> Path:
-    """Write a complete checkpoint of `iteration` (collective: every rank calls it)."""
+    """Write a complete checkpoint of `iteration` (collective: every rank calls it). With
+    optimizer=None only the model is written (a weights-only checkpoint)."""
     root = Path(root)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     tmp, final = _tmp_dir(root, iteration), iteration_dir(root, iteration)
@@ -217,9 +223,10 @@ def save(root: str | os.PathLike, iteration: int, chunks, optimizer, scheduler, 
         tmp.mkdir()
     _barrier()
     common = {"iteration": iteration, "consumed_train_samples": consumed_train_samples,
-              "config": config, "layout": layout(), "format_version": FORMAT_VERSION}
-    state = _sharded_state(chunks, optimizer, scheduler, is_loading=False, with_optimizer=True,
-                           with_rng=True, common=common)
+              "config": config, "layout": layout(), "format_version": FORMAT_VERSION,
+              "weights_only": optimizer is None}
+    state = _sharded_state(chunks, optimizer, scheduler, is_loading=False, with_optimizer=optimizer is not None,
+                           with_rng=optimizer is not None, common=common)
     dist_checkpointing.save(state, str(tmp))
     _barrier()  # every rank has finished writing
     if rank0:
@@ -257,6 +264,8 @@ def load(root: str | os.PathLike, chunks, optimizer, scheduler, *, load_optimize
     except Exception as e:  # noqa: BLE001 - any unreadable file becomes one clear error
         raise CheckpointError(f"{path}: cannot read the checkpoint ({e}). Fix: resume from an earlier "
                               f"iteration by editing {TRACKER}.") from e
+    weights_only = bool(common.get("weights_only", False))  # no optimizer, scheduler or RNG state in it
+    load_optimizer = load_optimizer and not weights_only
     saved_dist_opt = common.get("config", {}).get("parallelism", {}).get("use_distributed_optimizer")
     if load_optimizer and distributed_optimizer is not None and saved_dist_opt is not None \
             and saved_dist_opt != distributed_optimizer:
@@ -267,7 +276,7 @@ def load(root: str | os.PathLike, chunks, optimizer, scheduler, *, load_optimize
     saved = common.get("layout", {})
     now = layout()
     resharded = any(saved.get(k) != now[k] for k in ("tp", "pp", "vpp", "ep"))
-    with_rng = load_rng and not resharded
+    with_rng = load_rng and not resharded and not weights_only
     if load_optimizer:
         _materialize_optimizer_state(optimizer)
     state = _sharded_state(chunks, optimizer, scheduler, is_loading=True, with_optimizer=load_optimizer,
@@ -284,6 +293,8 @@ def load(root: str | os.PathLike, chunks, optimizer, scheduler, *, load_optimize
         _keep_adam_step_on_load(optimizer)
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    elif optimizer is not None:
+        optimizer.reload_model_params()  # main (fp32 / distributed) copies of the loaded weights
     if with_rng:
         _restore_rng(loaded["rng_state"])
     return Loaded(iteration=int(common["iteration"]),

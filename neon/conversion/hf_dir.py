@@ -1,0 +1,210 @@
+"""Hugging Face model directories: write (sharded safetensors + index, config, generation config,
+modeling code, tokenizer) and read (lazily, tensor by tensor, after checking every shard is there).
+
+A written directory is complete or absent: everything goes to a temporary sibling directory that
+is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from neon.conversion.errors import ConversionError
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
+HF_DIR = Path(__file__).resolve().parents[1] / "hf"
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+class Staging:
+    """`with Staging(dest) as tmp:` write into tmp; on success tmp becomes dest, on failure it is removed."""
+
+    def __init__(self, dest: str | os.PathLike, overwrite: bool = False):
+        self.dest = Path(dest)
+        if self.dest.exists() and not self.dest.is_dir():
+            raise ConversionError(f"--save {self.dest}: is a file. Fix: give a directory path.")
+        if self.dest.is_dir() and any(self.dest.iterdir()) and not overwrite:
+            raise ConversionError(f"--save {self.dest}: the directory exists and is not empty. Fix: choose a new "
+                                  f"directory, or pass --overwrite to replace it.")
+
+    def __enter__(self) -> Path:
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.dest.exists():
+            shutil.rmtree(self.dest)
+        os.rename(self.tmp, self.dest)
+        return False
+
+
+def write_safetensors(out_dir: Path, plan: dict[str, torch.Tensor], produce: Callable[[list[str]], dict],
+                      max_shard_size: int | str = "5GB", progress: bool = True) -> dict:
+    """Write the tensors of `plan` (name -> meta tensor with the final shape/dtype, in writing order)
+    into safetensors shards + model.safetensors.index.json. `produce(names)` returns the real
+    tensors of those names; it is called once per shard, so one shard is in memory at a time.
+    Returns the index."""
+    split = split_torch_state_dict_into_shards(plan, max_shard_size=max_shard_size)
+    weight_map = {}
+    bar = tqdm(total=sum(t.numel() * t.element_size() for t in plan.values()), unit="B", unit_scale=True,
+               desc="writing safetensors", disable=not progress)
+    for filename, names in split.filename_to_tensors.items():
+        tensors = produce(names)
+        shard = {}
+        for name in names:
+            t = tensors[name]
+            want = plan[name]
+            if t.shape != want.shape or t.dtype != want.dtype:
+                raise ConversionError(f"tensor {name}: produced {tuple(t.shape)} {t.dtype}, planned "
+                                      f"{tuple(want.shape)} {want.dtype} (a bug in the weight mapping)")
+            shard[name] = t.contiguous()
+        save_file(shard, str(out_dir / filename), metadata={"format": "pt"})
+        for name in names:
+            weight_map[name] = filename
+            bar.update(plan[name].numel() * plan[name].element_size())
+        del shard, tensors
+    bar.close()
+    index = {"metadata": {"total_size": split.metadata.get("total_size", 0)}, "weight_map": weight_map}
+    (out_dir / SAFE_WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return index
+
+
+def copy_modeling_code(out_dir: Path) -> list[str]:
+    """Copy neon/hf/configuration_neon.py, modeling_neon.py and the files they import relatively."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    files = {HF_DIR / "configuration_neon.py", HF_DIR / "modeling_neon.py"}
+    for f in list(files):
+        files.update(Path(p) for p in get_relative_import_files(str(f)))
+    for f in sorted(files):
+        shutil.copy(f, out_dir / f.name)
+    return sorted(f.name for f in files)
+
+
+# --- tokenizer ------------------------------------------------------------------------------
+
+
+def load_sentencepiece(path: str | os.PathLike | None):
+    import sentencepiece as spm
+
+    if path is None:
+        raise ConversionError("no tokenizer: the checkpoint's config names no data.tokenizer_model. Fix: pass "
+                              "--tokenizer-model <the sentencepiece .model used in training>, or --no-tokenizer.")
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"tokenizer model {str(path)!r} does not exist. Fix: pass --tokenizer-model with the "
+                              f"sentencepiece .model file used in training (the path saved in the checkpoint is "
+                              f"relative to the training run's directory), or --no-tokenizer.")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except (OSError, RuntimeError) as e:
+        raise ConversionError(f"tokenizer model {str(path)!r} is not a sentencepiece model ({e}). Fix: pass the "
+                              f".model file tools/train_tokenizer.py wrote.") from e
+    return sp
+
+
+def check_vocab(sp, path, vocab_size: int, multiple: int) -> None:
+    """The tokenizer fits the model: vocab_size lies between the tokenizer's size and that size
+    padded up to `multiple` (Megatron-LM's --make-vocab-size-divisible-by x TP)."""
+    n = sp.GetPieceSize()
+    padded = -(-n // multiple) * multiple
+    if not n <= vocab_size <= padded:
+        raise ConversionError(f"tokenizer {str(path)!r} has {n} pieces but the model's vocab_size is {vocab_size} "
+                              f"(expected {n} up to {n} padded to a multiple of {multiple} = {padded}): this is "
+                              f"not the tokenizer the model was trained with. Fix: pass the right --tokenizer-model.")
+
+
+def special_tokens(sp) -> dict:
+    """Special tokens as the sentencepiece model defines them (None where it has none)."""
+    def piece(i):
+        return sp.IdToPiece(i) if i >= 0 else None
+
+    return dict(unk_token=piece(sp.unk_id()), bos_token=piece(sp.bos_id()), eos_token=piece(sp.eos_id()),
+                pad_token=piece(sp.pad_id()))
+
+
+def special_ids(sp) -> dict:
+    return {name: (i if i >= 0 else None) for name, i in
+            (("bos_token_id", sp.bos_id()), ("eos_token_id", sp.eos_id()), ("pad_token_id", sp.pad_id()))}
+
+
+def write_tokenizer(sp_path: str | os.PathLike, out_dir: Path) -> None:
+    """tokenizer.model + tokenizer_config.json + tokenization_neon.py (exact sentencepiece ids,
+    loads with AutoTokenizer.from_pretrained(dir, trust_remote_code=True))."""
+    from neon.hf.tokenization_neon import NeonTokenizer
+
+    sp = load_sentencepiece(sp_path)
+    tok = NeonTokenizer(vocab_file=str(sp_path), **special_tokens(sp))
+    if len(tok) != sp.GetPieceSize():
+        raise ConversionError(f"tokenizer {str(sp_path)!r}: the Hugging Face tokenizer has {len(tok)} tokens, "
+                              f"sentencepiece {sp.GetPieceSize()} (special tokens were added)")
+    tok.save_pretrained(str(out_dir))
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+class HFWeights:
+    """Tensors of an HF directory (model.safetensors, or shards listed by the index), read on demand."""
+
+    def __init__(self, hf_dir: str | os.PathLike):
+        self.dir = Path(hf_dir)
+        index_path, single = self.dir / SAFE_WEIGHTS_INDEX, self.dir / SAFE_WEIGHTS_NAME
+        if index_path.is_file():
+            try:
+                self.weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise ConversionError(f"{index_path}: not a safetensors index ({e}). Fix: re-download the model "
+                                      f"or re-run the export.") from e
+        elif single.is_file():
+            with safe_open(str(single), framework="pt") as f:
+                self.weight_map = {k: SAFE_WEIGHTS_NAME for k in f.keys()}
+        else:
+            bins = sorted(p.name for p in self.dir.glob("*.bin"))
+            hint = (f" (found {bins}: PyTorch .bin weights; load and save_pretrained them with transformers to get "
+                    f"safetensors)" if bins else "")
+            raise ConversionError(f"{self.dir}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX}{hint}. Fix: give a "
+                                  f"Hugging Face model directory with safetensors weights.")
+        files = sorted(set(self.weight_map.values()))
+        missing = [f for f in files if not (self.dir / f).is_file()]
+        if missing:
+            raise ConversionError(f"{self.dir}: missing safetensors shard(s) {missing} of the {len(files)} the index "
+                                  f"lists. Fix: download / copy the complete model directory.")
+        self._open: dict[str, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def keys(self) -> Iterable[str]:
+        return self.weight_map.keys()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise ConversionError(f"{self.dir}: tensor {name!r} is missing from the weights. Fix: check that the "
+                                  f"config.json matches the weights (an incomplete or different model?).")
+        filename = self.weight_map[name]
+        if filename not in self._open:
+            self._open[filename] = safe_open(str(self.dir / filename), framework="pt")
+        return self._open[filename].get_tensor(name)
+
+    def close(self) -> None:
+        self._open.clear()
