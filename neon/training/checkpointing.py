@@ -35,6 +35,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from torch.distributed.checkpoint.api import CheckpointException
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
@@ -283,7 +284,7 @@ def load(root: str | os.PathLike, chunks, optimizer, scheduler, *, load_optimize
                            with_rng=with_rng)
     try:
         loaded = dist_checkpointing.load(state, str(path))
-    except Exception as e:  # noqa: BLE001
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - torch DCP's is a BaseException
         raise CheckpointError(f"{path}: loading failed ({type(e).__name__}: {e}). The model settings may differ "
                               f"from the ones saved in the checkpoint (see its config). Fix: use the saved "
                               f"model settings.") from e
