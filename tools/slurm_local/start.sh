@@ -13,7 +13,7 @@
 # SLURM_LOCAL_NODE_PORT (n1 listens there, n2 on the next port; default 16818),
 # SLURM_LOCAL_CPUS (CPUs each node claims, default 2), SLURM_LOCAL_KILL_WAIT (seconds between
 # SIGTERM and SIGKILL when a job is cancelled, requeued or preempted; default 60),
-# SLURM_LOCAL_CRED_EXPIRE (seconds a requeued job waits before it starts again; default 10).
+# SLURM_LOCAL_CRED_EXPIRE (seconds a requeued job waits before it starts again; default 5).
 set -euo pipefail
 
 STATE_DIR=${1:?usage: start.sh STATE_DIR}
@@ -21,7 +21,7 @@ CTLD_PORT=${SLURM_LOCAL_CTLD_PORT:-16817}
 NODE_PORT=${SLURM_LOCAL_NODE_PORT:-16818}
 CPUS=${SLURM_LOCAL_CPUS:-2}
 KILL_WAIT=${SLURM_LOCAL_KILL_WAIT:-60}
-CRED_EXPIRE=${SLURM_LOCAL_CRED_EXPIRE:-10}
+CRED_EXPIRE=${SLURM_LOCAL_CRED_EXPIRE:-5}
 START_TIMEOUT=${SLURM_LOCAL_START_TIMEOUT:-60}
 
 for cmd in munged mungekey slurmctld slurmd sinfo; do
@@ -40,7 +40,7 @@ chmod 700 "$STATE_DIR/munge"
 
 # munge: a fresh key and a private socket, so nothing clashes with a system munged.
 MUNGE_SOCKET=$STATE_DIR/munge/munge.socket
-mungekey --create --keyfile="$STATE_DIR/munge/munge.key"
+mungekey --create --force --keyfile="$STATE_DIR/munge/munge.key"
 chmod 600 "$STATE_DIR/munge/munge.key"
 munged --force --socket="$MUNGE_SOCKET" --key-file="$STATE_DIR/munge/munge.key" \
     --pid-file="$STATE_DIR/munged.pid" --log-file="$STATE_DIR/log/munged.log" \
@@ -75,6 +75,9 @@ MailProg=/bin/true
 ReturnToService=2
 # Finished jobs leave squeue after 5 s: sbatch --wait and the tests see the end sooner.
 MinJobAge=5
+# Schedule every 2 s (defaults: 60 s main loop, 30 s backfill): a requeued job starts soon after
+# its BeginTime instead of up to a minute later.
+SchedulerParameters=sched_interval=2,bf_interval=2
 KillWait=$KILL_WAIT
 JobRequeue=1
 SlurmdParameters=config_overrides
@@ -84,7 +87,7 @@ PartitionName=local Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
 CONF
 
 export SLURM_CONF=$STATE_DIR/slurm.conf
-slurmctld -f "$SLURM_CONF"
+slurmctld -c -f "$SLURM_CONF"  # -c: start from a clean state (no jobs from an earlier cluster)
 slurmd -f "$SLURM_CONF" -N n1
 slurmd -f "$SLURM_CONF" -N n2
 
