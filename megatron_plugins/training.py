@@ -77,7 +77,8 @@ def lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 
 def forward_step(data_iterator: Iterator[dict], model):
     """Megatron's forward_step contract: (output, loss function of that output)."""
-    batch = next(data_iterator)
+    device = cpu_runtime.device()
+    batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(lm_loss, batch["loss_mask"])
 
@@ -107,6 +108,50 @@ def train_step(chunks: list, optimizer, data_iterator, config: NeonConfig, *,
     )
     update_ok, grad_norm, _ = optimizer.step()
     return StepResult(loss=reduce_losses(losses), grad_norm=grad_norm, skipped=not update_ok)
+
+
+@torch.no_grad()
+def evaluate(chunks: list, data_iterator, *, num_batches: int, num_microbatches: int, seq_length: int,
+             micro_batch_size: int, forward_step_func=forward_step) -> Optional[float]:
+    """Mean token loss over `num_batches` global batches with the forward-only schedule
+    (the value on the last pipeline stage, None elsewhere). Puts the chunks back in train mode."""
+    for chunk in chunks:
+        chunk.eval()
+    totals = []
+    for _ in range(num_batches):
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step_func,
+            data_iterator=data_iterator,
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=True,
+        )
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            totals.append(torch.stack([item["lm loss"] for item in losses]).sum(0))
+    for chunk in chunks:
+        chunk.train()
+    if not totals:
+        return None
+    total = torch.stack(totals).sum(0)
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def build_scheduler(optimizer, *, lr: float, min_lr: float, warmup_init: float, warmup_iters: int,
+                    decay_iters: int, decay_style: str, weight_decay: float,
+                    wsd_decay_iters: Optional[int] = None, wsd_decay_style: Optional[str] = None):
+    """megatron-core's OptimizerParamScheduler stepping once per iteration (warmup, then
+    constant / linear / cosine / inverse-square-root / WSD decay to min_lr)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer, init_lr=warmup_init, max_lr=lr, min_lr=min_lr, lr_warmup_steps=warmup_iters,
+        lr_decay_steps=decay_iters, lr_decay_style=decay_style, start_wd=weight_decay,
+        end_wd=weight_decay, wd_incr_steps=decay_iters, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True, override_opt_param_scheduler=False,
+        wsd_decay_steps=wsd_decay_iters, lr_wsd_decay_style=wsd_decay_style)
 
 
 def reduce_losses(losses: list) -> Optional[float]:

@@ -104,9 +104,20 @@ class NeonConfig(TransformerConfig):
         if self.diff_attention == "matched" and heads % 2:
             fail("num_attention_heads", heads, "must be even for diff_attention='matched' "
                  "(two query heads form one differential head)", "use an even number of heads")
-        if self.diff_attention == "matched" and (heads // 2) % tp:
-            fail("num_attention_heads", heads, f"gives {heads // 2} differential heads, not "
-                 f"divisible by tensor_model_parallel_size={tp}", "use 2 * tp * k heads")
+        if self.diff_attention == "matched" and groups % 2:
+            fail("num_query_groups", groups, "must be even for diff_attention='matched' (two "
+                 "key/value heads form one differential key/value head: K1, K2 and V of width 2d)",
+                 "use an even number of key/value heads, or diff_attention='expressive'")
+        if self.diff_attention == "matched" and (groups // 2) % tp:
+            fail("num_query_groups", groups, f"gives {groups // 2} differential key/value heads, not "
+                 f"divisible by tensor_model_parallel_size={tp}",
+                 "use 2 * tp * k key/value heads, or diff_attention='expressive'")
+        if self.diff_lambda_init is not None and not 0.0 <= self.diff_lambda_init < 1.0:
+            fail("diff_lambda_init", self.diff_lambda_init, "must lie in [0, 1) (heads are scaled "
+                 "by 1 - lambda_init)", "use e.g. 0.8 or 0.5, or None for the per-layer schedule")
+        if self.diff_attention != "off" and self.context_parallel_size > 1:
+            fail("context_parallel_size", self.context_parallel_size, "is not supported with "
+                 "DiffAttention", "set context_parallel_size=1")
         if self.diff_attention != "off" and head_dim % 2:
             fail("kv_channels", head_dim, "must be even for rotary embeddings with DiffAttention",
                  "use an even head size")

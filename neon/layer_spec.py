@@ -9,6 +9,7 @@ With every Neon switch off this is exactly a Mistral layer.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -27,6 +28,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron_plugins.norm import RMSNorm
 from neon.attention import NeonCoreAttention
 from neon.config import NeonConfig
+from neon.diff_attention import DiffCoreAttention, DiffSelfAttention
 
 try:  # Transformer Engine: present in NGC containers, absent on CPU machines
     import transformer_engine  # noqa: F401
@@ -50,19 +52,28 @@ def _modules(use_te: bool) -> dict:
                 core_attention=NeonCoreAttention)
 
 
+def _attention(config: NeonConfig, m: dict, use_te: bool) -> tuple[type, object]:
+    """(self-attention class, core-attention builder) for the configured attention."""
+    if config.diff_attention != "off":
+        return DiffSelfAttention, partial(DiffCoreAttention, use_te=use_te)
+    return SelfAttention, m["core_attention"]
+
+
 def get_neon_layer_spec(config: NeonConfig, use_te: Optional[bool] = None) -> ModuleSpec:
     """ModuleSpec of one Neon TransformerLayer (TE flavour when `use_te`, default: if TE imports)."""
-    m = _modules(HAVE_TE if use_te is None else use_te)
+    use_te = HAVE_TE if use_te is None else use_te
+    m = _modules(use_te)
+    self_attention, core_attention = _attention(config, m, use_te)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=m["norm"],
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=self_attention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=m["column"],
-                    core_attention=m["core_attention"],
+                    core_attention=core_attention,
                     linear_proj=m["row"],
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,

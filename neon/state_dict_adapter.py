@@ -7,7 +7,11 @@ Layer indices: HF uses global layer numbers, megatron the local index within a s
 
 Megatron layouts that differ from HF's:
 - linear_qkv rows are grouped per key/value group: [q heads of the group; k; v] for each group,
-  and tensor parallelism hands each rank a contiguous run of groups.
+  and tensor parallelism hands each rank a contiguous run of groups. Under DiffAttention the
+  groups are the differential key/value heads and each holds [Q1;Q2 of each of its heads]
+  [K1; K2] [V] (HF q_proj/k_proj rows are already ordered (head, half), so the same regrouping
+  serves every layout).
+- DiffAttention's lambda vectors and per-head norm scale are replicated on every TP rank.
 - linear_fc1 is [gate; up] on every rank, each half sharded.
 - Row-parallel weights (linear_proj, linear_fc2) are split along the input dimension.
 - Embedding and output layer are split along the vocabulary.
@@ -20,6 +24,8 @@ import re
 import torch
 
 from neon.config import NeonConfig
+from neon.diff_attention import diff_layout
+from neon.hf.configuration_neon import NeonHFConfig
 
 # HF name (within a layer) -> megatron name (within a layer), for tensors mapped one-to-one.
 # Each entry: (hf suffix, megatron suffix, split dim under TP or None for replicated)
@@ -28,6 +34,10 @@ LAYER_DIRECT = [
     ("post_attention_layernorm.weight", "pre_mlp_layernorm.weight", None),
     ("self_attn.o_proj.weight", "self_attention.linear_proj.weight", 1),
     ("mlp.down_proj.weight", "mlp.linear_fc2.weight", 1),
+]
+DIFF_LAYER_DIRECT = [
+    (f"self_attn.{name}", f"self_attention.core_attention.{name}", None)
+    for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2", "subln.weight")
 ]
 GLOBAL_DIRECT = [
     ("model.embed_tokens.weight", "embedding.word_embeddings.weight", 0, "pre"),
@@ -40,11 +50,24 @@ def _chunk(t: torch.Tensor, dim, rank: int, size: int) -> torch.Tensor:
     return t if dim is None else torch.chunk(t, size, dim=dim)[rank].clone()
 
 
-def _qkv_groups(config: NeonConfig, q, k, v) -> torch.Tensor:
-    """HF q/k/v -> [groups, (heads_per_group + 2) * head_dim, hidden]."""
+def _layer_direct(config: NeonConfig) -> list:
+    return LAYER_DIRECT + (DIFF_LAYER_DIRECT if config.diff_attention != "off" else [])
+
+
+def _qkv_split(config: NeonConfig) -> tuple[int, list[int]]:
+    """(key/value groups, [q rows, k rows, v rows] of one group) of linear_qkv."""
+    if config.diff_attention != "off":
+        lay = diff_layout(config)
+        r = lay.heads // lay.groups
+        return lay.groups, [r * 2 * lay.qk_dim, 2 * lay.qk_dim, lay.v_dim]
     groups, d = config.num_query_groups or config.num_attention_heads, config.head_dim
-    return torch.cat([q.view(groups, -1, q.size(-1)), k.view(groups, d, -1),
-                      v.view(groups, d, -1)], dim=1)
+    return groups, [config.num_attention_heads // groups * d, d, d]
+
+
+def _qkv_groups(config: NeonConfig, q, k, v) -> torch.Tensor:
+    """HF q/k/v -> [groups, q rows + k rows + v rows of a group, hidden]."""
+    groups, _ = _qkv_split(config)
+    return torch.cat([t.view(groups, -1, t.size(-1)) for t in (q, k, v)], dim=1)
 
 
 def hf_to_megatron(hf: dict, config: NeonConfig, tp_rank: int = 0, tp_size: int = 1,
@@ -61,7 +84,7 @@ def hf_to_megatron(hf: dict, config: NeonConfig, tp_rank: int = 0, tp_size: int 
             out[mg_name] = _chunk(hf[hf_name], dim, tp_rank, tp_size)
     for local in range(num_layers):
         src, dst = f"model.layers.{local + layer_offset}.", f"decoder.layers.{local}."
-        for hf_suffix, mg_suffix, dim in LAYER_DIRECT:
+        for hf_suffix, mg_suffix, dim in _layer_direct(config):
             out[dst + mg_suffix] = _chunk(hf[src + hf_suffix], dim, tp_rank, tp_size)
         qkv = _qkv_groups(config, *(hf[src + f"self_attn.{p}_proj.weight"] for p in "qkv"))
         out[dst + "self_attention.linear_qkv.weight"] = (
@@ -85,14 +108,13 @@ def megatron_to_hf(shards: list[dict], config: NeonConfig, layer_offset: int = 0
             out[hf_name] = join(mg_name, dim)
     layers = sorted({int(m.group(1)) for k in first
                      if (m := re.match(r"decoder\.layers\.(\d+)\.", k))})
-    groups, d = config.num_query_groups or config.num_attention_heads, config.head_dim
-    q_rows = config.num_attention_heads // groups * d
+    groups, rows = _qkv_split(config)
     for local in layers:
         src, dst = f"decoder.layers.{local}.", f"model.layers.{local + layer_offset}."
-        for hf_suffix, mg_suffix, dim in LAYER_DIRECT:
+        for hf_suffix, mg_suffix, dim in _layer_direct(config):
             out[dst + hf_suffix] = join(src + mg_suffix, dim)
-        qkv = join(src + "self_attention.linear_qkv.weight", 0).view(groups, q_rows + 2 * d, -1)
-        q, k, v = torch.split(qkv, [q_rows, d, d], dim=1)
+        qkv = join(src + "self_attention.linear_qkv.weight", 0).view(groups, sum(rows), -1)
+        q, k, v = torch.split(qkv, rows, dim=1)
         for p, t in zip("qkv", (q, k, v)):
             out[dst + f"self_attn.{p}_proj.weight"] = t.reshape(-1, t.size(-1)).clone()
         halves = [torch.chunk(s[src + "mlp.linear_fc1.weight"], 2) for s in shards]
@@ -118,3 +140,9 @@ def mistral_hf_config(config: NeonConfig) -> dict:
         tie_word_embeddings=config.tie_word_embeddings,
         hidden_act="silu",
     )
+
+
+def neon_hf_config(config: NeonConfig, **overrides) -> NeonHFConfig:
+    """The Hugging Face NeonHFConfig of a Neon model (Mistral fields plus the Neon switches)."""
+    return NeonHFConfig(**mistral_hf_config(config), diff_attention=config.diff_attention,
+                        diff_lambda_init=config.diff_lambda_init, ngpt=config.ngpt, **overrides)

@@ -24,6 +24,8 @@ def tiny_config(**overrides) -> NeonConfig:
     return NeonConfig(**{**TINY, **overrides},
                       tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
                       pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+                      virtual_pipeline_model_parallel_size=(
+                          parallel_state.get_virtual_pipeline_model_parallel_world_size()),
                       pipeline_dtype=torch.float32)
 
 
@@ -40,7 +42,7 @@ def load_stage(model, hf_state: dict, cfg: NeonConfig) -> None:
         hf_state, cfg,
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
-        layer_offset=get_transformer_layer_offset(cfg),
+        layer_offset=get_transformer_layer_offset(cfg, vp_stage=model.vp_stage),
         num_layers=len(model.decoder.layers),
         pre_process=model.pre_process, post_process=model.post_process)
     missing, unexpected = model.load_state_dict(sd, strict=False)

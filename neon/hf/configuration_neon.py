@@ -1,0 +1,66 @@
+"""NeonHFConfig: the Hugging Face configuration of a Neon model (model_type "neon").
+
+Mistral's fields plus the Neon switches. With every switch off it describes a Mistral model and
+`NeonForCausalLM` computes exactly what `MistralForCausalLM` computes. This file is copied next
+to a saved model (with modeling_neon.py) so `AutoConfig`/`AutoModelForCausalLM` load it with
+`trust_remote_code=True`: it imports nothing from the neon package.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+DIFF_ATTENTION_MODES = ("off", "matched", "expressive")
+
+
+class NeonHFConfig(PreTrainedConfig):
+    model_type = "neon"
+
+    # --- Mistral -----------------------------------------------------------------------
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: dict | None = None
+    sliding_window: int | None = None
+    attention_dropout: float | int = 0.0
+
+    # --- Neon ---------------------------------------------------------------------------
+    diff_attention: str = "off"
+    """'off', 'matched' (H/2 differential heads, V of width 2d) or 'expressive' (doubled Q/K)."""
+    diff_lambda_init: float | None = None
+    """Constant lambda_init; None: 0.8 - 0.6 exp(-0.3 (l - 1)) for 1-based layer l."""
+    ngpt: bool = False
+    """nGPT (normalized transformer): added by the nGPT work; seams are marked in modeling_neon.py."""
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.diff_attention not in DIFF_ATTENTION_MODES:
+            raise ValueError(f"diff_attention={self.diff_attention!r}: use one of {DIFF_ATTENTION_MODES}")
+        if self.diff_attention == "matched" and self.num_key_value_heads % 2:
+            raise ValueError(f"num_key_value_heads={self.num_key_value_heads}: diff_attention='matched' "
+                             "pairs key/value heads, use an even number")
+        return super().__post_init__(**kwargs)
+
+    @property
+    def rope_theta(self) -> float:
+        params = self.rope_parameters or {}
+        return float(params.get("rope_theta", 10000.0))
+
+
+__all__ = ["NeonHFConfig"]

@@ -1,0 +1,268 @@
+"""NeonForCausalLM: the plain single-process PyTorch reference of the Neon architecture.
+
+Written straight from the equations (Mistral; DiffAttention, Ye et al. 2024, arXiv 2410.05258),
+independently of the megatron implementation in neon/, which is tested against it. With every
+Neon feature off it computes what transformers' MistralForCausalLM computes, with the same
+parameter names. This file and configuration_neon.py are copied next to a saved model, so it
+imports nothing from the neon package.
+
+Shapes: b batch, s new tokens, t cached + new tokens, D hidden size, n heads, g key/value heads,
+d query/key width per head (per half under DiffAttention), d_v value/output width per head.
+
+DiffAttention (per differential head, Q = [Q1; Q2], K = [K1; K2] along the head's rows):
+    A_i    = softmax(Q_i K_i^T / sqrt(d) + mask),  i = 1, 2      (RoPE on each half, true positions)
+    lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init,  lambda_init = 0.8 - 0.6 exp(-0.3 (l - 1))
+    head   = (1 - lambda_init) * RMSNorm_{d_v}((A_1 - lambda A_2) V)
+Layouts: 'matched' n = H/2, g = H_kv/2, d_v = 2d (Mistral's parameter shapes);
+         'expressive' n = H, g = H_kv, Q and K doubled, d_v = d.
+
+nGPT seams (filled in by the nGPT work): `NeonAttention.transform_qk` and `.scaling`,
+`NeonMLP.forward`, `NeonDecoderLayer.residual`, `NeonForCausalLM.scale_logits`, the norms.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_neon import NeonHFConfig
+
+
+def lambda_init_for_layer(layer: int, constant: float | None = None) -> float:
+    """lambda_init for the 1-based layer `layer`: 0.8 - 0.6 exp(-0.3 (layer - 1)), or a constant."""
+    return constant if constant is not None else 0.8 - 0.6 * math.exp(-0.3 * (layer - 1))
+
+
+class NeonRMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32."""
+
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 or wider
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [b, s, dim] of rotary position embeddings (non-interleaved halves)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=position_ids.device)
+                                .float() / dim))
+    freqs = (inv_freq[None, :, None] @ position_ids[:, None, :].float()).transpose(1, 2)  # [b, s, dim/2]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, heads, s, dim] rotated by position: x cos + rotate_half(x) sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T * scaling + mask): q [b, n, s, d], k [b, g, t, d] (n = r g), mask [b, 1, s, t]."""
+    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # query head i reads key head i // r
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling + mask
+    return F.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+
+
+def weighted_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """probs [b, n, s, t] x v [b, g, t, d_v] -> [b, n, s, d_v]."""
+    return torch.matmul(probs, v.repeat_interleave(probs.size(1) // v.size(1), dim=1))
+
+
+class NeonAttention(nn.Module):
+    def __init__(self, config: NeonHFConfig, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        d, heads, kv_heads = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+        self.diff = config.diff_attention != "off"
+        if config.diff_attention == "matched":
+            self.heads, self.kv_heads, self.qk_dim, self.v_dim = heads // 2, kv_heads // 2, d, 2 * d
+        else:  # 'off' and 'expressive'
+            self.heads, self.kv_heads, self.qk_dim, self.v_dim = heads, kv_heads, d, d
+        halves = 2 if self.diff else 1  # Q = [Q1; Q2], K = [K1; K2] per head under DiffAttention
+        D = config.hidden_size
+        self.q_proj = nn.Linear(D, self.heads * halves * self.qk_dim, bias=False)
+        self.k_proj = nn.Linear(D, self.kv_heads * halves * self.qk_dim, bias=False)
+        self.v_proj = nn.Linear(D, self.kv_heads * self.v_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.v_dim, D, bias=False)
+        self.scaling = self.qk_dim ** -0.5  # nGPT seam: sqrt(d) instead
+        if self.diff:
+            self.lambda_init = lambda_init_for_layer(layer_idx + 1, config.diff_lambda_init)
+            self.lambda_q1 = nn.Parameter(torch.zeros(self.qk_dim))
+            self.lambda_k1 = nn.Parameter(torch.zeros(self.qk_dim))
+            self.lambda_q2 = nn.Parameter(torch.zeros(self.qk_dim))
+            self.lambda_k2 = nn.Parameter(torch.zeros(self.qk_dim))
+            self.subln = NeonRMSNorm(self.v_dim, eps=1e-5)  # one scale shared by the heads
+
+    def transform_qk(self, q: torch.Tensor, k: torch.Tensor):
+        """After RoPE. nGPT seam: q, k <- Norm(q) s_qk, Norm(k) s_qk per head."""
+        return q, k
+
+    def diff_lambda(self) -> torch.Tensor:
+        """lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init, in fp32 (or wider)."""
+        dt = torch.promote_types(self.lambda_q1.dtype, torch.float32)
+        lq1, lk1, lq2, lk2 = (p.to(dt) for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2))
+        return torch.exp(torch.dot(lq1, lk1)) - torch.exp(torch.dot(lq2, lk2)) + self.lambda_init
+
+    def forward(self, x, cos, sin, attention_mask, cache: Cache | None = None):
+        b, s, _ = x.shape
+        halves = 2 if self.diff else 1
+        # heads in order (head, half): Q1_0, Q2_0, Q1_1, ... ; each half is rotated with true positions
+        q = self.q_proj(x).view(b, s, self.heads * halves, self.qk_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.kv_heads * halves, self.qk_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.v_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.transform_qk(q, k)
+        if cache is not None:  # keys [b, halves * g, t, d] and values [b, g, t, d_v] of all tokens so far
+            k, v = cache.update(k, v, self.layer_idx)
+        mask = causal_window_mask(attention_mask, b, s, k.size(2), self.config.sliding_window, q.dtype, q.device)
+        if not self.diff:
+            out = weighted_values(attention_probs(q, k, self.scaling, mask), v)
+        else:
+            t = k.size(2)
+            q1, q2 = q.view(b, self.heads, 2, s, self.qk_dim).unbind(2)
+            k1, k2 = k.view(b, self.kv_heads, 2, t, self.qk_dim).unbind(2)
+            a1 = attention_probs(q1, k1, self.scaling, mask)
+            a2 = attention_probs(q2, k2, self.scaling, mask)
+            lam = self.diff_lambda().to(a1.dtype)
+            out = weighted_values(a1 - lam * a2, v)  # [b, n, s, d_v]
+            out = self.subln(out) * (1.0 - self.lambda_init)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.v_dim))
+
+
+class NeonMLP(nn.Module):
+    """SwiGLU: down(SiLU(gate x) * up x). nGPT seam: scale up/gate by s_u, s_v sqrt(D)."""
+
+    def __init__(self, config: NeonHFConfig):
+        super().__init__()
+        D, F_ = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(D, F_, bias=False)
+        self.up_proj = nn.Linear(D, F_, bias=False)
+        self.down_proj = nn.Linear(F_, D, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class NeonDecoderLayer(nn.Module):
+    def __init__(self, config: NeonHFConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = NeonAttention(config, layer_idx)
+        self.mlp = NeonMLP(config)
+        self.input_layernorm = NeonRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = NeonRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def residual(self, h: torch.Tensor, update: torch.Tensor, which: str) -> torch.Tensor:
+        """h + update. nGPT seam: Norm(h + |alpha_which| (Norm(update) - h))."""
+        return h + update
+
+    def forward(self, h, cos, sin, attention_mask, cache=None):
+        h = self.residual(h, self.self_attn(self.input_layernorm(h), cos, sin, attention_mask, cache), "attn")
+        return self.residual(h, self.mlp(self.post_attention_layernorm(h)), "mlp")
+
+
+class NeonPreTrainedModel(PreTrainedModel):
+    config_class = NeonHFConfig
+    config: NeonHFConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["NeonDecoderLayer"]
+    _supports_sdpa = False
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, NeonAttention) and module.diff:
+            for p in (module.lambda_q1, module.lambda_k1, module.lambda_q2, module.lambda_k2):
+                init.normal_(p, mean=0.0, std=0.1)
+
+
+def causal_window_mask(attention_mask, b, s, t, window, dtype, device) -> torch.Tensor:
+    """Additive mask [b, 1, s, t]: the s new tokens are the last of the t tokens the keys hold
+    (all tokens so far, or the last ones a sliding-window cache keeps).
+
+    Query token i (index t - s + i) sees key token j if j <= i, j > i - window (when a window is
+    set) and attention_mask (padding, [b, >= t]) marks j as a real token."""
+    q_idx = torch.arange(t - s, t, device=device)[:, None]
+    k_idx = torch.arange(t, device=device)[None, :]
+    allowed = k_idx <= q_idx
+    if window is not None:
+        allowed = allowed & (k_idx > q_idx - window)
+    allowed = allowed[None, None].expand(b, 1, s, t)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, -t:].bool()
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class NeonModel(NeonPreTrainedModel):
+    def __init__(self, config: NeonHFConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([NeonDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = NeonRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
+                inputs_embeds=None, use_cache: bool | None = None, past_key_values: Cache | None = None,
+                **kwargs) -> BaseModelOutputWithPast:
+        cache = cache if cache is not None else past_key_values
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, s, _ = h.shape
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        seen = cache.get_seq_length() if cache is not None else 0  # tokens before these s
+        if position_ids is None:
+            position_ids = (torch.arange(s, device=h.device) + seen)[None].expand(b, s)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, attention_mask, cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache if use_cache else None)
+
+
+class NeonForCausalLM(NeonPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: NeonHFConfig):
+        if config.ngpt:
+            raise NotImplementedError("ngpt=True: the nGPT reference lands with the nGPT work "
+                                      "(see the seams listed in modeling_neon.py)")
+        super().__init__(config)
+        self.model = NeonModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """nGPT seam: z <- z * s_z."""
+        return logits
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
+                inputs_embeds=None, labels=None, use_cache: bool | None = None, logits_to_keep: int = 0,
+                past_key_values: Cache | None = None, **kwargs) -> CausalLMOutputWithPast:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
+                         use_cache=use_cache)
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.scale_logits(self.lm_head(h))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+
+
+NeonHFConfig.register_for_auto_class()
+NeonForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["NeonForCausalLM", "NeonModel", "NeonPreTrainedModel"]

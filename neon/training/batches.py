@@ -1,0 +1,42 @@
+"""Micro-batches for one data-parallel rank, resumable at any consumed-sample count.
+
+Megatron-LM's MegatronPretrainingSampler: the global batch of step k holds samples
+[k * gbs, (k + 1) * gbs) of the (already shuffled) GPTDataset; data-parallel rank r takes
+micro-batches of size mbs from each consecutive block of mbs * dp samples. Resuming at
+`consumed_samples` continues exactly where the previous run stopped.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+
+class PretrainingSampler:
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int):
+        self.total, self.consumed = total_samples, consumed_samples
+        self.mbs, self.rank, self.dp = micro_batch_size, dp_rank, dp_size
+
+    def __len__(self) -> int:
+        return (self.total - self.consumed) // (self.mbs * self.dp)
+
+    def __iter__(self):
+        block = self.mbs * self.dp
+        start = self.rank * self.mbs
+        for first in range(self.consumed, self.total - block + 1, block):
+            yield list(range(first + start, first + start + self.mbs))
+
+
+def loader(dataset, *, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+           num_workers: int, total_samples: int | None = None) -> DataLoader:
+    total = len(dataset) if total_samples is None else min(total_samples, len(dataset))
+    sampler = PretrainingSampler(total, consumed_samples, micro_batch_size, dp_rank, dp_size)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+
+
+def iterators(dataset, *, num_chunks: int, **kwargs) -> list:
+    """One iterator per model chunk (the interleaved schedule pulls from each chunk's own);
+    all yield the same batches."""
+    return [iter(loader(dataset, **kwargs)) for _ in range(num_chunks)]

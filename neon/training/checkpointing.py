@@ -1,0 +1,292 @@
+"""Distributed checkpoints with megatron-core's dist_checkpointing (torch_dist format).
+
+Layout (Megatron-LM's):  SAVE/latest_checkpointed_iteration.txt   the iteration to resume from
+                         SAVE/iter_0000100/                       one complete checkpoint
+A checkpoint is complete or absent: every rank writes into SAVE/.tmp_iter_XXXXXXX, all ranks
+meet at a barrier, then rank 0 renames the directory and replaces the marker atomically
+(write + fsync + os.replace). A crash mid-write leaves the previous marker and checkpoint; the
+stale temporary directory is removed by the next save.
+
+Each checkpoint holds the model chunks, the optimizer (the distributed optimizer in its
+"fully_reshardable" layout), the learning-rate scheduler, the RNG states per (PP, TP) rank,
+the data position (consumed samples) and the resolved run configuration. Loading at another
+TP/PP layout reshards model and optimizer (megatron-core does it); RNG states are then
+re-seeded instead.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+TRACKER = "latest_checkpointed_iteration.txt"
+FORMAT_VERSION = 1
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # any TP/PP/DP on load
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the path and the fix."""
+
+
+@dataclass
+class Loaded:
+    iteration: int
+    consumed_train_samples: int
+    config: dict
+    resharded: bool
+
+
+def prepare_writer(signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
+    """Start megatron's checkpoint-writer result queue (a spawned multiprocessing Manager) with
+    the exit signals ignored. Slurm and torchrun deliver SIGTERM/SIGUSR1 to the whole process
+    group; without this the Manager dies at once and the save that the signal asks for fails
+    with BrokenPipeError. Ignored dispositions survive the spawn; forked writer processes
+    inherit the training process's own handlers."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def _tmp_dir(root, iteration: int) -> Path:
+    return Path(root) / f".tmp_iter_{iteration:07d}"
+
+
+def latest_iteration(root: str | os.PathLike) -> Optional[int]:
+    """The iteration the marker names, None when there is no checkpoint yet."""
+    marker = Path(root) / TRACKER
+    if not marker.is_file():
+        return None
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{marker}: expected an iteration number, found {text!r}. Fix: point --load "
+                              f"at a directory written by pretrain_neon.py --save (a Megatron-LM 'release' "
+                              f"checkpoint is not supported), or remove the file to start from scratch.")
+    return int(text)
+
+
+def layout() -> dict:
+    ps = parallel_state
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "vpp": ps.get_virtual_pipeline_model_parallel_world_size(),
+        "ep": ps.get_expert_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+    }
+
+
+def _rng_object() -> ShardedObject:
+    ps = parallel_state
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    return ShardedObject(
+        "rng_state", state,
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def _restore_rng(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """megatron-core 0.16.1's DistributedOptimizer.state_dict() needs Adam's per-parameter 'step',
+    which exists only after a first step (without apex/TE). A fresh optimizer gets megatron's own
+    dummy state (one step on zero gradients); every value is overwritten by the load."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and inner is not None and not inner.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _keep_adam_step_on_load(optimizer) -> None:
+    """megatron-core 0.16.1 without apex/TE: DistributedOptimizer.load_state_dict puts torch Adam's
+    'step' into each parameter state (restored from the checkpoint's param groups), then copies
+    every state key from the "fully_reshardable" tensors, which carry no 'step' (KeyError).
+    Supply the already-restored step for that copy."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        original = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if original is None or getattr(original, "_neon_keeps_step", False):
+            continue
+
+        def setter(model_param, tensors, _opt=opt, _original=original):
+            group, order = _opt.model_param_group_index_map[model_param]
+            state = _opt.optimizer.state[_opt.optimizer.param_groups[group]["params"][order]]
+            if "step" in state and "step" not in tensors:
+                tensors = {**tensors, "step": state["step"]}
+            return _original(model_param, tensors)
+
+        setter._neon_keeps_step = True
+        opt._set_main_param_and_optimizer_states = setter
+
+
+def _unwrap(chunk):
+    """The GPTModel inside megatron's DDP wrapper (parameter names without 'module.')."""
+    return getattr(chunk, "module", chunk)
+
+
+def _model_keys(chunks) -> list[str]:
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def _sharded_state(chunks, optimizer, scheduler, *, is_loading: bool, with_optimizer: bool,
+                   with_rng: bool, common: Optional[dict] = None) -> dict:
+    state = dict(common or {})
+    for key, chunk in zip(_model_keys(chunks), chunks):
+        state[key] = _unwrap(chunk).sharded_state_dict()
+    if with_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading,
+                                                          metadata=OPTIMIZER_METADATA)
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    if with_rng:
+        state["rng_state"] = _rng_object()
+    return state
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_marker(root: Path, iteration: int) -> None:
+    tmp = root / f".{TRACKER}.tmp"
+    with open(tmp, "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / TRACKER)
+    _fsync_dir(root)
+
+
+def save(root: str | os.PathLike, iteration: int, chunks, optimizer, scheduler, *,
+         consumed_train_samples: int, config: dict, keep_last: int = 0) -> Path:
+    """Write a complete checkpoint of `iteration` (collective: every rank calls it)."""
+    root = Path(root)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    tmp, final = _tmp_dir(root, iteration), iteration_dir(root, iteration)
+    if rank0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp_iter_*"):  # left by a crash during an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    common = {"iteration": iteration, "consumed_train_samples": consumed_train_samples,
+              "config": config, "layout": layout(), "format_version": FORMAT_VERSION}
+    state = _sharded_state(chunks, optimizer, scheduler, is_loading=False, with_optimizer=True,
+                           with_rng=True, common=common)
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()  # every rank has finished writing
+    if rank0:
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        _write_marker(root, iteration)
+        if keep_last > 0:
+            kept = sorted(root.glob("iter_*"), key=lambda p: p.name)
+            for old in kept[:-keep_last]:
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load(root: str | os.PathLike, chunks, optimizer, scheduler, *, load_optimizer: bool = True,
+         load_rng: bool = True, iteration: Optional[int] = None,
+         distributed_optimizer: Optional[bool] = None) -> Optional[Loaded]:
+    """Restore the latest checkpoint (or `iteration`) under `root` into the built model, optimizer
+    and scheduler. Returns None when there is none (the run starts from scratch)."""
+    if iteration is None:
+        iteration = latest_iteration(root)
+        if iteration is None:
+            return None
+    path = iteration_dir(root, iteration)
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(f"{path}: no complete checkpoint of iteration {iteration} there. Fix: check "
+                              f"--load / --ckpt-step (or {root}/{TRACKER}) names an existing iter_XXXXXXX "
+                              f"directory.")
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+    except Exception as e:  # noqa: BLE001 - any unreadable file becomes one clear error
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e}). Fix: resume from an earlier "
+                              f"iteration by editing {TRACKER}.") from e
+    saved_dist_opt = common.get("config", {}).get("parallelism", {}).get("use_distributed_optimizer")
+    if load_optimizer and distributed_optimizer is not None and saved_dist_opt is not None \
+            and saved_dist_opt != distributed_optimizer:
+        raise CheckpointError(f"{path}: its optimizer state was saved with use_distributed_optimizer="
+                              f"{saved_dist_opt}, this run has {distributed_optimizer}. Fix: pass "
+                              f"{'--use-distributed-optimizer' if saved_dist_opt else '--no-use-distributed-optimizer'}"
+                              f" or --no-load-optim (weights only).")
+    saved = common.get("layout", {})
+    now = layout()
+    resharded = any(saved.get(k) != now[k] for k in ("tp", "pp", "vpp", "ep"))
+    with_rng = load_rng and not resharded
+    if load_optimizer:
+        _materialize_optimizer_state(optimizer)
+    state = _sharded_state(chunks, optimizer, scheduler, is_loading=True, with_optimizer=load_optimizer,
+                           with_rng=with_rng)
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: loading failed ({type(e).__name__}: {e}). The model settings may differ "
+                              f"from the ones saved in the checkpoint (see its config). Fix: use the saved "
+                              f"model settings.") from e
+    for key, chunk in zip(_model_keys(chunks), chunks):
+        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    if load_optimizer:
+        _keep_adam_step_on_load(optimizer)
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if with_rng:
+        _restore_rng(loaded["rng_state"])
+    return Loaded(iteration=int(common["iteration"]),
+                  consumed_train_samples=int(common["consumed_train_samples"]),
+                  config=common.get("config", {}), resharded=resharded)
+

@@ -1,0 +1,209 @@
+"""What a run reports: Megatron-style console lines, metrics.jsonl, TensorBoard, wandb, a tqdm bar.
+
+Only the process that owns the logger (global rank 0) writes; the loop hands it values that are
+already reduced over the job. The wandb API key is never read here: wandb takes WANDB_API_KEY
+from the environment itself (WANDB_MODE=offline writes a local run to sync later).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from neon.config import NeonConfig
+
+# Dense BF16 peak TFLOP/s per device, for the MFU estimate.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def training_flops_per_token(config: NeonConfig, seq_length: int) -> float:
+    """Model FLOPs per trained token (forward + backward = 3 x forward; 4 x with full
+    recomputation). Matmuls count 2 FLOPs per multiply-add; attention scores cover the full
+    (or windowed) sequence as Megatron-LM counts them."""
+    h, layers = config.hidden_size, config.num_layers
+    d = config.head_dim
+    q_heads, kv_heads = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
+    attn_proj = h * q_heads * d + 2 * h * kv_heads * d + q_heads * d * h
+    ctx = min(seq_length, config.sliding_window or seq_length)
+    attn_scores = 2 * ctx * q_heads * d
+    mlp_mats = 3 if config.gated_linear_unit else 2
+    if config.num_moe_experts:
+        ffn = config.moe_ffn_hidden_size or config.ffn_hidden_size
+        mlp = config.moe_router_topk * mlp_mats * h * ffn + h * config.num_moe_experts
+        if config.moe_shared_expert_intermediate_size:
+            mlp += mlp_mats * h * config.moe_shared_expert_intermediate_size
+    else:
+        mlp = mlp_mats * h * config.ffn_hidden_size
+    macs = layers * (attn_proj + attn_scores + mlp) + h * config.vocab_size
+    passes = 4 if config.recompute_granularity == "full" else 3
+    return 2.0 * macs * passes
+
+
+def peak_tflops(configured: Optional[float]) -> Optional[float]:
+    if configured:
+        return configured
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, value in PEAK_TFLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+def memory_gb() -> float:
+    """Peak accelerator memory of this process, or its resident memory on the CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+@dataclass
+class _Window:
+    steps: int = 0
+    time_s: float = 0.0
+    loss_sum: float = 0.0
+    grad_norm_sum: float = 0.0
+    grad_norm_count: int = 0
+    skipped: int = 0
+    aux: dict = field(default_factory=dict)
+
+
+class MetricsLogger:
+    def __init__(self, *, enabled: bool, run_dir: Path, train_iters: int, start_iteration: int,
+                 log_interval: int, global_batch_size: int, seq_length: int, flops_per_token: float,
+                 num_devices: int, peak_tflops_per_device: Optional[float], tensorboard_dir: Optional[str],
+                 wandb_project: Optional[str], wandb_name: Optional[str], wandb_dir: Optional[str],
+                 run_config: dict, progress_bar: bool = True, stream=None):
+        self.enabled = enabled
+        self.train_iters, self.log_interval = train_iters, log_interval
+        self.gbs, self.seq = global_batch_size, seq_length
+        self.flops_per_token, self.num_devices = flops_per_token, num_devices
+        self.peak = peak_tflops_per_device
+        self.window = _Window()
+        self.stream = stream or sys.stdout
+        self.jsonl = self.tb = self.wandb = self.bar = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.jsonl = open(self.metrics_path, "a", buffering=1)
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=tensorboard_dir)
+        if wandb_project:
+            import wandb
+
+            wandb_dir = Path(wandb_dir or run_dir / "wandb")
+            wandb_dir.mkdir(parents=True, exist_ok=True)
+            self.wandb = wandb.init(project=wandb_project, name=wandb_name, dir=str(wandb_dir),
+                                    config=run_config, resume="allow")
+        if progress_bar and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=train_iters, initial=start_iteration, desc="training", unit="it",
+                            dynamic_ncols=True, file=self.stream)
+
+    # --- output helpers ---------------------------------------------------------------------
+    def print(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def _record(self, record: dict) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        step = record["iteration"]
+        prefix = "train" if record["kind"] == "train" else "valid"
+        scalars = {f"{prefix}/{k}": v for k, v in record.items()
+                   if k not in ("kind", "iteration", "time") and isinstance(v, (int, float)) and v is not None}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    # --- events -------------------------------------------------------------------------------
+    def train_step(self, *, iteration: int, loss: float, grad_norm: Optional[float], lr: float,
+                   consumed_samples: int, step_time_s: float, skipped: bool, aux: Optional[dict] = None) -> None:
+        if not self.enabled:
+            return
+        w = self.window
+        w.steps += 1
+        w.time_s += step_time_s
+        w.loss_sum += loss
+        if grad_norm is not None:
+            w.grad_norm_sum += grad_norm
+            w.grad_norm_count += 1
+        w.skipped += int(skipped)
+        for k, v in (aux or {}).items():
+            w.aux[k] = w.aux.get(k, 0.0) + v
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        if iteration % self.log_interval and iteration != self.train_iters:
+            return
+        step_s = w.time_s / w.steps
+        tokens_per_s = self.gbs * self.seq / step_s
+        tflops = tokens_per_s * self.flops_per_token / self.num_devices / 1e12
+        mfu = tflops / self.peak if self.peak else None
+        grad_norm_avg = w.grad_norm_sum / w.grad_norm_count if w.grad_norm_count else None
+        record = {
+            "kind": "train", "iteration": iteration, "consumed_samples": consumed_samples,
+            "consumed_tokens": consumed_samples * self.seq, "lr": lr, "loss": w.loss_sum / w.steps,
+            "grad_norm": grad_norm_avg, "step_time_s": step_s, "tokens_per_s": tokens_per_s,
+            "tflops_per_device": tflops, "mfu": mfu, "memory_gb": memory_gb(), "skipped": w.skipped,
+            **{k: v / w.steps for k, v in w.aux.items()}, "time": time.time(),
+        }
+        self._record(record)
+        parts = [
+            f" [{datetime.now():%Y-%m-%d %H:%M:%S}] iteration {iteration:8d}/{self.train_iters:8d}",
+            f"consumed samples: {consumed_samples:12d}",
+            f"consumed tokens: {consumed_samples * self.seq:14d}",
+            f"elapsed time per iteration (ms): {step_s * 1000:.1f}",
+            f"learning rate: {lr:.6E}",
+            f"global batch size: {self.gbs:5d}",
+            f"lm loss: {record['loss']:.6E}",
+            *[f"{k}: {v / w.steps:.6E}" for k, v in w.aux.items()],
+            f"grad norm: {grad_norm_avg:.3f}" if grad_norm_avg is not None else "grad norm: n/a",
+            f"tokens/s: {tokens_per_s:.0f}",
+            f"TFLOP/s/device: {tflops:.4g}",
+            f"MFU: {100 * mfu:.1f}%" if mfu is not None else "MFU: n/a",
+            f"memory (GB): {record['memory_gb']:.2f}",
+            f"number of skipped iterations: {w.skipped:3d}",
+        ]
+        self.print(" | ".join(parts) + " |")
+        self.window = _Window()
+
+    def evaluation(self, *, iteration: int, loss: float, consumed_samples: int) -> None:
+        if not self.enabled:
+            return
+        ppl = math.exp(min(20.0, loss))
+        self._record({"kind": "valid", "iteration": iteration, "consumed_samples": consumed_samples,
+                      "loss": loss, "ppl": ppl, "time": time.time()})
+        line = f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | "
+        rule = "-" * len(line)
+        self.print(f"{rule}\n{line}\n{rule}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,85 @@
+"""The Hugging Face reference NeonForCausalLM: with every feature off it is transformers'
+MistralForCausalLM; its KV cache gives what a full forward gives; a saved model loads back
+through AutoModelForCausalLM with trust_remote_code."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+
+from neon.hf.configuration_neon import NeonHFConfig
+from neon.hf.modeling_neon import NeonForCausalLM
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,
+            num_key_value_heads=4, head_dim=8, max_position_embeddings=64, rms_norm_eps=1e-5,
+            rope_theta=10000.0, sliding_window=6, initializer_range=0.1, eos_token_id=None,
+            bos_token_id=None, pad_token_id=None)
+FEATURES = {"base": {}, "diff-matched": {"diff_attention": "matched"},
+            "diff-expressive": {"diff_attention": "expressive"}}
+
+
+def tiny(seed=0, **features) -> NeonForCausalLM:
+    torch.manual_seed(seed)
+    return NeonForCausalLM(NeonHFConfig(**TINY, **features)).eval()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_base_is_mistral(tie):
+    torch.manual_seed(0)
+    cfg = MistralConfig(**TINY, tie_word_embeddings=tie)
+    cfg._attn_implementation = "eager"
+    mistral = MistralForCausalLM(cfg).eval()
+    neon = NeonForCausalLM(NeonHFConfig(**TINY, tie_word_embeddings=tie)).eval()
+    assert set(neon.state_dict()) == set(mistral.state_dict())
+    neon.load_state_dict(mistral.state_dict(), strict=True)
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = mistral(tokens).logits, neon(tokens).logits
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("features", list(FEATURES))
+def test_cache_matches_full_forward(features):
+    model = tiny(**FEATURES[features])
+    prompt = torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(2))
+    # 16 new tokens with a window of 6: the sliding-window cache drops old keys on the way
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=16, do_sample=False, use_cache=True)
+        uncached = model.generate(prompt, max_new_tokens=16, do_sample=False, use_cache=False)
+        assert cached.shape == (2, 25)
+        assert torch.equal(cached, uncached), features
+        assert len(set(cached[:, 9:].flatten().tolist())) > 3, "degenerate generation"
+        # logits step by step through the cache equal one forward over the whole sequence
+        full = model(cached).logits
+        out = model(cached[:, :9], use_cache=True)
+        steps, cache = [out.logits], out.cache
+        for i in range(9, 25):
+            out = model(cached[:, i:i + 1], cache=cache, use_cache=True)
+            steps.append(out.logits)
+            cache = out.cache
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("features", ["diff-matched", "diff-expressive"])
+def test_diff_changes_the_model(features):
+    """Matched keeps Mistral's parameter count; expressive doubles Q and K."""
+    n_params = sum(p.numel() for p in tiny(**FEATURES[features]).parameters())
+    base = sum(p.numel() for p in tiny().parameters())
+    d, layers, D = TINY["head_dim"], TINY["num_hidden_layers"], TINY["hidden_size"]
+    extra = layers * (4 * d + (2 * d if features == "diff-matched" else d))  # lambdas + head norm
+    if features == "diff-expressive":
+        extra += layers * D * d * (TINY["num_attention_heads"] + TINY["num_key_value_heads"])
+    assert n_params == base + extra
+
+
+def test_saved_model_loads_with_auto_classes(tmp_path):
+    model = tiny(diff_attention="matched")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "modeling_neon.py").exists() and (tmp_path / "configuration_neon.py").exists()
+    config = AutoConfig.from_pretrained(tmp_path, trust_remote_code=True)
+    assert config.model_type == "neon" and config.diff_attention == "matched"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert type(loaded).__name__ == "NeonForCausalLM"
+    tokens = torch.randint(0, TINY["vocab_size"], (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits, rtol=0, atol=0)

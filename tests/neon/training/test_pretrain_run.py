@@ -1,0 +1,103 @@
+"""pretrain_neon.py end to end in real torchrun processes (gloo, tiny model, test corpus).
+
+One reference run at TP2 (with sequence parallelism and dropout, so RNG state matters) is
+compared bit for bit with a run that is killed with SIGKILL in the middle of a checkpoint
+write, resumed from the previous checkpoint, stopped with SIGTERM, and resumed again.
+Its checkpoints, and those of a PP2 interleaved run, are then evaluated at TP1/PP1.
+"""
+
+import math
+import os
+import signal
+
+import pytest
+
+from tests.neon.training.runs import check, kill_all, latest, launch, metrics, start, tiny_args, wait_for
+
+pytestmark = pytest.mark.slow
+N = 10
+TP2 = dict(tensor_model_parallel_size=2, sequence_parallel=True, hidden_dropout=0.1, train_iters=N)
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    """N steps in one go at TP2, checkpoints every 2 steps, evaluation every 4."""
+    save = tmp_path_factory.mktemp("reference")
+    out = check(launch(tiny_args(*corpus, **TP2, save=save, save_interval=2, ckpt_keep_last=0), nproc=2))
+    return save, out
+
+
+def test_training_lowers_the_loss_and_logs(reference):
+    save, out = reference
+    train, valid = metrics(save), metrics(save, "valid")
+    assert sorted(train) == list(range(1, N + 1))
+    assert sorted(valid) == [4, 8, 10]
+    assert valid[10]["loss"] < valid[8]["loss"] < valid[4]["loss"] - 0.05, valid
+    assert train[N]["loss"] < train[1]["loss"] - 0.2
+    first = train[1]
+    assert first["consumed_tokens"] == 8 * 32 and first["tokens_per_s"] > 0 and first["grad_norm"] > 0
+    assert " iteration        1/      10 | consumed samples:            8 |" in out
+    assert "validation loss at iteration 10 | lm loss value:" in out
+    assert (save / "config.yaml").is_file() and latest(save) == N
+    assert sorted(p.name for p in save.glob("iter_*")) == [f"iter_{i:07d}" for i in range(2, N + 1, 2)]
+
+
+def test_killed_save_then_sigterm_then_resume_is_exact(corpus, reference, tmp_path):
+    ref = metrics(reference[0])
+    save = tmp_path / "ckpt"
+    args = tiny_args(*corpus, **TP2, save=save, load=save, save_interval=2, ckpt_keep_last=2)
+
+    # 1. SIGKILL every process while iteration 4 is being written: iteration 2 stays the latest.
+    proc = start(args, nproc=2, log=tmp_path / "killed.log")
+    tmp4 = save / ".tmp_iter_0000004"
+    wait_for(lambda: tmp4.exists(), proc, 120, "the write of iteration 4", poll=0.002)
+    kill_all(proc)
+    assert latest(save) == 2 and (save / "iter_0000002" / "metadata.json").is_file()
+    assert not (save / "iter_0000004").exists() or latest(save) == 2
+
+    # 2. Resume from 2; SIGTERM to torchrun mid-run: the ranks finish the step, save and exit.
+    proc = start(args, nproc=2, log=tmp_path / "sigterm.log")
+    wait_for(lambda: max(metrics(save), default=0) >= 5, proc, 120, "iteration 5")
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    log = (tmp_path / "sigterm.log").read_text()
+    stopped = latest(save)
+    assert "received signal SIGTERM at iteration" in log, log[-3000:]
+    assert 5 <= stopped < N, (stopped, log[-3000:])
+    assert f" saved checkpoint {save}/iter_{stopped:07d}" in log
+    assert not list(save.glob(".tmp_iter_*")), "the stale temporary directory was not removed"
+
+    # 3. Resume to the end: every loss equals the uninterrupted run's, bit for bit.
+    check(launch(args, nproc=2))
+    resumed = metrics(save)
+    assert sorted(resumed) == list(range(1, N + 1))
+    for it in range(1, N + 1):  # the record of the last run that reached each iteration
+        assert resumed[it]["loss"] == ref[it]["loss"], (it, resumed[it]["loss"], ref[it]["loss"])
+        assert resumed[it]["lr"] == ref[it]["lr"]
+    assert metrics(save, "valid")[N]["loss"] == metrics(reference[0], "valid")[N]["loss"]
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000008", "iter_0000010"]  # keep the last 2
+
+
+def _eval_at_tp1(corpus, load, step, tmp_path, **kwargs):
+    out = check(launch(tiny_args(*corpus, load=load, ckpt_step=step, skip_train=True,
+                                 run_dir=tmp_path / f"eval_{step}", **kwargs), nproc=1))
+    assert "resharded to this layout" in out
+    return metrics(tmp_path / f"eval_{step}", "valid")[step]["loss"]
+
+
+def test_tp2_checkpoint_loads_at_tp1_with_the_same_validation_loss(corpus, reference, tmp_path):
+    save = reference[0]
+    expected = metrics(save, "valid")[8]["loss"]
+    assert math.isclose(_eval_at_tp1(corpus, save, 8, tmp_path), expected, rel_tol=1e-5)
+
+
+def test_pp2_interleaved_checkpoint_loads_at_pp1_with_the_same_validation_loss(corpus, tmp_path):
+    save = tmp_path / "pp2"
+    check(launch(tiny_args(*corpus, pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1,
+                           use_distributed_optimizer=True, train_iters=4, save=save,
+                           tensorboard_dir=tmp_path / "tb", wandb_project="neon-test"), nproc=2))
+    expected = metrics(save, "valid")[4]["loss"]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert list((save / "wandb").glob("wandb/offline-run-*"))
+    evaluated = _eval_at_tp1(corpus, save, 4, tmp_path, use_distributed_optimizer=True)
+    assert math.isclose(evaluated, expected, rel_tol=1e-5)

@@ -1,0 +1,1 @@
+from tests.data_helpers import tiny_dataset, tiny_tokenizer  # noqa: F401
