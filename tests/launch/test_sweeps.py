@@ -28,9 +28,8 @@ def _load(name: str) -> dict:
 
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
 def test_sweep_sweeps_pretrain_flags_through_run_sh(path):
-    from neon.training.config import build_parser
-
     from neon.config import NeonConfig
+    from neon.training.config import build_parser
 
     sweep = yaml.safe_load(path.read_text())
     if any(name.startswith("flaming-") for name in sweep["parameters"]) and not hasattr(NeonConfig, "flaming_moe"):
