@@ -178,7 +178,10 @@ class DiffCoreAttention(MegatronModule):
         if use_te:
             from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
-            # TE sees [Q1; Q2] as 2n heads over [K1; K2] as 2g groups, V (duplicated) of width d_v
+            # TE sees [Q1; Q2] as 2n heads over [K1; K2] as 2g groups and V (duplicated); with
+            # 'matched' (d_v = 2d) and no dropout it runs on the halves of V so that every TE
+            # backend (flash-attention included) takes equal q/k/v widths.
+            self.te_split_values = lay.v_dim == 2 * lay.qk_dim and not self.dropout_p
             te_config = copy.copy(config)
             te_config.num_attention_heads = 2 * lay.heads
             te_config.num_query_groups = 2 * lay.groups
@@ -186,7 +189,8 @@ class DiffCoreAttention(MegatronModule):
             self.kernel = TEDotProductAttention(
                 config=te_config, layer_number=layer_number, attn_mask_type=attn_mask_type,
                 attention_type=attention_type, attention_dropout=attention_dropout,
-                softmax_scale=self.softmax_scale, k_channels=lay.qk_dim, v_channels=lay.v_dim,
+                softmax_scale=self.softmax_scale, k_channels=lay.qk_dim,
+                v_channels=lay.v_dim // 2 if self.te_split_values else lay.v_dim,
                 cp_comm_type=cp_comm_type, pg_collection=pg_collection)
 
     def shared_parameters(self) -> tuple[torch.Tensor, ...]:
@@ -207,10 +211,11 @@ class DiffCoreAttention(MegatronModule):
     def local_maps(self, q, k, v, dropout_p: float = 0.0, split_values: Optional[bool] = None):
         """[A_1 V; A_2 V] with torch SDPA: q [b, 2n, s, d], k [b, 2g, s, d], v [b, 2g, s, d_v].
 
-        Flash kernels need d_v == d: on a GPU the 'matched' layout (d_v = 2d) runs two calls on
-        the halves of V instead of one memory-efficient call (dropout masks then differ per half)."""
+        Flash kernels (CUDA and CPU) need d_v == d: the 'matched' layout (d_v = 2d) runs two
+        calls on the halves of V rather than one call that falls back to a slower kernel (not
+        under dropout, whose masks would then differ between the halves)."""
         if split_values is None:
-            split_values = q.is_cuda and v.size(-1) == 2 * q.size(-1) and not dropout_p
+            split_values = v.size(-1) == 2 * q.size(-1) and not dropout_p
         attend = partial(sdpa, scale=self.softmax_scale, window=self.window, dropout_p=dropout_p)
         if split_values:
             return torch.cat([attend(q, k, half) for half in v.chunk(2, dim=-1)], dim=-1)
@@ -229,9 +234,12 @@ class DiffCoreAttention(MegatronModule):
         value = torch.cat([value, value], dim=2)  # both maps read the same V
         dropout_p = self.dropout_p if self.training else 0.0
         if self.kernel is not None:
-            maps = self.kernel(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
-                               attention_bias=attention_bias, packed_seq_params=packed_seq_params)
-            maps = maps.view(sq, b, n2, -1).permute(1, 2, 0, 3)  # [b, 2n, sq, d_v]
+            values = value.chunk(2, dim=-1) if self.te_split_values else (value,)
+            maps = torch.cat([
+                self.kernel(query, key, v.contiguous(), attention_mask, attn_mask_type=attn_mask_type,
+                            attention_bias=attention_bias, packed_seq_params=packed_seq_params
+                            ).view(sq, b, n2, -1)
+                for v in values], dim=-1).permute(1, 2, 0, 3)  # [b, 2n, sq, d_v]
         else:
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, .]
             with (tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p else contextlib.nullcontext()):

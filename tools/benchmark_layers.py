@@ -7,7 +7,8 @@ Each variant builds the megatron Neon model (single process, TP=PP=1) with the s
 times forward+backward of its decoder block (every transformer layer and the final norm; no
 embedding or logits) on random hidden states. The Mistral base is measured in the same run and
 every variant is reported as a ratio to it. Variants alternate in rounds (base, A, B, base, A, B,
-...) and each takes its median, so drift of a shared or throttling machine hits all of them alike.
+...) so drift of a shared or throttling machine hits all of them alike; the median and the
+fastest step of each are reported (on a contended machine the fastest is the steadier figure).
 
 MFU (with --peak-tflops): model FLOPs of the step (3x the forward matmuls and attention products
 that the layer computes, causal attention counted at half) / time / peak.
@@ -160,12 +161,14 @@ def main(argv=None):
         print(f"  round {r + 1}/{args.steps}: " + ", ".join(f"{b.variant.name} {b.times[-1] * 1e3:.1f} ms"
                                                          for b in benches), flush=True)
     base = statistics.median(next(b for b in benches if b.variant.name == BASELINE).times)
-    header = f"{'variant':<18}{'ms/step':>10}{'vs ' + BASELINE:>14}{'TFLOP/s':>10}"
+    base_min = min(next(b for b in benches if b.variant.name == BASELINE).times)
+    header = f"{'variant':<18}{'ms/step':>10}{'vs ' + BASELINE:>14}{'min ms':>10}{'min vs':>9}{'TFLOP/s':>10}"
     print(header + (f"{'MFU':>8}" if args.peak_tflops else ""))
     for b in benches:
-        t = statistics.median(b.times)
+        t, fastest = statistics.median(b.times), min(b.times)
         tflops = b.flops / t / 1e12
-        line = f"{b.variant.name:<18}{t * 1e3:>10.2f}{t / base:>13.3f}x{tflops:>10.2f}"
+        line = (f"{b.variant.name:<18}{t * 1e3:>10.2f}{t / base:>13.3f}x{fastest * 1e3:>10.2f}"
+                f"{fastest / base_min:>8.3f}x{tflops:>10.2f}")
         if args.peak_tflops:
             line += f"{tflops / args.peak_tflops:>8.1%}"
         print(line, flush=True)

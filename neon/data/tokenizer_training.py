@@ -69,6 +69,9 @@ def train_tokenizer(inputs: list[str] | str, model_prefix: str | Path, vocab_siz
         pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
         minloglevel=0 if verbose else 1, **SPECIAL_IDS,
     )
+    if show_progress:
+        print(f"training a {vocab_size}-piece {model_type} model with sentencepiece after reading the lines"
+              f"{'' if verbose else ' (--verbose shows its merge log)'}", flush=True)
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), **kwargs)
     except RuntimeError as err:

@@ -36,7 +36,7 @@ ADAM = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1)
 
 def explicit_softmax_map(q, k, scale, window):
     """A[i, j] = exp(q_i.k_j scale) / sum_{j' visible} exp(q_i.k_j' scale) over visible j."""
-    s = q.size(0)
+    s, q, k = q.size(0), q.detach(), k.detach()
     a = torch.zeros(s, s, dtype=torch.float64)
     for i in range(s):
         visible = [j for j in range(s) if j <= i and (window is None or j > i - window)]

@@ -150,6 +150,18 @@ def test_bad_data_files_fail_before_any_work_naming_file_and_fix(tiny_dataset, t
     with pytest.raises(DataError, match=r"mixed_text_document\.bin has .* bytes.*different runs"):
         check_data_files([mixed], TINY_VOCAB)
 
+    garbage = copy_prefix(prefix, tmp_path / "garbage_text_document")
+    Path(garbage + ".idx").write_bytes(b"not an index at all, just some bytes")
+    with pytest.raises(DataError, match=r"garbage_text_document\.idx is not a megatron indexed-dataset index"):
+        check_data_files([garbage], TINY_VOCAB)
+    Path(garbage + ".idx").write_bytes(Path(prefix + ".idx").read_bytes()[:200])
+    with pytest.raises(DataError, match=r"garbage_text_document\.idx is truncated"):
+        check_data_files([garbage], TINY_VOCAB)
+    with pytest.raises(DataError, match="--seq-length 0 must be positive"):
+        build_datasets([prefix], "8,1,1", 0, (8, 0, 0), 1, TINY_VOCAB, EOD)
+    with pytest.raises(DataError, match="end-of-document id 600 is outside the vocabulary of 512"):
+        build_datasets([prefix], "8,1,1", SEQ, (8, 0, 0), 1, TINY_VOCAB, 600)
+
     max_id = int(np.fromfile(prefix + ".bin", dtype=np.uint16).max())
     with pytest.raises(DataError, match=rf"tiny_text_document\.bin holds token id {max_id}, outside the model's "
                                         rf"vocabulary of {max_id}.*--tokenizer-model"):
