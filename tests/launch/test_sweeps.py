@@ -115,3 +115,39 @@ def test_sweep_run_logs_metrics_and_config_to_offline_wandb(launch_corpus, tmp_p
     assert logged_config["schedule"]["seed"] == 5678, logged_config["schedule"]
     assert logged_config["model"]["diff_attention"] == "matched"
     assert logged_config["schedule"]["train_iters"] == iters
+
+
+def _sweep_values():
+    """(sweep file, parameter, value) for every listed value of every sweep."""
+    cases = []
+    for path in SWEEPS:
+        for name, spec in yaml.safe_load(path.read_text())["parameters"].items():
+            for value in spec.get("values", [spec["value"]] if "value" in spec else []):
+                cases.append(pytest.param(path, name, value, id=f"{path.stem}-{name}-{value}"))
+    return cases
+
+
+@pytest.mark.parametrize("path,name,value", _sweep_values())
+def test_every_sweep_value_is_accepted_by_pretrain(path, name, value, launch_corpus):
+    from neon.config import NeonConfig
+    from neon.training.config import ConfigError, resolve
+
+    sweep = yaml.safe_load(path.read_text())
+    # the other parameters at their first value (a distribution at its minimum)
+    base = {k: v["value"] if "value" in v else v["values"][0] if "values" in v else v["min"]
+            for k, v in sweep["parameters"].items()}
+    params = {k: {"value": v} for k, v in {**base, name: value}.items()}
+    if any(k.startswith("flaming-") for k in params) and not hasattr(NeonConfig, "flaming_moe"):
+        pytest.skip("FlamingMoE (NeonConfig.flaming_*) is not on this branch yet")
+    from wandb.sdk.launch.sweeps import utils as sweep_utils
+
+    flags = sweep_utils.create_sweep_command_args({"args": params})["args_no_boolean_flags"]
+    tokenizer, data = launch_corpus
+    try:
+        resolve(["--config", str(ROOT / "examples/configs/neon_125m.yaml"), "--data-path", data,
+                 "--tokenizer-model", tokenizer, *flags], world_size=8)
+    except ConfigError as e:
+        if "diff_attention=False" in str(e):  # known bug, left to the owner of neon/training/config.py
+            pytest.xfail("pretrain_neon.py reads flag values as YAML, so --diff-attention=off becomes False "
+                         "(neon/training/config.py _parse_cli_value)")
+        raise
