@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megatron_plugins.training import build_model_chunks, build_optimizer, train_step
+from megatron_plugins.training import build_model_chunks, build_optimizer, build_scheduler, train_step
 from neon.config import NeonConfig, NeonConfigError
 from neon.diff_attention import DiffCoreAttention, lambda_init_for_layer
 from neon.hf.modeling_neon import NeonAttention, NeonForCausalLM
@@ -209,9 +208,8 @@ def check_diff_against_reference(cases):
         batch = dict(tokens=tokens, labels=labels, loss_mask=torch.ones(BATCH, SEQ),
                      position_ids=torch.arange(SEQ).expand(BATCH, SEQ))
         # megatron's scheduler sets each group's lr and weight decay (wd_mult 0 for 1-D parameters)
-        OptimizerParamScheduler(opt, init_lr=ADAM["lr"], max_lr=ADAM["lr"], min_lr=ADAM["lr"], lr_warmup_steps=0,
-                                lr_decay_steps=1, lr_decay_style="constant", start_wd=ADAM["weight_decay"],
-                                end_wd=ADAM["weight_decay"], wd_incr_steps=1, wd_incr_style="constant")
+        build_scheduler(opt, lr=ADAM["lr"], min_lr=ADAM["lr"], warmup_init=ADAM["lr"], warmup_iters=0,
+                        decay_iters=1, decay_style="constant", weight_decay=ADAM["weight_decay"])
         step = train_step(chunks, opt, iter([batch]), cfg, num_microbatches=1, seq_length=SEQ,
                           micro_batch_size=BATCH)
         hf.train()
