@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import os
 import types
 import typing
@@ -408,6 +409,7 @@ def _metavar(tp) -> str:
     return _type_name(base[0]).upper() if len(base) == 1 else "VALUE"
 
 
+@functools.cache
 def _field_docs(cls) -> dict[str, str]:
     """Attribute docstrings (the string literal after each field) of a section dataclass."""
     import ast
@@ -505,7 +507,7 @@ def _tokenizer_vocab_size(path: str) -> int:
     if not Path(path).is_file():
         raise ConfigError(f"--tokenizer-model {path!r}: no such file. Fix: give a sentencepiece .model file "
                           f"(tools/train_tokenizer.py makes one).")
-    from neon.data.tokenizer import NeonTokenizer
+    from neon.data import NeonTokenizer
 
     return NeonTokenizer(path).vocab_size
 
@@ -513,27 +515,6 @@ def _tokenizer_vocab_size(path: str) -> int:
 def padded_vocab_size(cfg: Config, vocab: int) -> int:
     multiple = cfg.data.make_vocab_size_divisible_by * cfg.parallelism.tensor_model_parallel_size
     return -(-vocab // multiple) * multiple
-
-
-def split_weights(data_path: list[str]) -> tuple[list[float] | None, list[str]]:
-    """Megatron's --data-path: `prefix...` or `weight prefix weight prefix...`."""
-    def is_number(s):
-        try:
-            float(s)
-            return True
-        except ValueError:
-            return False
-
-    if len(data_path) >= 2 and is_number(data_path[0]):
-        if len(data_path) % 2 or not all(is_number(w) for w in data_path[::2]):
-            raise ConfigError(f"--data-path {' '.join(data_path)!r}: weights and prefixes must alternate "
-                              f"(0.7 PREFIX_A 0.3 PREFIX_B). Fix: give a weight before every prefix or none.")
-        weights = [float(w) for w in data_path[::2]]
-        if any(w <= 0 for w in weights):
-            raise ConfigError(f"--data-path weights {weights}: must be positive. Fix: drop the dataset or "
-                              f"give it a positive weight.")
-        return weights, list(data_path[1::2])
-    return None, list(data_path)
 
 
 def validate(cfg: Config, check_files: bool = True) -> None:
@@ -556,8 +537,10 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     if (dp * tp) % ep:
         fail("--expert-model-parallel-size", ep, f"does not divide data-parallel x tensor-parallel = {dp * tp}",
              "use an expert-parallel size that divides DP x TP")
-    if ep > 1 and not cfg.model.num_moe_experts:
-        fail("--expert-model-parallel-size", ep, "needs experts", "set --num-experts or use EP=1")
+    routed = cfg.model.num_moe_experts or getattr(cfg.model, "flaming_moe", "off") != "off"
+    if ep > 1 and not routed:
+        fail("--expert-model-parallel-size", ep, "needs routed layers (experts or FlamingMoE)",
+             "set --num-experts / --flaming-moe, or use EP=1")
     if cfg.model.num_moe_experts and cfg.model.num_moe_experts % ep:
         fail("--num-experts", cfg.model.num_moe_experts, f"is not divisible by expert_model_parallel_size={ep}",
              "use a number of experts that is a multiple of EP")
@@ -627,7 +610,6 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     if not d.data_path:
         fail("--data-path", d.data_path, "is empty", "give the prefix of a .bin/.idx pair made by "
              "tools/preprocess_data.py (or run `make demo` for a ready-made one)")
-    weights, prefixes = split_weights(d.data_path)
     split = d.split.replace("/", ",").split(",")
     try:
         parts = [float(x) for x in split]
@@ -649,7 +631,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     except (AssertionError, ValueError) as e:  # megatron-core's own TransformerConfig checks
         raise ConfigError(f"model: megatron-core rejects the model settings: {e}") from None
     if check_files:
-        from neon.data.datasets import DataError, check_data_files
+        from neon.data import DataError, check_data_files
 
         try:
             check_data_files(d.data_path, neon_config.vocab_size)

@@ -143,8 +143,7 @@ def pretrain(cfg: Config) -> RunSummary:
         elif rank == 0:
             print(f" no checkpoint in {c.load}: starting from scratch", flush=True)
 
-    from neon.data.datasets import build_datasets
-    from neon.data.tokenizer import NeonTokenizer
+    from neon.data import NeonTokenizer, build_datasets
 
     tokenizer = NeonTokenizer(d.tokenizer_model)
     gbs = s.global_batch_size
@@ -217,10 +216,12 @@ def pretrain(cfg: Config) -> RunSummary:
             step_time = time.perf_counter() - t0
             if not (math.isfinite(loss) and (result.grad_norm is None or math.isfinite(grad_norm))):
                 where = f"{checkpointing.iteration_dir(c.save, last_saved)}" if last_saved is not None else "none"
+                what = "loss" if not math.isfinite(loss) else "gradient norm"
                 raise TrainingDiverged(
-                    f"iteration {iteration}: the training loss is {loss} (grad norm {grad_norm}); stopping "
-                    f"without saving this state. Last good checkpoint: {where}. Fix: lower --lr, lengthen "
-                    f"--lr-warmup-iters, keep --clip-grad on, or check the data; then resume with --load.")
+                    f"iteration {iteration}: the training {what} is not finite (loss {loss}, grad norm "
+                    f"{grad_norm}); stopping without saving this state. Last good checkpoint: {where}. "
+                    f"Fix: lower --lr, lengthen --lr-warmup-iters, keep --clip-grad on, or check the data; "
+                    f"then resume with --load.")
             train_loss = loss
             logger.train_step(iteration=iteration, loss=loss, grad_norm=grad_norm if result.grad_norm is not None
                               else None, lr=_lr(optimizer), consumed_samples=consumed, step_time_s=step_time,
@@ -257,20 +258,26 @@ def _lr(optimizer) -> float:
 
 
 def _moe_aux_losses(config, iteration: int, num_microbatches: int) -> dict:
-    """FlamingMoE/megatron MoE auxiliary losses of this step, reduced over ranks (empty without experts)."""
-    if not config.num_moe_experts:
-        return {}
-    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+    """Router auxiliary losses of this step (FlamingMoE banks and/or megatron MoE MLPs), reduced
+    over ranks via megatron's aux-loss tracker; empty without routed layers. Collective."""
+    report: dict = {}
+    if getattr(config, "flaming_moe", "off") != "off":
+        from neon.flaming.losses import aux_loss_report
 
-    totals: dict = {}
-    track_moe_metrics(loss_scale=1.0 / num_microbatches, iteration=iteration, total_loss_dict=totals,
-                      num_layers=config.num_layers, moe_layer_freq=config.moe_layer_freq,
-                      mtp_num_layers=config.mtp_num_layers)
-    return {k: float(v) for k, v in totals.items()}
+        report.update(aux_loss_report(num_microbatches))
+    if config.num_moe_experts:
+        from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+        totals: dict = {}
+        track_moe_metrics(loss_scale=1.0 / num_microbatches, iteration=iteration, total_loss_dict=totals,
+                          num_layers=config.num_layers, moe_layer_freq=config.moe_layer_freq,
+                          mtp_num_layers=config.mtp_num_layers)
+        report.update({k: float(v) for k, v in totals.items()})
+    return report
 
 
 def _clear_moe_tracker(config) -> None:
-    if config.num_moe_experts:
+    if config.num_moe_experts or getattr(config, "flaming_moe", "off") != "off":
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
         clear_aux_losses_tracker()

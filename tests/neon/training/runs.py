@@ -33,8 +33,7 @@ def tiny_args(tokenizer: str, data: str, **overrides) -> list[str]:
 
 
 def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", WANDB_MODE="offline",
-               TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", WANDB_MODE="offline")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     return env
@@ -42,7 +41,7 @@ def _env() -> dict:
 
 def command(args: list[str], nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            str(REPO / "pretrain_neon.py"), *args]
+            "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", str(REPO / "pretrain_neon.py"), *args]
 
 
 def launch(args: list[str], nproc: int = 1, timeout: float = 150) -> subprocess.CompletedProcess:

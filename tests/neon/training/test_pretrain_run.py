@@ -91,13 +91,24 @@ def test_tp2_checkpoint_loads_at_tp1_with_the_same_validation_loss(corpus, refer
     assert math.isclose(_eval_at_tp1(corpus, save, 8, tmp_path), expected, rel_tol=1e-5)
 
 
-def test_pp2_interleaved_checkpoint_loads_at_pp1_with_the_same_validation_loss(corpus, tmp_path):
+def test_pp2_interleaved_distopt_recompute_checkpoint_loads_at_pp1_with_the_same_validation_loss(corpus, tmp_path):
     save = tmp_path / "pp2"
     check(launch(tiny_args(*corpus, pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1,
-                           use_distributed_optimizer=True, train_iters=4, save=save,
+                           use_distributed_optimizer=True, recompute_granularity="full", recompute_method="uniform",
+                           recompute_num_layers=1, train_iters=4, save=save,
                            tensorboard_dir=tmp_path / "tb", wandb_project="neon-test"), nproc=2))
     expected = metrics(save, "valid")[4]["loss"]
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert list((save / "wandb").glob("wandb/offline-run-*"))
     evaluated = _eval_at_tp1(corpus, save, 4, tmp_path, use_distributed_optimizer=True)
     assert math.isclose(evaluated, expected, rel_tol=1e-5)
+
+
+def test_non_finite_loss_stops_at_that_step_without_saving_it(corpus, tmp_path):
+    save = tmp_path / "nan"
+    out = check(launch(tiny_args(*corpus, num_layers=2, global_batch_size=4, lr=1e30, min_lr=0, clip_grad=0,
+                                 lr_warmup_iters=0, train_iters=6, save=save, save_interval=1), nproc=1), code=1)
+    assert "pretrain_neon.py: error: iteration 2: the training gradient norm is not finite" in out, out[-3000:]
+    assert f"Last good checkpoint: {save}/iter_0000001" in out
+    assert latest(save) == 1 and not (save / "iter_0000002").exists() and not list(save.glob(".tmp_iter_*"))
+    assert sorted(metrics(save)) == [1]

@@ -1,0 +1,147 @@
+"""The run configuration: YAML + Megatron-LM flags, every NeonConfig field exposed, and each bad
+setting stopped before anything is built, with a message naming the setting and the fix."""
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from neon.config import NeonConfig
+from neon.training.config import (
+    DERIVED_MODEL_FIELDS,
+    MODEL_FIELDS,
+    PARALLEL_FIELDS,
+    ConfigError,
+    _representable,
+    build_parser,
+    resolve,
+)
+
+REPO = Path(__file__).resolve().parents[3]
+MEGATRON_FLAGS = [
+    "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--num-layers-per-virtual-pipeline-stage",
+    "--expert-model-parallel-size", "--sequence-parallel", "--micro-batch-size", "--global-batch-size",
+    "--seq-length", "--train-iters", "--lr", "--min-lr", "--lr-decay-style", "--lr-warmup-iters", "--clip-grad",
+    "--bf16", "--data-path", "--split", "--tokenizer-model", "--save", "--load", "--save-interval",
+    "--eval-interval", "--eval-iters", "--log-interval", "--wandb-project", "--tensorboard-dir", "--num-layers",
+    "--hidden-size", "--ffn-hidden-size", "--num-attention-heads", "--num-query-groups", "--max-position-embeddings",
+    "--rotary-base", "--num-experts", "--recompute-granularity", "--use-distributed-optimizer", "--seed",
+    "--weight-decay", "--adam-beta2", "--fp8-format", "--norm-epsilon", "--exit-interval", "--ckpt-step",
+]
+
+
+def base(corpus, *extra):
+    tokenizer, data = corpus
+    return ["--data-path", data, "--tokenizer-model", tokenizer, "--num-layers", "2", "--hidden-size", "64",
+            "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
+            "--max-position-embeddings", "64", "--split", "90,10,0", *extra]
+
+
+def test_help_lists_megatron_flags_with_defaults(capsys):
+    text = build_parser().format_help()
+    for flag in MEGATRON_FLAGS:
+        assert f"  {flag}" in text or f", {flag}" in text, flag
+    assert "[schedule.lr_decay_style, default: 'cosine']" in text
+    assert "[model.diff_attention, default: 'off']" in text
+
+
+def test_model_section_exposes_every_representable_neonconfig_field():
+    hints = typing.get_type_hints(NeonConfig)
+    expected = {f.name for f in dataclasses.fields(NeonConfig)
+                if f.init and _representable(hints[f.name])} - set(PARALLEL_FIELDS) - DERIVED_MODEL_FIELDS
+    assert expected <= set(MODEL_FIELDS)
+    assert {"diff_attention", "ngpt", "sliding_window", "num_moe_experts", "recompute_granularity"} <= expected
+
+
+def test_yaml_then_flags_then_derived_values(corpus, tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump({"model": {"hidden_dropout": 0.1, "num_layers": 4},
+                                        "optimizer": {"lr": "1e-3", "weight_decay": 0.05},
+                                        "schedule": {"global_batch_size": 16}}))
+    cfg = resolve(["--config", str(cfg_file), *base(corpus), "--lr", "2e-3", "--num-layers", "6"], world_size=2)
+    assert cfg.optimizer.lr == 2e-3 and cfg.optimizer.weight_decay == 0.05  # flag wins, YAML kept
+    assert cfg.model.num_layers == 6 and cfg.model.hidden_dropout == 0.1
+    assert cfg.model.vocab_size == 256  # from the tokenizer, padded to a multiple of 128
+    assert cfg.data_parallel_size == 2 and cfg.num_microbatches == 16 // (1 * 2)
+    nc = cfg.neon_config()
+    assert nc.num_layers == 6 and nc.tensor_model_parallel_size == 1
+
+
+def test_feature_defaults_apply_below_explicit_settings(corpus):
+    ngpt = resolve([*base(corpus), "--ngpt", "--lr-warmup-iters", "5"], check_files=False)
+    assert ngpt.optimizer.weight_decay == 0.0 and ngpt.schedule.lr_warmup_iters == 5
+    plain = resolve(base(corpus), check_files=False)
+    assert plain.optimizer.weight_decay == 0.1
+
+
+BAD = [
+    (["--global-batch-size", "6", "--micro-batch-size", "4"], 1, "--global-batch-size=6", "multiple of 4"),
+    (["--tensor-model-parallel-size", "2"], 3, "does not divide the 3 processes", "launch a multiple"),
+    (["--num-layers-per-virtual-pipeline-stage", "1"], 1, "needs pipeline parallelism", "--pipeline-model"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1", "--num-layers", "4",
+      "--global-batch-size", "1"], 2, "interleaved schedule needs a multiple of PP=2", "global batch"),
+    (["--seq-length", "128"], 1, "--seq-length=128", "max_position_embeddings"),
+    (["--min-lr", "1", "--lr", "0.1"], 1, "--min-lr=1.0", "0 <= min_lr <= lr"),
+    (["--lr-warmup-iters", "10", "--train-iters", "10"], 1, "--lr-warmup-iters=10", "shorten the warmup"),
+    (["--lr-decay-style", "WSD"], 1, "--lr-wsd-decay-iters=None", "anneal length"),
+    (["--bf16", "--fp16"], 1, "both set", "choose one"),
+    (["--fp8-format", "hybrid"], 1, "Transformer Engine", "--bf16"),
+    (["--save-interval", "5"], 1, "has no --save directory", "--save DIR"),
+    (["--ckpt-step", "5"], 1, "has no --load directory", "--load DIR"),
+    (["--split", "100,0,0"], 1, "no data while --eval-iters > 0", "--eval-iters 0"),
+    (["--split", "a,b"], 1, "--split='a,b'", "969,30,1"),
+    (["--expert-model-parallel-size", "2"], 2, "needs routed layers", "EP=1"),
+    (["--num-attention-heads", "3"], 1, "model: ", "Fix:"),
+    (["--sequence-parallel"], 1, "sequence_parallel=True", "raise the tensor-parallel size"),
+    (["--lr", "fast"], 1, "optimizer.lr='fast'", "expected float"),
+    (["--lr-decay-style", "cosin"], 1, "invalid choice", "cosine"),
+]
+
+
+@pytest.mark.parametrize("extra,world,message,fix", BAD, ids=[b[2][:30] for b in BAD])
+def test_bad_config_fails_with_setting_and_fix(corpus, capsys, extra, world, message, fix):
+    with pytest.raises((ConfigError, SystemExit)) as info:
+        resolve([*base(corpus), *extra], world_size=world, check_files=False)
+    text = str(info.value) + capsys.readouterr().err
+    assert message in text and fix in text, text
+
+
+def test_bad_config_file_and_keys(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        resolve(["--config", str(tmp_path / "missing.yaml"), *base(corpus)])
+    (tmp_path / "typo.yaml").write_text("optimiser:\n  lr: 1.0\n")
+    with pytest.raises(ConfigError, match="unknown section 'optimiser'.*'optimizer'"):
+        resolve(["--config", str(tmp_path / "typo.yaml"), *base(corpus)])
+    (tmp_path / "key.yaml").write_text("schedule:\n  train_iter: 5\n")
+    with pytest.raises(ConfigError, match="unknown setting schedule.train_iter. Fix: did you mean schedule.train_it"):
+        resolve(["--config", str(tmp_path / "key.yaml"), *base(corpus)])
+
+
+def test_bad_data_surfaces_from_the_data_checks(corpus, tmp_path):
+    tokenizer, data = corpus
+    with pytest.raises(ConfigError, match="missing_prefix"):
+        resolve(["--data-path", str(tmp_path / "missing_prefix"), *base(corpus)[2:]])
+    with pytest.raises(ConfigError, match="vocab"):  # tokens up to 255 but a 128-token model
+        resolve([*base(corpus), "--vocab-size", "128"])
+    truncated = tmp_path / "cut"
+    Path(f"{truncated}.idx").write_bytes(Path(f"{data}.idx").read_bytes())
+    Path(f"{truncated}.bin").write_bytes(Path(f"{data}.bin").read_bytes()[:100])
+    with pytest.raises(ConfigError, match="cut"):
+        resolve(["--data-path", str(truncated), *base(corpus)[2:]])
+
+
+LAYOUT_WORLD = {"cpu_demo": 1, "neon_125m": 8, "neon_1b": 16, "neon_7b": 32, "neon_flaming_moe_1b": 8}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUT_WORLD))
+def test_example_configs_resolve_at_their_layout(corpus, name):
+    path = REPO / "examples" / "configs" / f"{name}.yaml"
+    model_keys = set(yaml.safe_load(path.read_text()).get("model", {}))
+    if not model_keys <= set(MODEL_FIELDS):
+        pytest.skip(f"needs NeonConfig fields not on this branch: {sorted(model_keys - set(MODEL_FIELDS))}")
+    tokenizer, data = corpus
+    cfg = resolve(["--config", str(path), "--data-path", data, "--tokenizer-model", tokenizer, "--save", "ckpt"],
+                  world_size=LAYOUT_WORLD[name], check_files=False)
+    assert cfg.num_microbatches >= 1
