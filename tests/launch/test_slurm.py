@@ -5,7 +5,7 @@ tools/slurm_local/ installs Slurm from Debian's packages and starts slurmctld + 
 CPU settings: 2 nodes x 2 processes, TP=2 x DP=2. One job must run to the end with the loss
 falling; another is sent SIGUSR1 mid-run (what `#SBATCH --signal=B:USR1@T` does before the time
 limit) and must save, requeue itself, resume from its checkpoint and finish. The cluster is
-stopped at the end of the session, pass or fail. Skipped only when Slurm is missing and cannot
+stopped when this module's tests end, pass or fail. Skipped only when Slurm is missing and cannot
 be installed (not root, or no apt-get).
 """
 
@@ -57,9 +57,10 @@ def _logs(state: Path) -> str:
     return "\n".join(out)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    """A running two-node Slurm cluster: yields the environment to run sbatch & co. with."""
+    """A running two-node Slurm cluster: yields the environment to run sbatch & co. with.
+    Module-scoped: the daemons stop as soon as this module's tests are done, pass or fail."""
     r = subprocess.run(["bash", str(SLURM_LOCAL / "install.sh")], capture_output=True, text=True, timeout=900)
     if r.returncode in (10, 11):
         pytest.skip(f"Slurm is not installed and cannot be installed here: {r.stderr.strip()}")
