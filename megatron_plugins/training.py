@@ -24,7 +24,9 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_plugins import cpu_runtime
+from megatron_plugins.ngpt_optimizer import add_weight_normalization
 from neon.config import NeonConfig
+from neon.flaming.losses import set_aux_loss_scale
 
 
 def build_model_chunks(config: NeonConfig, build_stage: Callable, wrap_ddp: bool = True,
@@ -63,7 +65,12 @@ def build_model_chunks(config: NeonConfig, build_stage: Callable, wrap_ddp: bool
 
 
 def build_optimizer(chunks: list, opt_config: OptimizerConfig):
-    return get_megatron_optimizer(opt_config, chunks)
+    """megatron's optimizer for these chunks; with nGPT, each step ends with the weights put back
+    on the unit sphere (`megatron_plugins.ngpt_optimizer`)."""
+    optimizer = get_megatron_optimizer(opt_config, chunks)
+    if getattr(chunks[0].config, "ngpt", False):
+        optimizer = add_weight_normalization(optimizer)
+    return optimizer
 
 
 def lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -97,6 +104,9 @@ def train_step(chunks: list, optimizer, data_iterator, config: NeonConfig, *,
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    if getattr(config, "flaming_moe", "off") != "off" and config.num_moe_experts is None:
+        # megatron's schedules scale MoE router-loss gradients only for configs with MoE MLPs
+        set_aux_loss_scale(config, num_microbatches)
     losses = get_forward_backward_func()(
         forward_step_func=forward_step_func,
         data_iterator=data_iterator,  # a list, one per chunk, when interleaved

@@ -29,6 +29,8 @@ from megatron_plugins.norm import RMSNorm
 from neon.attention import NeonCoreAttention
 from neon.config import NeonConfig
 from neon.diff_attention import DiffCoreAttention, DiffSelfAttention
+from neon.flaming import FlamingMoE, FlamingTransformerLayer, FlamingTransformerLayerSubmodules
+from neon.ngpt import ngpt_layer_spec
 
 try:  # Transformer Engine: present in NGC containers, absent on CPU machines
     import transformer_engine  # noqa: F401
@@ -64,9 +66,19 @@ def get_neon_layer_spec(config: NeonConfig, use_te: Optional[bool] = None) -> Mo
     use_te = HAVE_TE if use_te is None else use_te
     m = _modules(use_te)
     self_attention, core_attention = _attention(config, m, use_te)
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
+    flaming = config.flaming_moe
+    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=m["column"], linear_fc2=m["row"]))
+    layer, extra = TransformerLayer, {}
+    if flaming == "mlp":  # the FlamingMoE block replaces the MLP (uses pre_mlp_layernorm)
+        mlp = ModuleSpec(module=FlamingMoE)
+    elif flaming == "between":  # its own pre-norm and residual between attention and MLP
+        layer = FlamingTransformerLayer
+        extra = dict(pre_flaming_layernorm=m["norm"], flaming_moe=ModuleSpec(module=FlamingMoE),
+                     flaming_bda=get_bias_dropout_add)
+    submodules_cls = FlamingTransformerLayerSubmodules if extra else TransformerLayerSubmodules
+    spec = ModuleSpec(
+        module=layer,
+        submodules=submodules_cls(
             input_layernorm=m["norm"],
             self_attention=ModuleSpec(
                 module=self_attention,
@@ -81,13 +93,14 @@ def get_neon_layer_spec(config: NeonConfig, use_te: Optional[bool] = None) -> Mo
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=m["norm"],
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(linear_fc1=m["column"], linear_fc2=m["row"]),
-            ),
+            mlp=mlp,
             mlp_bda=get_bias_dropout_add,
+            **extra,
         ),
     )
+    if config.ngpt:  # normalized layer: no norms, residual updates on the sphere (neon/ngpt.py)
+        spec = ngpt_layer_spec(spec, config)
+    return spec
 
 
 def get_neon_block_spec(
@@ -98,5 +111,5 @@ def get_neon_block_spec(
     layer = get_neon_layer_spec(config, use_te)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
-        layer_norm=_modules(use_te)["norm"],
+        layer_norm=None if config.ngpt else _modules(use_te)["norm"],  # nGPT: no final norm
     )

@@ -6,7 +6,9 @@ from typing import Optional
 
 from megatron.core.models.gpt import GPTModel
 
+from neon import ngpt
 from neon.config import NeonConfig
+from neon.flaming import attach_global_bank
 from neon.layer_spec import get_neon_block_spec
 
 
@@ -17,8 +19,11 @@ def build_model(
     vp_stage: Optional[int] = None,
     use_te: Optional[bool] = None,
 ) -> GPTModel:
-    """One pipeline stage (the whole model when pipeline parallelism is off)."""
-    return GPTModel(
+    """One pipeline stage (the whole model when pipeline parallelism is off).
+
+    With FlamingMoE's global bank, the stage also owns a replica of the bank's functions as
+    `flaming_global_functions` (see neon/flaming/block.py)."""
+    model = GPTModel(
         config=config,
         transformer_layer_spec=get_neon_block_spec(config, use_te=use_te, vp_stage=vp_stage),
         vocab_size=config.vocab_size,
@@ -30,3 +35,10 @@ def build_model(
         rotary_base=config.rope_theta,
         vp_stage=vp_stage,
     )
+    attach_global_bank(model, config)
+    if config.ngpt:
+        if post_process:
+            ngpt.attach_logit_scale(model, config)  # z <- z * s_z
+        ngpt.mark_and_normalize_weights(model)  # (global bank included)
+        # E_in, E_out, W_q/k/v/o, W_gate/up/down on the sphere
+    return model

@@ -13,7 +13,9 @@ fastest step of each are reported (on a contended machine the fastest is the ste
 MFU (with --peak-tflops): model FLOPs of the step (3x the forward matmuls and attention products
 that the layer computes, causal attention counted at half) / time / peak.
 
-Extend VARIANTS to benchmark a new feature (e.g. nGPT): a name and the NeonConfig switches.
+Extend VARIANTS to benchmark a new feature: a name and the NeonConfig switches. nGPT variants
+time the normalized layers (no final norm); the weight normalisation after the optimizer step
+is not part of the timed step.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ VARIANTS = [
     Variant("mistral", {}),
     Variant("diff-matched", {"diff_attention": "matched"}),
     Variant("diff-expressive", {"diff_attention": "expressive"}),
+    Variant("ngpt", {"ngpt": True}),
+    Variant("diff-ngpt", {"diff_attention": "matched", "ngpt": True}),
 ]
 BASELINE = "mistral"
 

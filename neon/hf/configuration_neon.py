@@ -11,6 +11,8 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 
 DIFF_ATTENTION_MODES = ("off", "matched", "expressive")
+FLAMING_PLACEMENTS = ("off", "between", "mlp")
+FLAMING_KINDS = ("linear", "swiglu", "lowrank")
 
 
 class NeonHFConfig(PreTrainedConfig):
@@ -44,6 +46,20 @@ class NeonHFConfig(PreTrainedConfig):
     """Constant lambda_init; None: 0.8 - 0.6 exp(-0.3 (l - 1)) for 1-based layer l."""
     ngpt: bool = False
     """nGPT (normalized transformer): added by the nGPT work; seams are marked in modeling_neon.py."""
+    flaming_moe: str = "off"
+    """FlamingMoE placement: 'off', 'between' (attention and MLP, own pre-norm) or 'mlp' (replaces it)."""
+    flaming_global_functions: int = 0
+    flaming_layer_functions: int = 0
+    flaming_global_kind: str = "linear"
+    flaming_layer_kind: str = "linear"
+    """'linear' (d -> d), 'swiglu' (width flaming_ffn_hidden_size) or 'lowrank' (d -> r -> d)."""
+    flaming_ffn_hidden_size: int | None = None
+    flaming_lowrank_rank: int = 16
+    flaming_router: str = "gumbel"
+    """'gumbel' (hard, weight 1; noise only in training) or 'topk' (softmax weights of the top k)."""
+    flaming_topk: int = 1
+    flaming_gumbel_temperature: float = 1.0
+    flaming_identity: bool = True
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -55,6 +71,13 @@ class NeonHFConfig(PreTrainedConfig):
         if self.diff_attention == "matched" and self.num_key_value_heads % 2:
             raise ValueError(f"num_key_value_heads={self.num_key_value_heads}: diff_attention='matched' "
                              "pairs key/value heads, use an even number")
+        if self.flaming_moe not in FLAMING_PLACEMENTS:
+            raise ValueError(f"flaming_moe={self.flaming_moe!r}: use one of {FLAMING_PLACEMENTS}")
+        for name in ("flaming_global_kind", "flaming_layer_kind"):
+            if getattr(self, name) not in FLAMING_KINDS:
+                raise ValueError(f"{name}={getattr(self, name)!r}: use one of {FLAMING_KINDS}")
+        if self.flaming_router not in ("gumbel", "topk"):
+            raise ValueError(f"flaming_router={self.flaming_router!r}: use 'gumbel' or 'topk'")
         return super().__post_init__(**kwargs)
 
     @property

@@ -16,8 +16,22 @@ DiffAttention (per differential head, Q = [Q1; Q2], K = [K1; K2] along the head'
 Layouts: 'matched' n = H/2, g = H_kv/2, d_v = 2d (Mistral's parameter shapes);
          'expressive' n = H, g = H_kv, Q and K doubled, d_v = d.
 
-nGPT seams (filled in by the nGPT work): `NeonAttention.transform_qk` and `.scaling`,
-`NeonMLP.forward`, `NeonDecoderLayer.residual`, `NeonForCausalLM.scale_logits`, the norms.
+FlamingMoE (Neon's own; x' the block's normalized input, per token and per bank B of n functions):
+    logits = W_B x'                                   (each layer has its own router per bank)
+    'gumbel': chosen = top-k(logits + g) in training (g ~ Gumbel(0, 1)), top-k(logits) in
+              evaluation (deterministic); weight 1 forward, softmax((logits + g) / tau) backward
+    'topk':   p = softmax(logits); chosen = top-k(p), weight p
+    r = x' + sum_B sum_{i chosen} weight_i f_i(x')    ('between': h <- h + r; 'mlp': r replaces the MLP)
+The global bank's functions belong to the model and serve every layer; each layer owns its own bank.
+
+nGPT (Loshchilov et al. 2024, arXiv 2410.01131), Norm(x) = x / ||x||_2, no RMSNorm layers:
+    h <- Norm(h + |alpha_A| (Norm(ATTN(h)) - h)),  h <- Norm(h + |alpha_M| (Norm(MLP(h)) - h))
+    q, k <- Norm(q) s_qk, Norm(k) s_qk per head after RoPE; softmax scale sqrt(d)
+    MLP: u <- u s_u, v <- v s_v sqrt(D), down(u * SiLU(v));  logits z <- z s_z
+Each scaling vector is stored at `scale` and used as stored * init / scale (NGPT_SCALING).
+`NeonForCausalLM.normalize_ngpt_weights()` puts every weight vector in D-space back on the unit
+sphere (rows of q/k/v/gate/up/embeddings/lm_head, columns of o/down): call it after every
+optimizer step when training this reference.
 """
 
 from __future__ import annotations
@@ -33,6 +47,26 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_neon import NeonHFConfig
+
+
+def ngpt_scaling(hidden_size: int) -> dict:
+    """name -> (init, scale) of nGPT's scaling vectors."""
+    base = hidden_size ** -0.5
+    return {"alpha": (0.05, base), "s_qk": (1.0, base), "s_u": (1.0, 1.0), "s_v": (1.0, 1.0), "s_z": (1.0, base)}
+
+
+def ngpt_vector(config, name: str, size: int) -> nn.Parameter:
+    return nn.Parameter(torch.full((size,), ngpt_scaling(config.hidden_size)[name][1]))
+
+
+def ngpt_effective(config, name: str, stored: torch.Tensor) -> torch.Tensor:
+    init, scale = ngpt_scaling(config.hidden_size)[name]
+    return stored * (init / scale)
+
+
+def unit_norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Norm(x) = x / ||x||_2 along dim."""
+    return x / torch.linalg.vector_norm(x, dim=dim, keepdim=True)
 
 
 def lambda_init_for_layer(layer: int, constant: float | None = None) -> float:
@@ -97,7 +131,9 @@ class NeonAttention(nn.Module):
         self.k_proj = nn.Linear(D, self.kv_heads * halves * self.qk_dim, bias=False)
         self.v_proj = nn.Linear(D, self.kv_heads * self.v_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.v_dim, D, bias=False)
-        self.scaling = self.qk_dim ** -0.5  # nGPT seam: sqrt(d) instead
+        self.scaling = self.qk_dim ** 0.5 if config.ngpt else self.qk_dim ** -0.5
+        if config.ngpt:  # one entry per query channel, heads in q_proj's order
+            self.s_qk = ngpt_vector(config, "s_qk", self.heads * halves * self.qk_dim)
         if self.diff:
             self.lambda_init = lambda_init_for_layer(layer_idx + 1, config.diff_lambda_init)
             self.lambda_q1 = nn.Parameter(torch.zeros(self.qk_dim))
@@ -107,8 +143,13 @@ class NeonAttention(nn.Module):
             self.subln = NeonRMSNorm(self.v_dim, eps=1e-5)  # one scale shared by the heads
 
     def transform_qk(self, q: torch.Tensor, k: torch.Tensor):
-        """After RoPE. nGPT seam: q, k <- Norm(q) s_qk, Norm(k) s_qk per head."""
-        return q, k
+        """After RoPE. nGPT: q, k <- Norm(q) s_qk, Norm(k) s_qk per head. A key head serves
+        r = n / g query heads (GQA), each with its own s_qk: (Norm(q) s_qk).(Norm(k) s_qk) is
+        written (Norm(q) s_qk^2).Norm(k) so the cache keeps one normalised key per key head."""
+        if not self.config.ngpt:
+            return q, k
+        s_qk = ngpt_effective(self.config, "s_qk", self.s_qk).view(-1, 1, self.qk_dim)  # [heads, 1, d]
+        return unit_norm(q) * s_qk * s_qk, unit_norm(k)
 
     def diff_lambda(self) -> torch.Tensor:
         """lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init, in fp32 (or wider)."""
@@ -143,33 +184,142 @@ class NeonAttention(nn.Module):
 
 
 class NeonMLP(nn.Module):
-    """SwiGLU: down(SiLU(gate x) * up x). nGPT seam: scale up/gate by s_u, s_v sqrt(D)."""
+    """SwiGLU: down(SiLU(gate x) * up x). nGPT: u = up x * s_u, v = gate x * s_v sqrt(D)."""
 
     def __init__(self, config: NeonHFConfig):
         super().__init__()
+        self.config = config
         D, F_ = config.hidden_size, config.intermediate_size
         self.gate_proj = nn.Linear(D, F_, bias=False)
         self.up_proj = nn.Linear(D, F_, bias=False)
         self.down_proj = nn.Linear(F_, D, bias=False)
+        if config.ngpt:
+            self.s_u = ngpt_vector(config, "s_u", F_)
+            self.s_v = ngpt_vector(config, "s_v", F_)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if not self.config.ngpt:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        u = self.up_proj(x) * ngpt_effective(self.config, "s_u", self.s_u)
+        v = self.gate_proj(x) * ngpt_effective(self.config, "s_v", self.s_v) * math.sqrt(self.config.hidden_size)
+        return self.down_proj(u * F.silu(v))
+
+
+class NeonFunction(nn.Module):
+    """One FlamingMoE function: 'linear' W x; 'swiglu' down(SiLU(gate x) * up x); 'lowrank' out(in x)."""
+
+    def __init__(self, config: NeonHFConfig, kind: str):
+        super().__init__()
+        D, self.kind = config.hidden_size, kind
+        if kind == "linear":
+            self.proj = nn.Linear(D, D, bias=False)
+        elif kind == "swiglu":
+            width = config.flaming_ffn_hidden_size or config.intermediate_size
+            self.gate_proj = nn.Linear(D, width, bias=False)
+            self.up_proj = nn.Linear(D, width, bias=False)
+            self.down_proj = nn.Linear(width, D, bias=False)
+        else:  # lowrank
+            self.in_proj = nn.Linear(D, config.flaming_lowrank_rank, bias=False)
+            self.out_proj = nn.Linear(config.flaming_lowrank_rank, D, bias=False)
+
+    def forward(self, x):
+        if self.kind == "linear":
+            return self.proj(x)
+        if self.kind == "swiglu":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.out_proj(self.in_proj(x))
+
+
+def gumbel_noise(shape, device, dtype) -> torch.Tensor:
+    u = torch.rand(shape, device=device, dtype=dtype).clamp_min(torch.finfo(dtype).tiny)
+    return -torch.log((-torch.log(u)).clamp_min(torch.finfo(dtype).tiny))
+
+
+class NeonFlamingMoE(nn.Module):
+    """r = x' + sum over banks of the chosen functions' weighted outputs; x' [b, s, D]."""
+
+    def __init__(self, config: NeonHFConfig):
+        super().__init__()
+        self.config = config
+        D, G, n = config.hidden_size, config.flaming_global_functions, config.flaming_layer_functions
+        self.global_router = nn.Linear(D, G, bias=False) if G else None
+        self.layer_router = nn.Linear(D, n, bias=False) if n else None
+        self.layer_functions = nn.ModuleList([NeonFunction(config, config.flaming_layer_kind) for _ in range(n)])
+        self._global: tuple = ()  # the model's global functions (not a child: stored once, in the model)
+
+    def route(self, router: nn.Linear, x: torch.Tensor):
+        """x [T, D] -> (weights [T, n], chosen [T, n] bool)."""
+        c = self.config
+        logits = router(x).float()
+        if c.flaming_router == "topk":
+            p = torch.softmax(logits, dim=-1)
+            top = torch.topk(p, c.flaming_topk, dim=-1).indices
+            chosen = torch.zeros_like(p, dtype=torch.bool).scatter(1, top, True)
+            return torch.where(chosen, p, torch.zeros_like(p)), chosen
+        scores = logits + gumbel_noise(logits.shape, logits.device, logits.dtype) if self.training else logits
+        y = torch.softmax(scores / c.flaming_gumbel_temperature, dim=-1)
+        top = torch.topk(scores, c.flaming_topk, dim=-1).indices
+        chosen = torch.zeros_like(y, dtype=torch.bool).scatter(1, top, True)
+        return torch.where(chosen, (y - y.detach()) + 1.0, torch.zeros_like(y)), chosen
+
+    @staticmethod
+    def apply_functions(functions, weights, chosen, x):
+        """sum_i weight_i f_i(x) over the chosen functions only (tokens gathered per function)."""
+        out = torch.zeros_like(x)
+        for i, f in enumerate(functions):
+            rows = chosen[:, i].nonzero().squeeze(-1)
+            if rows.numel():
+                out = out.index_add(0, rows, (weights[rows, i, None] * f(x[rows])).to(x.dtype))
+        return out
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        out = x if self.config.flaming_identity else torch.zeros_like(x)
+        banks = []
+        if self.global_router is not None:
+            banks.append((self.global_router, self._global[0]))
+        if self.layer_router is not None:
+            banks.append((self.layer_router, self.layer_functions))
+        for router, functions in banks:
+            weights, chosen = self.route(router, x)
+            out = out + self.apply_functions(functions, weights, chosen, x)
+        return out.view(shape)
 
 
 class NeonDecoderLayer(nn.Module):
     def __init__(self, config: NeonHFConfig, layer_idx: int):
         super().__init__()
         self.self_attn = NeonAttention(config, layer_idx)
-        self.mlp = NeonMLP(config)
-        self.input_layernorm = NeonRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = NeonRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = NeonFlamingMoE(config) if config.flaming_moe == "mlp" else NeonMLP(config)
+        self.config = config
+        if config.ngpt:  # no norms; alpha_A, alpha_M
+            self.input_layernorm = self.post_attention_layernorm = nn.Identity()
+            self.attn_alpha = ngpt_vector(config, "alpha", config.hidden_size)
+            self.mlp_alpha = ngpt_vector(config, "alpha", config.hidden_size)
+        else:
+            self.input_layernorm = NeonRMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.post_attention_layernorm = NeonRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.flaming = None
+        if config.flaming_moe == "between":  # FlamingMoE between attention and MLP (nGPT: alpha_F, no norm)
+            self.flaming = NeonFlamingMoE(config)
+            if config.ngpt:
+                self.pre_flaming_layernorm = nn.Identity()
+                self.flaming_alpha = ngpt_vector(config, "alpha", config.hidden_size)
+            else:
+                self.pre_flaming_layernorm = NeonRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def residual(self, h: torch.Tensor, update: torch.Tensor, which: str) -> torch.Tensor:
-        """h + update. nGPT seam: Norm(h + |alpha_which| (Norm(update) - h))."""
-        return h + update
+        """h + update; nGPT: Norm(h + |alpha_which| (Norm(update) - h))."""
+        if not self.config.ngpt:
+            return h + update
+        alpha = ngpt_effective(self.config, "alpha", getattr(self, f"{which}_alpha")).abs()
+        return unit_norm(h + alpha * (unit_norm(update) - h))
 
     def forward(self, h, cos, sin, attention_mask, cache=None):
         h = self.residual(h, self.self_attn(self.input_layernorm(h), cos, sin, attention_mask, cache), "attn")
+        if self.flaming is not None:
+            h = self.residual(h, self.flaming(self.pre_flaming_layernorm(h)), "flaming")
         return self.residual(h, self.mlp(self.post_attention_layernorm(h)), "mlp")
 
 
@@ -182,6 +332,13 @@ class NeonPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
+        if self.config.ngpt:  # scaling vectors at their stored "scale" value
+            scales = ngpt_scaling(self.config.hidden_size)
+            for name, key in (("s_qk", "s_qk"), ("s_u", "s_u"), ("s_v", "s_v"), ("s_z", "s_z"),
+                              ("attn_alpha", "alpha"), ("mlp_alpha", "alpha")):
+                p = module._parameters.get(name)
+                if p is not None:
+                    init.constant_(p, scales[key][1])
         if isinstance(module, NeonAttention) and module.diff:
             for p in (module.lambda_q1, module.lambda_k1, module.lambda_q2, module.lambda_k2):
                 init.normal_(p, mean=0.0, std=0.1)
@@ -209,7 +366,13 @@ class NeonModel(NeonPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList([NeonDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = NeonRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = nn.Identity() if config.ngpt else NeonRMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.flaming_moe != "off" and config.flaming_global_functions:
+            self.flaming_global_functions = nn.ModuleList(
+                [NeonFunction(config, config.flaming_global_kind) for _ in range(config.flaming_global_functions)])
+            for layer in self.layers:
+                block = layer.flaming if layer.flaming is not None else layer.mlp
+                block._global = (self.flaming_global_functions,)
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
@@ -233,18 +396,36 @@ class NeonForCausalLM(NeonPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: NeonHFConfig):
-        if config.ngpt:
-            raise NotImplementedError("ngpt=True: the nGPT reference lands with the nGPT work "
-                                      "(see the seams listed in modeling_neon.py)")
+        if config.ngpt and config.tie_word_embeddings:
+            raise ValueError("ngpt=True needs tie_word_embeddings=False (E_in and E_out are separate)")
         super().__init__(config)
         self.model = NeonModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.ngpt:
+            self.lm_head.s_z = ngpt_vector(config, "s_z", config.vocab_size)
         self.post_init()
+        if config.ngpt and self.lm_head.weight.device.type != "meta":
+            self.normalize_ngpt_weights()  # nGPT starts on the sphere
 
     def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """nGPT seam: z <- z * s_z."""
-        return logits
+        """nGPT: z <- z * s_z."""
+        return logits * ngpt_effective(self.config, "s_z", self.lm_head.s_z) if self.config.ngpt else logits
+
+    # each weight matrix nGPT keeps on the sphere -> the dim its D-space vectors run along
+    NGPT_UNIT_DIM = {"embed_tokens.weight": 1, "lm_head.weight": 1, "q_proj.weight": 1, "k_proj.weight": 1,
+                     "v_proj.weight": 1, "gate_proj.weight": 1, "up_proj.weight": 1, "o_proj.weight": 0,
+                     "down_proj.weight": 0,
+                     # FlamingMoE functions: low-rank A rows, B columns; linear d -> d by output columns
+                     "in_proj.weight": 1, "out_proj.weight": 0, ".proj.weight": 0}
+
+    @torch.no_grad()
+    def normalize_ngpt_weights(self) -> None:
+        """Put every weight vector that lives in D-space on the unit sphere (after each step)."""
+        for name, p in self.named_parameters():
+            dim = next((d for suffix, d in self.NGPT_UNIT_DIM.items() if name.endswith(suffix)), None)
+            if dim is not None:
+                p.copy_(unit_norm(p, dim=dim))
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
                 inputs_embeds=None, labels=None, use_cache: bool | None = None, logits_to_keep: int = 0,
@@ -265,4 +446,4 @@ class NeonForCausalLM(NeonPreTrainedModel, GenerationMixin):
 NeonHFConfig.register_for_auto_class()
 NeonForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["NeonForCausalLM", "NeonModel", "NeonPreTrainedModel"]
+__all__ = ["NeonForCausalLM", "NeonModel", "NeonPreTrainedModel", "NeonFlamingMoE", "NeonFunction"]

@@ -14,12 +14,19 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             rope_theta=10000.0, sliding_window=6, initializer_range=0.1, eos_token_id=None,
             bos_token_id=None, pad_token_id=None)
 FEATURES = {"base": {}, "diff-matched": {"diff_attention": "matched"},
-            "diff-expressive": {"diff_attention": "expressive"}}
+            "diff-expressive": {"diff_attention": "expressive"}, "ngpt": {"ngpt": True},
+            "diff-ngpt": {"diff_attention": "matched", "ngpt": True}}
 
 
 def tiny(seed=0, **features) -> NeonForCausalLM:
     torch.manual_seed(seed)
-    return NeonForCausalLM(NeonHFConfig(**TINY, **features)).eval()
+    model = NeonForCausalLM(NeonHFConfig(**TINY, **features)).eval()
+    if features.get("ngpt"):  # at init (alpha 0.05, s_z 1) nGPT barely moves h: greedy output repeats
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("alpha") or name.endswith("s_z"):
+                    p.mul_(torch.empty_like(p).uniform_(5.0, 15.0))
+    return model
 
 
 @pytest.mark.parametrize("tie", [False, True])

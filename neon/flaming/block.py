@@ -1,0 +1,143 @@
+"""The FlamingMoE block: per token, functions chosen from a global bank and a per-layer bank.
+
+    x' = RMSNorm(h)                                     (the block's pre-norm)
+    r  = x' + sum_{g in top-k(global)} p_g f_g(x') + sum_{f in top-k(layer)} p_f f_f(x')
+    h  = h + r                                          ('between': own residual)
+
+Each bank is a megatron-core MoELayer: its router (neon.flaming.router), megatron's token
+dispatcher (alltoall or allgather) and the bank's functions as experts, sharded over the
+expert-parallel group. Only the chosen functions run on the chosen tokens: the cost grows with
+k, not with the bank size. Every layer has its own router for each bank; the global bank's
+functions are one module owned by the model (one replica per pipeline stage, kept equal by
+summing their gradients over the stages: see `attach_global_bank`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from neon.flaming.functions import FunctionBankExperts, SharedFunctions, bank_config
+from neon.flaming.router import FlamingRouter
+
+BANKS = ("global", "layer")
+
+
+def bank_size(config, bank: str) -> int:
+    return config.flaming_global_functions if bank == "global" else config.flaming_layer_functions
+
+
+def bank_kind(config, bank: str) -> str:
+    return config.flaming_global_kind if bank == "global" else config.flaming_layer_kind
+
+
+class FunctionBank(MoELayer):
+    """One bank in one layer: route (this layer's router) -> dispatch -> functions -> combine.
+
+    `usage` counts the tokens routed to each function (this rank's tokens, since the last
+    `reset_usage`); no routing tensors are kept."""
+
+    def __init__(self, config, bank: str, layer_number: Optional[int] = None, pg_collection=None):
+        assert bank in BANKS, bank
+        n, kind = bank_size(config, bank), bank_kind(config, bank)
+        experts = (ModuleSpec(module=SharedFunctions) if bank == "global"
+                   else ModuleSpec(module=FunctionBankExperts, params={"kind": kind}))
+        router = functools.partial(FlamingRouter, bank=bank, mode=config.flaming_router,
+                                   temperature=config.flaming_gumbel_temperature)
+        super().__init__(bank_config(config, n, kind),
+                         MoESubmodules(experts=experts, router=router),
+                         layer_number=layer_number,
+                         pg_collection=pg_collection or get_default_pg_collection())
+        self.bank = bank
+        self.register_buffer("usage", torch.zeros(n, dtype=torch.long), persistent=False)
+
+    def route(self, hidden_states, padding_mask=None):
+        probs, routing_map = super().route(hidden_states, padding_mask)
+        with torch.no_grad():
+            self.usage += routing_map.sum(dim=0)
+        return probs, routing_map
+
+    def reset_usage(self) -> None:
+        self.usage.zero_()
+
+
+class FlamingMoE(MegatronModule):
+    """The block on normalized input x' [s, b, d] -> (r [s, b, d], None), an MLP-shaped module."""
+
+    def __init__(self, config, layer_number: Optional[int] = None, pg_collection=None, **_):
+        super().__init__(config=config)
+        pg_collection = pg_collection or get_default_pg_collection()
+        self.identity = config.flaming_identity
+        self.global_bank = (FunctionBank(config, "global", layer_number, pg_collection)
+                            if config.flaming_global_functions else None)
+        self.layer_bank = (FunctionBank(config, "layer", layer_number, pg_collection)
+                           if config.flaming_layer_functions else None)
+        if layer_number is not None:  # the routers log their losses per layer
+            self.set_layer_number(layer_number)
+
+    def banks(self) -> list[FunctionBank]:
+        return [b for b in (self.global_bank, self.layer_bank) if b is not None]
+
+    def set_layer_number(self, layer_number: int) -> None:
+        for bank in self.banks():
+            bank.set_layer_number(layer_number)
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask=None, **_):
+        out = hidden_states if self.identity else torch.zeros_like(hidden_states)
+        for bank in self.banks():
+            y, _ = bank(hidden_states, padding_mask=padding_mask)
+            out = out + y.to(out.dtype)
+        return out, None
+
+
+def build_global_bank(config, pg_collection=None) -> FunctionBankExperts:
+    """The global bank's functions (this rank's EP shard), initialised from the config's seed
+    alone so that every pipeline stage builds the same replica."""
+    pg_collection = pg_collection or get_default_pg_collection()
+    n = config.flaming_global_functions
+    cfg = bank_config(config, n, config.flaming_global_kind)
+    bank = FunctionBankExperts(n // pg_collection.ep.size(), cfg, kind=config.flaming_global_kind,
+                               pg_collection=pg_collection)
+    bank.reset_parameters_deterministic(config.flaming_init_seed)
+    bank.replicated_over_pipeline = True
+    for p in bank.parameters():
+        # finalize_model_grads sums these over the pipeline stages (config.has_cond_embedder)
+        p.pipeline_parallel = True
+    return bank
+
+
+def flaming_blocks(model: torch.nn.Module) -> list[FlamingMoE]:
+    return [m for m in model.modules() if isinstance(m, FlamingMoE)]
+
+
+def attach_global_bank(model: torch.nn.Module, config, pg_collection=None) -> Optional[FunctionBankExperts]:
+    """Give `model` (one pipeline stage) its replica of the global bank as
+    `model.flaming_global_functions` and point every layer's global bank at it."""
+    if config.flaming_moe == "off" or not config.flaming_global_functions:
+        return None
+    bank = build_global_bank(config, pg_collection)
+    model.flaming_global_functions = bank
+    for block in flaming_blocks(model):
+        block.global_bank.experts.attach(bank)
+    return bank
+
+
+def usage_counts(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{'layer<l>.<bank>': tokens per function} accumulated on this rank since the last reset."""
+    out = {}
+    for block in flaming_blocks(model):
+        for bank in block.banks():
+            out[f"layer{bank.layer_number}.{bank.bank}"] = bank.usage.clone()
+    return out
+
+
+def reset_usage(model: torch.nn.Module) -> None:
+    for block in flaming_blocks(model):
+        for bank in block.banks():
+            bank.reset_usage()

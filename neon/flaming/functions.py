@@ -1,0 +1,172 @@
+"""The functions of a FlamingMoE bank, laid out as megatron-core experts.
+
+A bank of n functions is megatron's `SequentialMLP` with one module per local function: the
+bank is sharded over the expert-parallel group exactly like experts (n / EP functions per
+rank, parameters marked for the expert-data-parallel gradient reduction, checkpoint keys with
+an expert axis). Each function receives the tokens the dispatcher routed to it, with their
+routing weights p, and returns p * f(x).
+
+Kinds:
+- 'linear':  f(x) = W x, W in R^{d x d}, no bias (the prototype's function)
+- 'swiglu':  f(x) = W2 (SiLU(Wg x) * (Wu x)), width `flaming_ffn_hidden_size` (megatron's MLP)
+- 'lowrank': f(x) = B A x, A in R^{r x d}, B in R^{d x r} (megatron's MLP, no activation)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def _identity(x):
+    return x
+
+
+def function_config(config: TransformerConfig, kind: str) -> dict:
+    """megatron config fields that make its expert MLP compute a function of this kind."""
+    if kind == "swiglu":
+        width = config.flaming_ffn_hidden_size or config.ffn_hidden_size
+        return dict(moe_ffn_hidden_size=width, gated_linear_unit=True, activation_func=F.silu)
+    if kind == "lowrank":
+        return dict(moe_ffn_hidden_size=config.flaming_lowrank_rank, gated_linear_unit=False,
+                    activation_func=_identity)
+    if kind == "linear":  # the MLP fields are unused; keep megatron's checks quiet
+        return dict(moe_ffn_hidden_size=config.hidden_size, gated_linear_unit=False,
+                    activation_func=_identity)
+    raise ValueError(f"unknown FlamingMoE function kind {kind!r}")
+
+
+class LinearFunction(MegatronModule):
+    """f(x) = W x, bias-free d -> d; `per_token_scale` p gives p * W x (megatron's expert call)."""
+
+    def __init__(self, config: TransformerConfig, tp_group=None):
+        super().__init__(config=config)
+        self.linear = ColumnParallelLinear(
+            config.hidden_size, config.hidden_size, config=config, init_method=config.init_method,
+            bias=False, gather_output=False, skip_bias_add=True, is_expert=True, tp_group=tp_group)
+
+    def forward(self, hidden_states, per_token_scale=None, **_):
+        out, _ = self.linear(hidden_states)  # [tokens, d]
+        if per_token_scale is not None:
+            out = (out * per_token_scale.unsqueeze(-1)).to(hidden_states.dtype)
+        return out, None
+
+
+class FunctionBankExperts(SequentialMLP):
+    """n / EP local functions of one kind; forward(tokens, tokens_per_function, weights)."""
+
+    def __init__(self, num_local_experts: int, config: TransformerConfig, kind: str = "linear",
+                 pg_collection=None):
+        pg_collection = pg_collection or get_default_pg_collection()
+        mlp_config = copy.deepcopy(config)
+        mlp_config.ffn_hidden_size = config.moe_ffn_hidden_size
+        MegatronModule.__init__(self, config=mlp_config)
+        self.kind = kind
+        self.num_local_experts = num_local_experts
+        self.ep_group = pg_collection.ep
+        self.tp_group = pg_collection.expt_tp
+        self.dp_group = pg_collection.expt_dp
+        self.local_experts = torch.nn.ModuleList()
+        for _ in range(num_local_experts):
+            if kind == "linear":
+                expert = LinearFunction(self.config, tp_group=pg_collection.expt_tp)
+            else:
+                expert = MLP(self.config, MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                        linear_fc2=RowParallelLinear),
+                             ffn_hidden_size=self.config.moe_ffn_hidden_size, is_expert=True,
+                             tp_group=pg_collection.expt_tp)
+            self.local_experts.append(expert)
+
+    @property
+    def first_function(self) -> int:
+        """Bank index of this rank's first function."""
+        return self.ep_group.rank() * self.num_local_experts
+
+    def reset_parameters_deterministic(self, seed: int) -> None:
+        """Re-initialise function g from seed (seed, g) alone: the same weights on every pipeline
+        stage and at every expert-parallel size (megatron's init draws from stage-dependent
+        RNG state)."""
+        for i, expert in enumerate(self.local_experts):
+            gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + self.first_function + i)
+            for name, p in expert.named_parameters():
+                std = self.config.init_method_std
+                if "fc2" in name:  # megatron's scaled output init
+                    std = std / (2.0 * self.config.num_layers) ** 0.5
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if getattr(self, "replicated_over_pipeline", False):
+            # one copy in the checkpoint: the first stage's replica is the main one
+            from megatron.core import parallel_state
+
+            pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+            for sh in sd.values():
+                if hasattr(sh, "replica_id"):
+                    sh.replica_id = (pp_rank, *sh.replica_id[1:])
+        return sd
+
+
+class SharedFunctions(MegatronModule):
+    """Stands in for a bank's experts when the functions are the model's global bank.
+
+    Holds no parameters: forward runs the global bank attached by `attach()` (owned by the
+    model, once per pipeline stage), so each layer's state dict does not repeat it."""
+
+    def __init__(self, num_local_experts: int, config: TransformerConfig, pg_collection=None, **_):
+        super().__init__(config=config)
+        self.num_local_experts = num_local_experts
+        self._bank: tuple = ()  # a tuple keeps the module out of this module's children
+
+    def attach(self, bank: FunctionBankExperts) -> None:
+        assert bank.num_local_experts == self.num_local_experts, "global bank shards differ"
+        self._bank = (bank,)
+
+    @property
+    def bank(self) -> FunctionBankExperts:
+        if not self._bank:
+            raise RuntimeError("the global FlamingMoE bank is not attached: build the model with "
+                               "neon.model.build_model (or call neon.flaming.attach_global_bank)")
+        return self._bank[0]
+
+    def forward(self, tokens, tokens_per_expert, probs):
+        return self.bank(tokens, tokens_per_expert, probs)
+
+    def backward_dw(self):
+        pass
+
+
+def bank_config(config: TransformerConfig, n: int, kind: str, **overrides) -> TransformerConfig:
+    """The megatron MoE config of one bank: n experts, top-k, dispatcher, losses, kind."""
+    fields = dict(
+        num_moe_experts=n,
+        moe_router_topk=config.flaming_topk,
+        moe_router_pre_softmax=True,  # softmax over the whole bank, then the top-k weights
+        moe_router_score_function="softmax",
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=config.flaming_aux_loss_coeff,
+        moe_z_loss_coeff=config.flaming_z_loss_coeff or None,
+        moe_token_dispatcher_type=config.flaming_token_dispatcher,
+        moe_router_dtype="fp32",
+        moe_grouped_gemm=False,
+        moe_shared_expert_intermediate_size=None,
+        moe_layer_recompute=False,
+        expert_tensor_parallel_size=1,
+        ngpt=False,  # the bank's MoE config only describes its functions (nGPT acts on the layer)
+        **function_config(config, kind),
+    )
+    fields.update(overrides)
+    names = {f.name for f in dataclasses.fields(config)}
+    cfg = dataclasses.replace(config, **{k: v for k, v in fields.items() if k in names})
+    return cfg
+

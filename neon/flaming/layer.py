@@ -1,0 +1,50 @@
+"""A Neon TransformerLayer with the FlamingMoE block between attention and MLP (the prototype's place).
+
+    h = h + Attn(RMSNorm(h))                      (megatron's TransformerLayer)
+    h = h + FlamingMoE(RMSNorm_flaming(h))        (this layer's addition)
+    h = h + MLP(RMSNorm(h))                       (megatron's TransformerLayer)
+
+For the other placement ('mlp') the block is the layer's `mlp` submodule and no subclass is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+
+@dataclass
+class FlamingTransformerLayerSubmodules(TransformerLayerSubmodules):
+    pre_flaming_layernorm: Union[ModuleSpec, type] = IdentityOp
+    flaming_moe: Union[ModuleSpec, type] = IdentityOp
+    flaming_bda: Union[ModuleSpec, type] = IdentityFuncOp
+
+
+class FlamingTransformerLayer(TransformerLayer):
+    def __init__(self, config, submodules: FlamingTransformerLayerSubmodules, layer_number: int = 1,
+                 hidden_dropout=None, pg_collection=None, vp_stage=None, **kwargs):
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                         hidden_dropout=hidden_dropout, pg_collection=pg_collection,
+                         vp_stage=vp_stage, **kwargs)
+        self.pre_flaming_layernorm = build_module(submodules.pre_flaming_layernorm, config=self.config,
+                                                  hidden_size=self.config.hidden_size,
+                                                  eps=self.config.layernorm_epsilon)
+        self.flaming_moe = build_module(submodules.flaming_moe, config=self.config,
+                                        layer_number=self.layer_number, pg_collection=self.pg_collection)
+        self.flaming_bda = build_module(submodules.flaming_bda)
+
+    def _forward_flaming(self, hidden_states):
+        """h + FlamingMoE(norm(h)) with the layer's bias-dropout-add."""
+        residual = hidden_states
+        r = self.flaming_moe(self.pre_flaming_layernorm(hidden_states))
+        with self.bias_dropout_add_exec_handler():
+            return self.flaming_bda(self.training, self.config.bias_dropout_fusion)(
+                r, residual, self.hidden_dropout)
+
+    def _forward_mlp(self, hidden_states, inference_context=None, padding_mask=None):
+        hidden_states = self._forward_flaming(hidden_states)
+        return super()._forward_mlp(hidden_states, inference_context, padding_mask=padding_mask)

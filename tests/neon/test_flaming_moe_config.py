@@ -1,0 +1,52 @@
+"""Bad FlamingMoE settings fail before any model is built, naming the setting and the fix."""
+
+import pytest
+
+from neon.config import NeonConfig, NeonConfigError
+from neon.hf.configuration_neon import NeonHFConfig
+
+GOOD = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+            vocab_size=128, flaming_moe="between", flaming_global_functions=8, flaming_layer_functions=4)
+
+
+@pytest.mark.parametrize("overrides,setting,fix", [
+    (dict(flaming_moe="middle"), "flaming_moe='middle'", "one of"),
+    (dict(flaming_global_functions=0, flaming_layer_functions=0), "flaming_layer_functions=0", "> 0"),
+    (dict(flaming_layer_functions=-1), "flaming_layer_functions=-1", "bank size"),
+    (dict(flaming_topk=5), "flaming_topk=5", "smallest bank"),
+    (dict(flaming_topk=0), "flaming_topk=0", "k >= 1"),
+    (dict(flaming_layer_functions=6, expert_model_parallel_size=4), "flaming_layer_functions=6",
+     "multiple of the expert-parallel size"),
+    (dict(flaming_layer_kind="cubic"), "flaming_layer_kind='cubic'", "one of"),
+    (dict(flaming_router="sinkhorn"), "flaming_router='sinkhorn'", "one of"),
+    (dict(flaming_gumbel_temperature=0.0), "flaming_gumbel_temperature=0.0", "positive temperature"),
+    (dict(flaming_token_dispatcher="flex"), "flaming_token_dispatcher='flex'", "one of"),
+    (dict(flaming_aux_loss_coeff=-0.1), "flaming_aux_loss_coeff=-0.1", "0 (off)"),
+    (dict(add_bias_linear=True), "add_bias_linear=True", "add_bias_linear=False"),
+    (dict(tensor_model_parallel_size=2), "expert_tensor_parallel_size=2", "expert_tensor_parallel_size=1"),
+    (dict(expert_model_parallel_size=4), None, None),  # EP without MoE MLPs: fine for FlamingMoE
+    (dict(flaming_moe="mlp", flaming_global_functions=0, flaming_router="topk", flaming_topk=4), None, None),
+], ids=lambda v: str(v)[:40] if isinstance(v, dict) else None)
+def test_bad_flaming_config_names_setting_and_fix(overrides, setting, fix):
+    if setting is None:  # a valid neighbour of the bad cases: must build
+        cfg = NeonConfig(**{**GOOD, **overrides})
+        assert cfg.expert_model_parallel_size == overrides.get("expert_model_parallel_size", 1)
+        return
+    with pytest.raises(NeonConfigError) as err:
+        NeonConfig(**{**GOOD, **overrides})
+    message = str(err.value)
+    assert message.startswith(setting), message
+    assert "Fix:" in message and fix in message, message
+
+
+def test_global_bank_marks_config_for_pipeline_grad_sum():
+    assert NeonConfig(**GOOD).has_cond_embedder  # megatron's finalize_model_grads sums it over stages
+    assert not NeonConfig(**{**GOOD, "flaming_global_functions": 0}).has_cond_embedder
+    assert not NeonConfig(**{**GOOD, "flaming_moe": "off"}).has_cond_embedder
+
+
+def test_hf_config_rejects_unknown_flaming_values():
+    with pytest.raises(ValueError, match="flaming_moe"):
+        NeonHFConfig(flaming_moe="middle")
+    with pytest.raises(ValueError, match="flaming_layer_kind"):
+        NeonHFConfig(flaming_moe="mlp", flaming_layer_functions=4, flaming_layer_kind="cubic")
