@@ -3,10 +3,11 @@
 tools/slurm_local/ installs Slurm from Debian's packages and starts slurmctld + two slurmd
 "nodes" (n1, n2) on loopback; the real sbatch script is submitted with `sbatch --wait` on tiny
 CPU settings: 2 nodes x 2 processes, TP=2 x DP=2. One job must run to the end with the loss
-falling; another is sent SIGUSR1 mid-run (what `#SBATCH --signal=B:USR1@T` does before the time
-limit) and must save, requeue itself, resume from its checkpoint and finish. The cluster is
-stopped when this module's tests end, pass or fail. Skipped only when Slurm is missing and cannot
-be installed (not root, or no apt-get).
+falling; the FlamingMoE script must run EP=2 x DP=2 over the two nodes; another job is sent
+SIGUSR1 mid-run (what `#SBATCH --signal=B:USR1@T` does before the time limit) and must save,
+requeue itself, resume from its checkpoint and finish. The cluster is stopped when this module's
+tests end, pass or fail. Skipped only when Slurm is missing and cannot be installed (not root,
+or no apt-get).
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.launch import training
 
 ROOT = Path(__file__).resolve().parents[2]
 SLURM_LOCAL = ROOT / "tools" / "slurm_local"
 DENSE = ROOT / "examples" / "slurm" / "pretrain_dense.sbatch"
+MOE = ROOT / "examples" / "slurm" / "pretrain_flaming_moe.sbatch"
 
 pytestmark = pytest.mark.slow
 
@@ -85,12 +88,12 @@ def slurm(tmp_path_factory):
         assert not (state / "slurmctld.pid").exists()
 
 
-def _submit(slurm_env: dict, run_dir: Path, name: str, knobs: dict) -> subprocess.Popen:
-    """`sbatch --wait` of the real dense script with CPU settings on both nodes."""
+def _submit(slurm_env: dict, run_dir: Path, name: str, knobs: dict, script: Path = DENSE) -> subprocess.Popen:
+    """`sbatch --wait` of a real sbatch script with CPU settings on both nodes."""
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(slurm_env, NEON_DEVICE="cpu", CPU_PROCS_PER_NODE="2", RUN_DIR=str(run_dir), **knobs)
     cmd = ["sbatch", "--wait", "--nodes=2", "--gpus-per-node=0", "--time=20", f"--job-name={name}",
-           f"--output={run_dir}/slurm-%j.out", str(DENSE)]
+           f"--output={run_dir}/slurm-%j.out", str(script)]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -171,3 +174,22 @@ def test_dense_sbatch_saves_requeues_and_resumes_on_sigusr1(slurm, launch_corpus
     assert training.SIGNAL_AFTER <= stopped_at < training.RESUME_ITERS, (first, log)
     assert first == list(range(1, stopped_at + 1)), (first, log)
     assert iterations[len(first):] == list(range(stopped_at + 1, training.RESUME_ITERS + 1)), (iterations, log)
+
+
+def test_flaming_moe_sbatch_runs_expert_parallel_over_two_nodes(slurm, launch_corpus, tmp_path):
+    """The FlamingMoE script: EP=2 x DP=2 over the two nodes, both banks on, a short run."""
+    run_dir = tmp_path / "run"
+    name = "neon-test-moe"
+    knobs = training.knobs(tmp_path, launch_corpus, train_iters=training.ITERS)
+    knobs.update(TP="1", EP="2", FLAMING_MOE="between", GLOBAL_FUNCTIONS="4", LAYER_FUNCTIONS="4", ROUTER="topk",
+                 TOPK="1")
+    rc, log = _finish(_submit(slurm, run_dir, name, knobs, script=MOE), slurm, run_dir, name,
+                      timeout=training.JOB_TIMEOUT)
+    assert rc == 0, log
+    assert "2 nodes x 2 processes (cpu)" in log, log
+    assert [r["iteration"] for r in _train_records(run_dir)] == list(range(1, training.ITERS + 1)), log
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["parallelism"]["expert_model_parallel_size"] == 2, config["parallelism"]
+    model = config["model"]
+    assert (model["flaming_moe"], model["flaming_global_functions"], model["flaming_layer_functions"]) == (
+        "between", 4, 4), model
