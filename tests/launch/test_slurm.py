@@ -1,0 +1,195 @@
+"""The sbatch scripts of examples/slurm/ on a real Slurm cluster started on this machine.
+
+tools/slurm_local/ installs Slurm from Debian's packages and starts slurmctld + two slurmd
+"nodes" (n1, n2) on loopback; the real sbatch script is submitted with `sbatch --wait` on tiny
+CPU settings: 2 nodes x 2 processes, TP=2 x DP=2. One job must run to the end with the loss
+falling; the FlamingMoE script must run EP=2 x DP=2 over the two nodes; another job is sent
+SIGUSR1 mid-run (what `#SBATCH --signal=B:USR1@T` does before the time limit) and must save,
+requeue itself, resume from its checkpoint and finish. The cluster is stopped when this module's
+tests end, pass or fail. Skipped only when Slurm is missing and cannot be installed (not root,
+or no apt-get).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.launch import training
+
+ROOT = Path(__file__).resolve().parents[2]
+SLURM_LOCAL = ROOT / "tools" / "slurm_local"
+DENSE = ROOT / "examples" / "slurm" / "pretrain_dense.sbatch"
+MOE = ROOT / "examples" / "slurm" / "pretrain_flaming_moe.sbatch"
+
+pytestmark = pytest.mark.slow
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port_block(n: int) -> int:
+    """The first of n consecutive free ports (slurmctld and one per slurmd)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n < 65000 and all(_port_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no block of free ports found")
+
+
+def _logs(state: Path) -> str:
+    out = []
+    for f in sorted((state / "log").glob("*.log")):
+        out.append(f"--- {f.name} (last lines)\n" + "\n".join(f.read_text(errors="replace").splitlines()[-30:]))
+    return "\n".join(out)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A running two-node Slurm cluster: yields the environment to run sbatch & co. with.
+    Module-scoped: the daemons stop as soon as this module's tests are done, pass or fail."""
+    r = subprocess.run(["bash", str(SLURM_LOCAL / "install.sh")], capture_output=True, text=True, timeout=900)
+    if r.returncode in (10, 11):
+        pytest.skip(f"Slurm is not installed and cannot be installed here: {r.stderr.strip()}")
+    assert r.returncode == 0, f"installing Slurm failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+
+    state = tmp_path_factory.mktemp("slurm")
+    base = _free_port_block(3)
+    env = dict(os.environ, SLURM_LOCAL_CTLD_PORT=str(base), SLURM_LOCAL_NODE_PORT=str(base + 1),
+               SLURM_CONF=str(state / "slurm.conf"),
+               # torchrun and python of this test run, on every "node"
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    try:
+        r = subprocess.run(["bash", str(SLURM_LOCAL / "start.sh"), str(state)], env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, f"start.sh failed:\n{r.stdout}\n{r.stderr}\n{_logs(state)}"
+        env["SLURM_STATE"] = str(state)
+        yield env
+    finally:
+        r = subprocess.run(["bash", str(SLURM_LOCAL / "stop.sh"), str(state)], env=env, capture_output=True,
+                           text=True, timeout=240)
+        assert r.returncode == 0, f"stop.sh failed:\n{r.stdout}\n{r.stderr}"
+        assert not (state / "slurmctld.pid").exists()
+
+
+def _submit(slurm_env: dict, run_dir: Path, name: str, knobs: dict, script: Path = DENSE) -> subprocess.Popen:
+    """`sbatch --wait` of a real sbatch script with CPU settings on both nodes."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(slurm_env, NEON_DEVICE="cpu", CPU_PROCS_PER_NODE="2", RUN_DIR=str(run_dir), **knobs)
+    cmd = ["sbatch", "--wait", "--nodes=2", "--gpus-per-node=0", "--time=20", f"--job-name={name}",
+           f"--output={run_dir}/slurm-%j.out", str(script)]
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, slurm_env: dict, run_dir: Path, name: str, timeout: float) -> tuple[int, str]:
+    """Wait for sbatch --wait; on timeout cancel the job and fail with its log."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        subprocess.run(["scancel", f"--name={name}"], env=slurm_env, timeout=30)
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"job {name} did not finish within {timeout}s\n{out}\n{_job_log(run_dir)}\n"
+                    f"{_logs(Path(slurm_env['SLURM_STATE']))}")
+    return proc.returncode, out + _job_log(run_dir)
+
+
+def _job_log(run_dir: Path) -> str:
+    return "\n".join(f.read_text(errors="replace") for f in sorted(run_dir.glob("slurm-*.out")))
+
+
+def _job_state(slurm_env: dict, name: str) -> str:
+    r = subprocess.run(["squeue", "-h", f"--name={name}", "-o", "%T"], env=slurm_env, capture_output=True,
+                       text=True, timeout=30)
+    return r.stdout.strip()
+
+
+def _train_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("kind") == "train"]
+
+
+def test_dense_sbatch_trains_on_two_nodes_tp2_dp2(slurm, launch_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    knobs = training.knobs(tmp_path, launch_corpus, train_iters=training.ITERS)
+    rc, log = _finish(_submit(slurm, run_dir, "neon-test-full", knobs), slurm, run_dir, "neon-test-full",
+                      timeout=training.JOB_TIMEOUT)
+    assert rc == 0, log
+    assert "2 nodes x 2 processes (cpu)" in log, log
+    # one torchrun per node: each wrote its two ranks' logs
+    rank_logs = list((run_dir / "logs").glob("job*-run0/*/attempt_0/*/stdout.log"))
+    assert len(rank_logs) == 4, (rank_logs, log)
+    records = _train_records(run_dir)
+    assert [r["iteration"] for r in records] == list(range(1, training.ITERS + 1)), log
+    training.check_run(run_dir, records, tensor_parallel=2, world_size=4)
+    losses = [r["loss"] for r in records]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - training.LOSS_DROP, losses
+
+
+def test_dense_sbatch_saves_requeues_and_resumes_on_sigusr1(slurm, launch_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    name = "neon-test-requeue"
+    knobs = training.knobs(tmp_path, launch_corpus, train_iters=training.RESUME_ITERS)
+    proc = _submit(slurm, run_dir, name, knobs)
+    deadline = time.monotonic() + training.JOB_TIMEOUT
+    while len(_train_records(run_dir)) < training.SIGNAL_AFTER:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            subprocess.run(["scancel", f"--name={name}"], env=slurm, timeout=30)
+            pytest.fail(f"job ended or stalled before iteration {training.SIGNAL_AFTER}:\n{_job_log(run_dir)}")
+        time.sleep(0.5)
+    # What `#SBATCH --signal=B:USR1@T` sends T seconds before the time limit.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", f"--name={name}"], env=slurm, check=True, timeout=30)
+
+    # The first run's records: those written before the job left RUNNING (it saves, then requeues).
+    while _job_state(slurm, name) == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    first = [r["iteration"] for r in _train_records(run_dir)]
+
+    rc, log = _finish(proc, slurm, run_dir, name, timeout=training.JOB_TIMEOUT + 60)
+    assert rc == 0, log
+    assert "requeueing job" in log and " run 1: 2 nodes x 2 processes" in log, log
+    iterations = [r["iteration"] for r in _train_records(run_dir)]
+    # The first run stopped at some step s after the signal and saved it; the requeued run went on
+    # from s + 1 to the end.
+    stopped_at = first[-1] if first else 0
+    assert training.SIGNAL_AFTER <= stopped_at < training.RESUME_ITERS, (first, log)
+    assert first == list(range(1, stopped_at + 1)), (first, log)
+    assert iterations[len(first):] == list(range(stopped_at + 1, training.RESUME_ITERS + 1)), (iterations, log)
+
+
+def test_flaming_moe_sbatch_runs_expert_parallel_over_two_nodes(slurm, launch_corpus, tmp_path):
+    """The FlamingMoE script: EP=2 x DP=2 over the two nodes, both banks on, a short run."""
+    run_dir = tmp_path / "run"
+    name = "neon-test-moe"
+    knobs = training.knobs(tmp_path, launch_corpus, train_iters=training.ITERS)
+    knobs.update(TP="1", EP="2", FLAMING_MOE="between", GLOBAL_FUNCTIONS="4", LAYER_FUNCTIONS="4", ROUTER="topk",
+                 TOPK="1")
+    rc, log = _finish(_submit(slurm, run_dir, name, knobs, script=MOE), slurm, run_dir, name,
+                      timeout=training.JOB_TIMEOUT)
+    assert rc == 0, log
+    assert "2 nodes x 2 processes (cpu)" in log, log
+    assert [r["iteration"] for r in _train_records(run_dir)] == list(range(1, training.ITERS + 1)), log
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["parallelism"]["expert_model_parallel_size"] == 2, config["parallelism"]
+    model = config["model"]
+    assert (model["flaming_moe"], model["flaming_global_functions"], model["flaming_layer_functions"]) == (
+        "between", 4, 4), model
