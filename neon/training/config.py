@@ -338,6 +338,9 @@ def _check_type(where: str, value, tp):
         if value is None:
             return None
     elif origin is Literal:
+        if isinstance(value, bool) and {"off", "on"} & set(args):
+            # YAML 1.1 reads off/on/no/yes as booleans: `diff_attention: off` means "off"
+            value = {False: "off", True: "on"}[value]
         if value in args:
             return value
         raise ConfigError(f"{where}={value!r} is not a valid choice. Fix: use one of {list(args)}.")

@@ -145,3 +145,15 @@ def test_example_configs_resolve_at_their_layout(corpus, name):
     cfg = resolve(["--config", str(path), "--data-path", data, "--tokenizer-model", tokenizer, "--save", "ckpt"],
                   world_size=LAYOUT_WORLD[name], check_files=False)
     assert cfg.num_microbatches >= 1
+
+
+def test_off_is_a_choice_not_a_yaml_boolean(corpus, tmp_path):
+    """YAML 1.1 reads `off` as False; for choices that include 'off' it means 'off'."""
+    cfg = resolve(base(corpus, "--diff-attention", "off", "--flaming-moe", "off"))
+    assert cfg.model.diff_attention == "off" and cfg.model.flaming_moe == "off"
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  diff_attention: off\n")
+    assert resolve(["--config", str(config), *base(corpus)]).model.diff_attention == "off"
+    config.write_text("model:\n  diff_attention: yes\n")  # True is not a layout
+    with pytest.raises(ConfigError, match="diff_attention"):
+        resolve(["--config", str(config), *base(corpus)])
