@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -229,6 +230,8 @@ def save(root: str | os.PathLike, iteration: int, chunks, optimizer, scheduler, 
     state = _sharded_state(chunks, optimizer, scheduler, is_loading=False, with_optimizer=optimizer is not None,
                            with_rng=optimizer is not None, common=common)
     dist_checkpointing.save(state, str(tmp))
+    if os.environ.get("NEON_FAULT_PAUSE_SAVE_AT") == str(iteration):
+        time.sleep(300)  # fault injection for tests: be killed between writing and committing
     _barrier()  # every rank has finished writing
     if rank0:
         _fsync_dir(tmp)

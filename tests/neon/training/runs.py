@@ -49,9 +49,9 @@ def launch(args: list[str], nproc: int = 1, timeout: float = 150) -> subprocess.
                           timeout=timeout)
 
 
-def start(args: list[str], nproc: int = 1, log: Path | None = None) -> subprocess.Popen:
+def start(args: list[str], nproc: int = 1, log: Path | None = None, **env) -> subprocess.Popen:
     out = open(log, "w") if log else subprocess.DEVNULL
-    return subprocess.Popen(command(args, nproc), cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+    return subprocess.Popen(command(args, nproc), cwd=REPO, env={**_env(), **env}, stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 

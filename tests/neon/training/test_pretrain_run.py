@@ -47,10 +47,11 @@ def test_killed_save_then_sigterm_then_resume_is_exact(corpus, reference, tmp_pa
     save = tmp_path / "ckpt"
     args = tiny_args(*corpus, **TP2, save=save, load=save, save_interval=2, ckpt_keep_last=2)
 
-    # 1. SIGKILL every process while iteration 4 is being written: iteration 2 stays the latest.
-    proc = start(args, nproc=2, log=tmp_path / "killed.log")
+    # 1. SIGKILL every process while iteration 4 is being written (the save pauses after writing,
+    #    before committing): iteration 2 stays the latest.
+    proc = start(args, nproc=2, log=tmp_path / "killed.log", NEON_FAULT_PAUSE_SAVE_AT="4")
     tmp4 = save / ".tmp_iter_0000004"
-    wait_for(lambda: tmp4.exists(), proc, 120, "the write of iteration 4", poll=0.002)
+    wait_for(lambda: tmp4.exists() and any(tmp4.iterdir()), proc, 120, "the write of iteration 4", poll=0.05)
     kill_all(proc)
     assert latest(save) == 2 and (save / "iter_0000002" / "metadata.json").is_file()
     assert not (save / "iter_0000004").exists() or latest(save) == 2
