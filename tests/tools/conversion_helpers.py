@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.neon.training.runs import as_flags
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -36,16 +38,7 @@ def pretrain_args(save: Path, tokenizer: str, data: str, model: bool = True, **s
     values.update(seq_length=32, micro_batch_size=2, global_batch_size=4, train_iters=3, lr=3e-3, min_lr=3e-4,
                   lr_warmup_iters=1, eval_iters=0, log_interval=1, split="98,2,0", num_workers=0, seed=7, save=save)
     values.update(settings)
-    args = ["--data-path", data, "--tokenizer-model", tokenizer, "--no-progress-bar"]
-    for key, value in values.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            args.append(flag)
-        elif value is False:
-            args.append("--no-" + key.replace("_", "-"))
-        elif value is not None:
-            args += [flag, str(value)]
-    return args
+    return ["--data-path", data, "--tokenizer-model", tokenizer, "--no-progress-bar", *as_flags(values)]
 
 
 def train(save: Path, tokenizer: str, data: str, nproc: int, timeout: float = 300, model: bool = True,

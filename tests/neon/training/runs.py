@@ -20,7 +20,12 @@ def tiny_args(tokenizer: str, data: str, **overrides) -> list[str]:
                   train_iters=8, lr=3e-3, min_lr=3e-4, lr_warmup_iters=1, eval_interval=4, eval_iters=2,
                   log_interval=1, split="90,10,0", num_workers=0, seed=7)
     values.update(overrides)
-    args = ["--data-path", data, "--tokenizer-model", tokenizer]
+    return ["--data-path", data, "--tokenizer-model", tokenizer, *as_flags(values)]
+
+
+def as_flags(values: dict) -> list[str]:
+    """{"train_iters": 8, "bf16": True, "sequence_parallel": False} -> pretrain_neon.py flags."""
+    args = []
     for key, value in values.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
