@@ -34,8 +34,13 @@ def test_bad_config_names_setting_and_fix(overrides, setting, fix):
     if setting is None:  # a valid neighbour of the bad cases: must build
         NeonConfig(**{**GOOD, **overrides})
         return
+    assert_names_setting_and_fix({**GOOD, **overrides}, setting, fix)
+
+
+def assert_names_setting_and_fix(settings: dict, setting: str, fix: str) -> None:
+    """NeonConfig(**settings) fails with a message that starts with `setting` and gives `fix`."""
     with pytest.raises(NeonConfigError) as err:
-        NeonConfig(**{**GOOD, **overrides})
+        NeonConfig(**settings)
     message = str(err.value)
     assert message.startswith(setting), message
     assert "Fix:" in message and fix in message, message
