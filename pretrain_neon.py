@@ -2,9 +2,11 @@
 
     torchrun --nproc-per-node N pretrain_neon.py --config examples/configs/neon_125m.yaml [--flag VALUE ...]
 
-Flags keep Megatron-LM's names (`--help` lists every one with its default). SIGTERM or SIGUSR1
-makes every rank finish its step, save a checkpoint to --save and exit with status 0; rerunning
-the same command with --load pointing at that directory resumes exactly.
+Flags keep Megatron-LM's names (`--help` lists every one with its default). `--print-config`
+prints the resolved configuration (each value's origin as a comment) and exits 0 before anything
+is built. SIGTERM or SIGUSR1 makes every rank finish its step, save a checkpoint to --save and
+exit with status 0; rerunning the same command with --load pointing at that directory resumes
+exactly.
 Exit status: 0 finished or saved on a signal, 2 bad configuration, 3 loss became NaN/inf.
 """
 
@@ -15,15 +17,19 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from neon.training.config import ConfigError, resolve
+    from neon.training.config import ConfigError, dump_yaml, resolve_command_line
 
     first_rank = os.environ.get("RANK", "0") == "0"
     try:
-        cfg = resolve(argv)
+        cfg, print_config = resolve_command_line(argv)
     except ConfigError as e:
         if first_rank:
             print(f"pretrain_neon.py: error: {e}", file=sys.stderr)
         return 2
+    if print_config:
+        if first_rank:
+            print(dump_yaml(cfg), end="", flush=True)
+        return 0
     from megatron_plugins import distributed
     from neon.training.loop import TrainingDiverged, pretrain
 

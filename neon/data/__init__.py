@@ -1,6 +1,6 @@
 """Neon's data pipeline: tokenizer, .bin/.idx preprocessing, megatron-core datasets, demo corpus.
 
-    from neon.data import NeonTokenizer, build_datasets, check_data_files, DataError
+    from neon.data import NeonTokenizer, tokenizer_vocab_size, build_datasets, check_data_files, DataError
     from neon.data.corpus import build_demo_corpus, prepare_demo_data
 
 Names load lazily, so the tokenizer tools start without importing megatron-core.
@@ -11,6 +11,7 @@ import importlib
 _EXPORTS = {
     "DataError": "neon.data.errors",
     "NeonTokenizer": "neon.data.tokenizer",
+    "tokenizer_vocab_size": "neon.data.tokenizer",
     "build_datasets": "neon.data.datasets",
     "DataFileInfo": "neon.data.checks",
     "check_data_file": "neon.data.checks",

@@ -69,3 +69,8 @@ class NeonTokenizer:
     def __repr__(self) -> str:
         return (f"NeonTokenizer({str(self.model_path)!r}, vocab_size={self.vocab_size}, eod={self.eod}, "
                 f"bos={self.bos}, pad={self.pad})")
+
+
+def tokenizer_vocab_size(model_path: str | Path) -> int:
+    """The number of pieces of a sentencepiece model file (DataError naming the file if unusable)."""
+    return NeonTokenizer(model_path).vocab_size
