@@ -30,7 +30,7 @@ def as_flags(values: dict) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if value is True:
             args.append(flag)
-        elif value is False:
+        elif value is False and not key.startswith("no_"):  # no_* settings are off unless given
             args.append("--no-" + key.replace("_", "-"))
         elif value is not None:
             args += [flag, str(value)]
