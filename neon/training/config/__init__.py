@@ -4,7 +4,7 @@
     model_section.py  the `model` section, generated from NeonConfig
     values.py         type-checking one value against its annotation
     parsing.py        flags (--help, aliases), YAML layering, resolve()
-    recipes.py        the settings each Neon feature brings (FEATURE_DEFAULTS)
+    recipes.py        the settings each Neon feature brings when it is on (feature_recipes())
     data_checks.py    the steps that read files: tokenizer vocabulary, data files
     serialization.py  --config files, config.yaml with origins, from_dict()
 
