@@ -87,9 +87,14 @@ def _yaml_settings(data: dict) -> list[tuple[str, str, Any, str]]:
 
 
 def _flag_value(dest: str, raw):
-    """A flag's value as YAML would read it (`--lr 3e-4` -> 0.0003); booleans and lists as given."""
+    """A flag's value as YAML would read it (`--lr 3e-4` -> 0.0003); booleans and lists as given;
+    a text setting's value as typed (`--run-dir 1e3` is "1e3", `--wandb-exp-name no` is "no"),
+    except `null` for one that may be unset."""
     if isinstance(raw, (bool, list)):
         return [str(t) for t in raw] if isinstance(raw, list) else raw
+    alternatives = typing.get_args(tp := annotation(*dest.split(".", 1))) or (tp,)
+    if str in alternatives and set(alternatives) <= {str, type(None)}:
+        return None if raw == "null" and type(None) in alternatives else raw
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:

@@ -182,3 +182,12 @@ def test_off_is_a_choice_not_a_yaml_boolean(corpus, tmp_path):
     config.write_text("model:\n  diff_attention: yes\n")  # True is not a layout
     with pytest.raises(ConfigError, match="diff_attention"):
         resolve(["--config", str(config), *base(corpus)])
+
+
+def test_text_flags_keep_what_was_typed(corpus):
+    """YAML would read `1e3` as 1000.0, `0001` as 1 and `no` as False; a text setting keeps the text."""
+    cfg = resolve(base(corpus, "--run-dir", "1e3", "--save", "0001", "--wandb-exp-name", "no",
+                       "--data-cache-path", "null"), check_files=False)
+    assert (cfg.logging.run_dir, cfg.checkpointing.save, cfg.logging.wandb_exp_name) == ("1e3", "0001", "no")
+    assert cfg.data.data_cache_path is None
+    assert cfg.optimizer.lr == 3e-4 and resolve(base(corpus, "--lr", "1e-3"), check_files=False).optimizer.lr == 1e-3
