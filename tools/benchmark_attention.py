@@ -10,9 +10,10 @@ Kernels, each on the same random q/k/v (GQA heads of examples/configs/neon_1b.ya
   the CPU, where the forward of the compiled FlexAttention is timed as `flex`);
 - `causal`: plain causal SDPA over the whole sequence (flash/cuDNN): what the window saves.
 
-Reported per kernel and length: median forward and forward+backward time (CUDA events on a GPU),
-peak memory of forward+backward above the inputs, and ratios to `sdpa-mask`. On the CPU the
-compiled FlexAttention has no backward (torch 2.13), so its forward+backward is not timed.
+Reported per kernel and length: median forward time (inputs that need gradients, as in
+training) and forward+backward time (CUDA events on a GPU), peak memory of forward+backward
+above the inputs, and ratios to `sdpa-mask`. On the CPU the compiled FlexAttention has no
+backward (torch 2.13): it is timed in forward only, without gradients.
 """
 
 from __future__ import annotations
@@ -81,16 +82,21 @@ def measure(name, kernel, q, k, v, args, device) -> dict:
     scale = 1 / math.sqrt(q.size(-1))
     probe = torch.randn_like(q)
 
+    # The forward as training runs it (inputs that need gradients: the same compiled graph as the
+    # backward's), except FlexAttention on the CPU, whose training graph does not compile there.
+    cpu_flex = name == "flex" and device.type == "cpu"
+
     def forward():
-        with torch.no_grad():
-            kernel(q, k, v, scale=scale, window=args.window)
+        leaves = [t.detach().requires_grad_(not cpu_flex) for t in (q, k, v)]
+        with torch.set_grad_enabled(not cpu_flex):
+            kernel(*leaves, scale=scale, window=args.window)
 
     def forward_backward():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         (kernel(*leaves, scale=scale, window=args.window) * probe).sum().backward()
 
     record = dict(kernel=name, seq=q.size(2), fwd_s=timed(forward, args.reps, device))
-    if name == "flex" and device.type == "cpu":
+    if cpu_flex:
         return dict(record, fwd_bwd_s=None, peak_memory_gib=None)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -69,7 +69,7 @@ if ((dry_run)); then
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     log "dry run on the CPU (tiny sizes) with $PYTHON, results in $OUT"
 else
-    : "${TESTS_TIMEOUT:=90}" "${MODEL_TIMEOUT:=150}" "${ATTENTION_TIMEOUT:=60}"
+    : "${TESTS_TIMEOUT:=110}" "${MODEL_TIMEOUT:=150}" "${ATTENTION_TIMEOUT:=80}"
     preset=gpu
     model_opts=(--steps 5 --warmup 2)
     attention_opts=()

@@ -34,10 +34,12 @@ def assert_bf16_close(got, want, what, tol=2e-2):
     assert want.abs().max() > 1e-3 and rel < tol, (what, rel)
 
 
-# (query heads, key/value heads), window, nGPT's normalised q/k: GQA 4:1, DiffAttention's 2n over
-# 2g, MHA. Few cases on purpose: each new shape or scale compiles FlexAttention again.
-CASES = [((16, 4), None, False), ((16, 4), 256, False), ((32, 8), None, True), ((32, 8), 256, True),
-         ((16, 16), 256, False)]
+# (query heads, key/value heads), window, nGPT's normalised q/k: GQA 4:1 on SDPA's flash kernel,
+# DiffAttention's 2n over 2g heads on it and on FlexAttention with nGPT's scale. Few windowed
+# cases on purpose: each new shape or scale compiles FlexAttention again (seconds on the GPU
+# machine, inside the 'tests' section's timeout); MHA and the other head counts are checked
+# on the CPU (tests/neon/test_attention.py).
+CASES = [((16, 4), None, False), ((32, 8), None, True), ((32, 8), 256, True)]
 
 
 @pytest.mark.parametrize(("heads", "window", "normalized"), CASES)
