@@ -91,6 +91,9 @@ def parse_args(argv=None):
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+    if args.window >= args.seq:
+        p.error(f"--window {args.window}: a window at least as long as the sequence ({args.seq}) is plain "
+                "causal attention and the base-window variant would test nothing; choose a shorter window")
     known = [v.name for v in variants(PRESETS[args.preset])]
     chosen = args.variants.split(",") if args.variants else known
     unknown = sorted(set(chosen) - set(known))

@@ -1,6 +1,7 @@
 """tools/gpu_check.sh --dry-run: the prepared GPU run end to end on the CPU, at tiny sizes, with the
 same script and benchmark code, so it cannot rot between GPU sessions."""
 
+import importlib.util
 import json
 import math
 import os
@@ -59,3 +60,20 @@ def test_unknown_section_is_refused_before_any_work(tmp_path):
     assert r.returncode == 2
     assert "--only modle is not a section; choose one of: tests model attention" in r.stderr
     assert not any(tmp_path.iterdir())
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("tool", "argv"), [("benchmark_attention", ["--seqs", "256", "--window", "256"]),
+                                            ("benchmark_model", ["--window", "128"])])
+def test_benchmarks_refuse_a_window_that_masks_nothing(tool, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        load_tool(tool).parse_args(argv)
+    assert e.value.code == 2
+    assert f"--window {argv[-1]}: a window at least as long as the sequence" in capsys.readouterr().err
