@@ -63,6 +63,8 @@ PRESETS = {
                  window=32, flaming=(4, 2, 32)),
 }
 BASELINE = "base"
+# what flops_per_token counts (MERGE: update with the FLOP contract)
+FLOPS_SOURCE = "neon.training.metrics.training_flops_per_token as of 2026-12-01: a plain Mistral's count"
 
 
 def variants(preset: dict) -> list[Variant]:
@@ -198,7 +200,8 @@ def main(argv=None) -> int:
                   torch=torch.__version__, preset=args.preset, hidden=args.hidden, layers=args.layers,
                   heads=args.heads, groups=args.groups, ffn=args.ffn, vocab=args.vocab, seq=args.seq,
                   batch=args.batch, window=args.window, steps=args.steps, warmup=args.warmup,
-                  peak_tflops=args.peak_tflops, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+                  peak_tflops=args.peak_tflops, flops=FLOPS_SOURCE,
+                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     print("# benchmark_model: " + " ".join(f"{k}={v}" for k, v in header.items()), flush=True)
     records = []
     for variant in (v for v in variants(PRESETS[args.preset]) if v.name in args.variants):

@@ -66,6 +66,7 @@ if ((dry_run)); then
     preset=tiny
     model_opts=(--steps 2 --warmup 1)
     attention_opts=()
+    export CUDA_VISIBLE_DEVICES=""  # the CPU path even where a GPU is visible
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     log "dry run on the CPU (tiny sizes) with $PYTHON, results in $OUT"
 else
