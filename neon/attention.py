@@ -1,13 +1,24 @@
 """Core attention for the local (non-TE) path: causal, grouped-query, optional sliding window.
 
 Plugs into megatron-core's SelfAttention as its `core_attention` submodule and computes
-softmax(q k^T * scale + mask) v with torch's scaled_dot_product_attention (flash or
-memory-efficient kernels on a GPU). megatron's own DotProductAttention materialises the
-full score matrix; this one does not.
+softmax(q k^T * scale + causal/window mask) v. `attention()` picks the kernel:
+
+- CUDA, sliding window narrower than the keys: FlexAttention (torch.compile'd) with a block mask,
+  so fully masked key blocks are skipped and no s x s mask exists; the block mask depends only on
+  (sq, sk, window, device) and is built once per shape. Grouped-query attention reads the shared
+  key/value heads in place (enable_gqa), no copies.
+- CUDA, no window (or one at least as wide as the keys): torch SDPA with is_causal, which takes
+  the flash or cuDNN kernel; grouped-query through enable_gqa.
+- CPU, and CUDA with attention dropout under a window (FlexAttention has no dropout): SDPA with
+  enable_gqa and, for a window, an explicit boolean [sq, sk] mask.
+
+Any number of query heads per key/value head works (the base, every DiffAttention layout);
+`scale` is the softmax scale (1/sqrt(d), or nGPT's sqrt(d) on normalised q/k).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -23,24 +34,77 @@ from neon.config import NeonConfig
 def causal_window_mask(sq: int, sk: int, window: Optional[int], device) -> Optional[torch.Tensor]:
     """Boolean [sq, sk] mask, True where attention is allowed (query i is token sk - sq + i).
 
-    None when plain causal attention suffices (no window wider than the sequence)."""
-    if window is None or window >= sk:
+    None when plain causal attention suffices (no window, or one at least as wide as the keys)."""
+    if not needs_window(sk, window):
         return None
     q_pos = torch.arange(sk - sq, sk, device=device)[:, None]
     k_pos = torch.arange(sk, device=device)[None, :]
     return (k_pos <= q_pos) & (k_pos > q_pos - window)
 
 
+def needs_window(sk: int, window: Optional[int]) -> bool:
+    """A window masks something only when it is narrower than the keys."""
+    return window is not None and window < sk
+
+
+def _check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.size(1) % k.size(1) or k.size(1) != v.size(1):
+        raise ValueError(f"attention: {q.size(1)} query heads over {k.size(1)} key and {v.size(1)} value "
+                         "heads; the query heads must be a whole multiple of the key/value heads")
+
+
 def sdpa(q, k, v, *, scale: float, window: Optional[int], dropout_p: float = 0.0):
-    """q [b, h, sq, d], k [b, h_kv, sk, d], v [b, h_kv, sk, d_v] -> [b, h, sq, d_v]."""
-    groups = q.size(1) // k.size(1)
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
+    """torch SDPA: q [b, h, sq, d], k [b, h_kv, sk, d], v [b, h_kv, sk, d_v] -> [b, h, sq, d_v].
+
+    Causal through is_causal (flash/cuDNN-eligible) without a window, else a boolean mask."""
+    _check_heads(q, k, v)
     mask = causal_window_mask(q.size(2), k.size(2), window, q.device)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, scale=scale
-    )
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, scale=scale,
+        enable_gqa=q.size(1) != k.size(1))
+
+
+@functools.lru_cache(maxsize=32)
+def window_block_mask(sq: int, sk: int, window: int, device: torch.device):
+    """FlexAttention block mask of causal attention within `window` keys (query i is token
+    sk - sq + i), shared by every batch entry and head. Built once per (sq, sk, window, device)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    offset = sk - sq
+
+    def causal_window(b, h, q_idx, kv_idx):
+        q_pos = q_idx + offset
+        return (kv_idx <= q_pos) & (kv_idx > q_pos - window)
+
+    return create_block_mask(causal_window, None, None, sq, sk, device=device)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_window_attention(q, k, v, *, scale: float, window: int, compiled: bool = True):
+    """FlexAttention, causal within `window`: same shapes and result as `sdpa` with that window.
+
+    compiled=False runs FlexAttention's eager reference (tests); training always compiles."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    _check_heads(q, k, v)
+    block_mask = window_block_mask(q.size(2), k.size(2), window, q.device)
+    kernel = _compiled_flex() if compiled else flex_attention
+    return kernel(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.size(1) != k.size(1))
+
+
+def attention(q, k, v, *, scale: float, window: Optional[int], dropout_p: float = 0.0):
+    """Causal (optionally windowed) grouped-query attention on the kernel the module doc names.
+
+    q [b, h, sq, d], k [b, h_kv, sk, d], v [b, h_kv, sk, d_v] -> [b, h, sq, d_v], h a multiple of h_kv."""
+    if q.is_cuda and needs_window(k.size(2), window) and not dropout_p:
+        return flex_window_attention(q, k, v, scale=scale, window=window)
+    return sdpa(q, k, v, scale=scale, window=window, dropout_p=dropout_p)
 
 
 class NeonCoreAttention(MegatronModule):
@@ -72,10 +136,9 @@ class NeonCoreAttention(MegatronModule):
         dropout_p = self.dropout_p if self.training else 0.0
         if dropout_p:
             with tensor_parallel.get_cuda_rng_tracker().fork():  # per-TP-rank dropout
-                out = sdpa(q, k, v, scale=self.softmax_scale, window=self.window,
-                           dropout_p=dropout_p)
+                out = attention(q, k, v, scale=self.softmax_scale, window=self.window,
+                                dropout_p=dropout_p)
         else:
-            out = sdpa(q, k, v, scale=self.softmax_scale, window=self.window)
+            out = attention(q, k, v, scale=self.softmax_scale, window=self.window)
         # [b, h, sq, d] -> [sq, b, h * d]
         return out.permute(2, 0, 1, 3).flatten(2)
-

@@ -47,7 +47,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from neon.attention import sdpa
+from neon.attention import attention
 from neon.config import NeonConfig
 
 HEAD_NORM_EPS = 1e-5
@@ -216,7 +216,7 @@ class DiffCoreAttention(MegatronModule):
         under dropout, whose masks would then differ between the halves)."""
         if split_values is None:
             split_values = v.size(-1) == 2 * q.size(-1) and not dropout_p
-        attend = partial(sdpa, scale=self.softmax_scale, window=self.window, dropout_p=dropout_p)
+        attend = partial(attention, scale=self.softmax_scale, window=self.window, dropout_p=dropout_p)
         if split_values:
             return torch.cat([attend(q, k, half) for half in v.chunk(2, dim=-1)], dim=-1)
         return attend(q, k, v)

@@ -1,74 +1,144 @@
 #!/usr/bin/env bash
-# One prepared check for a lent GPU machine: the GPU-marked tests, then the layer benchmark in
-# bf16 with MFU. That machine has no network, a Python 3.12 with its own CUDA torch, and no
+# The one prepared run for a lent GPU machine (under 5 minutes in one call), in three sections:
+#   tests      the GPU-marked tests (pytest -m gpu)                        -> gpu_tests.xml
+#   model      training step of whole ~1B Neon models, bf16, every variant
+#              and once with sliding_window 1024 (tools/benchmark_model.py) -> benchmark_model.{txt,json}
+#   attention  Neon's windowed kernel against SDPA with a mask, seq 4096
+#              and 8192, window 1024 (tools/benchmark_attention.py)         -> benchmark_attention.{txt,json}
+# That machine has no network, a Python 3.12 with its own CUDA torch and Triton, and no
 # Transformer Engine; megatron-core travels as a wheel in .whl/ (git-ignored).
 #
 #   here, once (needs the package index):   bash tools/gpu_check.sh fetch
 #   there (device tool, carry [".whl"]):    bash tools/gpu_check.sh
+#   one section again:                      bash tools/gpu_check.sh --only model
+#   here, on the CPU (tiny sizes, same code): bash tools/gpu_check.sh --dry-run
 #
-# Results land in $OUT (the device tool brings that folder back): gpu_check.log (everything),
-# gpu.txt (the card), gpu_tests.xml (JUnit), benchmark_gpu.txt. Exit status 0 only when the
-# tests and the benchmark both succeed. PEAK_TFLOPS overrides the card's dense bf16 peak;
-# BENCH_ARGS adds benchmark options (e.g. "--seq 8192").
+# Each section runs under its own timeout (TESTS_TIMEOUT, MODEL_TIMEOUT, ATTENTION_TIMEOUT
+# seconds) and writes its files to $OUT as soon as it finishes; gpu_check.log holds everything
+# and gpu.txt the card (7 files, under the device tool's 8). Exit status 0 only when every
+# section run succeeds. PEAK_TFLOPS overrides the card's dense bf16 peak; MODEL_ARGS and
+# ATTENTION_ARGS add benchmark options (e.g. MODEL_ARGS="--layers 8").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WHEELS=(megatron-core==0.16.1)
+SECTIONS=(tests model attention)
 PYTHON=${PYTHON:-python3}
 
-if [[ "${1:-}" == "fetch" ]]; then
+usage() {
+    echo "usage: bash tools/gpu_check.sh [fetch | [--dry-run] [--only SECTION]]  (SECTION: ${SECTIONS[*]})" >&2
+    exit 2
+}
+
+fetch_wheels() {
     mkdir -p .whl
     "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}"
     ls -l .whl
-    exit 0
+}
+
+dry_run=0
+only=""
+while (($#)); do
+    case "$1" in
+        fetch) fetch_wheels; exit 0 ;;
+        --dry-run) dry_run=1 ;;
+        --only) [[ $# -ge 2 ]] || usage; only=$2; shift ;;
+        *) usage ;;
+    esac
+    shift
+done
+if [[ -n "$only" && " ${SECTIONS[*]} " != *" $only "* ]]; then
+    echo "gpu_check: --only $only is not a section; choose one of: ${SECTIONS[*]}" >&2
+    exit 2
 fi
 
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
-exec > >(tee "$OUT/gpu_check.log") 2>&1
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 log() { echo "[gpu_check $(date -u +%H:%M:%S)] $*"; }
-
-if ! compgen -G ".whl/*.whl" > /dev/null; then
-    log "no wheels in .whl/: run 'bash tools/gpu_check.sh fetch' here and carry .whl"
-    exit 2
-fi
-wheels=(.whl/*.whl)
-log "installing ${wheels[*]} into /tmp/site"
-"$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "${wheels[@]}"
-export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+if ((dry_run)); then
+    # the CPU: this checkout's Python and megatron-core, tiny sizes, short timeouts
+    : "${TESTS_TIMEOUT:=120}" "${MODEL_TIMEOUT:=240}" "${ATTENTION_TIMEOUT:=240}"
+    preset=tiny
+    model_opts=(--steps 2 --warmup 1)
+    attention_opts=()
+    export CUDA_VISIBLE_DEVICES=""  # the CPU path even where a GPU is visible
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    log "dry run on the CPU (tiny sizes) with $PYTHON, results in $OUT"
+else
+    : "${TESTS_TIMEOUT:=110}" "${MODEL_TIMEOUT:=150}" "${ATTENTION_TIMEOUT:=80}"
+    preset=gpu
+    model_opts=(--steps 5 --warmup 2)
+    attention_opts=()
+    if ! compgen -G ".whl/*.whl" > /dev/null; then
+        log "no wheels in .whl/: run 'bash tools/gpu_check.sh fetch' here and carry .whl"
+        exit 2
+    fi
+    wheels=(.whl/*.whl)
+    log "installing ${wheels[*]} into /tmp/site"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "${wheels[@]}"
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+    name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)
+    case "$name" in  # dense bf16 peak, TFLOP/s (the datasheet's; KINDS.md measured ~790 on an H200)
+        *H100*|*H200*) peak=989 ;;
+        *A100*) peak=312 ;;
+        *L40S*) peak=362 ;;
+        *) peak="" ;;
+    esac
+    peak=${PEAK_TFLOPS:-$peak}
+    [[ -n "$peak" ]] && model_opts+=(--peak-tflops "$peak")
+fi
 "$PYTHON" -c "import torch, megatron.core as m; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'megatron-core', m.__version__, 'device',
       torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')" | tee -a "$OUT/gpu.txt"
 
-name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)
-case "$name" in  # dense bf16 peak, TFLOP/s
-    *H100*|*H200*) peak=989 ;;
-    *A100*) peak=312 ;;
-    *L40S*) peak=362 ;;
-    *) peak="" ;;
-esac
-peak=${PEAK_TFLOPS:-$peak}
+# shellcheck disable=SC2206  # MODEL_ARGS / ATTENTION_ARGS are lists of options on purpose
+model_opts+=(${MODEL_ARGS:-})
+# shellcheck disable=SC2206
+attention_opts+=(${ATTENTION_ARGS:-})
+
+section_tests() {
+    mapfile -t gpu_tests < <(grep -rl --include='test_*.py' "pytest.mark.gpu" tests | sort)
+    log "pytest -m gpu on ${#gpu_tests[@]} files: ${gpu_tests[*]}"
+    ((${#gpu_tests[@]})) || return 1
+    timeout "$TESTS_TIMEOUT" "$PYTHON" -m pytest -q -rs -m gpu -p no:cacheprovider \
+        --junitxml="$OUT/gpu_tests.xml" "${gpu_tests[@]}"
+}
+
+section_model() {
+    timeout "$MODEL_TIMEOUT" "$PYTHON" tools/benchmark_model.py --preset "$preset" "${model_opts[@]}" \
+        --json "$OUT/benchmark_model.json" | tee "$OUT/benchmark_model.txt"
+}
+
+section_attention() {
+    timeout "$ATTENTION_TIMEOUT" "$PYTHON" tools/benchmark_attention.py --preset "$preset" \
+        "${attention_opts[@]}" --json "$OUT/benchmark_attention.json" | tee "$OUT/benchmark_attention.txt"
+}
+
+run_section() {
+    case "$1" in
+        tests) section_tests ;;
+        model) section_model ;;
+        attention) section_attention ;;
+    esac
+}
 
 status=0
-mapfile -t gpu_tests < <(grep -rl --include='test_*.py' "pytest.mark.gpu" tests | sort)
-log "pytest -m gpu on ${#gpu_tests[@]} files: ${gpu_tests[*]}"
-if ((${#gpu_tests[@]})); then
-    timeout 300 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
-        "${gpu_tests[@]}" || status=1
-fi
-
-log "benchmark (bf16, MFU against ${peak:-unknown} TFLOP/s)"
-bench=(tools/benchmark_layers.py --device cuda --dtype bf16 --preset gpu --steps 10 --warmup 3)
-[[ -n "$peak" ]] && bench+=(--peak-tflops "$peak")
-# shellcheck disable=SC2206  # BENCH_ARGS is a list of options on purpose
-bench+=(${BENCH_ARGS:-})
-timeout 300 "$PYTHON" "${bench[@]}" | tee "$OUT/benchmark_gpu.txt" || status=1
-
+for section in "${SECTIONS[@]}"; do
+    [[ -z "$only" || "$only" == "$section" ]] || continue
+    log "section $section"
+    if run_section "$section"; then
+        log "section $section: ok"
+    else
+        log "section $section: FAILED (exit $?)"
+        status=1
+    fi
+done
 log "done, status $status"
 exit "$status"
