@@ -12,6 +12,7 @@ _EXPORTS = {
     "DataError": "neon.data.errors",
     "NeonTokenizer": "neon.data.tokenizer",
     "build_datasets": "neon.data.datasets",
+    "build_split_datasets": "neon.data.datasets",
     "DataFileInfo": "neon.data.checks",
     "check_data_file": "neon.data.checks",
     "check_data_files": "neon.data.checks",
