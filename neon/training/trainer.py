@@ -80,35 +80,44 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        p = cfg.parallelism
         self.signals = SignalFlag(cfg.checkpointing.exit_signal_handler)  # before DataLoader workers fork
         self.num_microbatches = start_parallel(cfg)
-        rank0 = dist.get_rank() == 0
+        self.rank0 = dist.get_rank() == 0
         self.model_config = cfg.neon_config()
-        self.chunks = build_model_chunks(self.model_config, build_model, ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
-            use_distributed_optimizer=p.use_distributed_optimizer))
-        self.optimizer = build_optimizer(self.chunks, optimizer_config(cfg))
-        self.scheduler = scheduler_for(cfg, self.optimizer)
+        self.chunks, self.optimizer, self.scheduler = self.build_model()
         self.checkpointer = Checkpointer(cfg.checkpointing, chunks=self.chunks, optimizer=self.optimizer,
                                          scheduler=self.scheduler, run_config=cfg.to_dict(),
-                                         distributed_optimizer=p.use_distributed_optimizer)
-        self.state: TrainerState = self.checkpointer.resume(announce=rank0)
+                                         distributed_optimizer=cfg.parallelism.use_distributed_optimizer)
+        self.state: TrainerState = self.checkpointer.resume(announce=self.rank0)
         self.data = TrainingData(cfg.data, cfg.schedule, vocab_size=self.model_config.vocab_size,
                                  num_chunks=len(self.chunks), dp_rank=parallel_state.get_data_parallel_rank(),
                                  dp_size=parallel_state.get_data_parallel_world_size())
         self.train_batches = self.data.train_batches(self.state.consumed_samples)
         self.evaluator = Evaluator(cfg.schedule, self.data, self.chunks, model_config=self.model_config,
                                    num_microbatches=self.num_microbatches, seq_length=cfg.data.seq_length)
-        self.run_dir = run_dir_of(cfg)
-        if rank0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        self.run_dir = self.open_run_dir()
         self.logger = MetricsLogger(
             cfg.logging, cfg.schedule, seq_length=cfg.data.seq_length,
             flops_per_token=training_flops_per_token(self.model_config, cfg.data.seq_length),
             num_devices=dist.get_world_size(), run_dir=self.run_dir, start_iteration=self.state.iteration,
-            run_config=cfg.to_dict(), enabled=rank0)
+            run_config=cfg.to_dict(), enabled=self.rank0)
+
+    def build_model(self):
+        """(model chunks in megatron DDP, optimizer, LR scheduler), fresh. Collective."""
+        p = self.cfg.parallelism
+        chunks = build_model_chunks(self.model_config, build_model, ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
+            use_distributed_optimizer=p.use_distributed_optimizer))
+        optimizer = build_optimizer(chunks, optimizer_config(self.cfg))
+        return chunks, optimizer, scheduler_for(self.cfg, optimizer)
+
+    def open_run_dir(self) -> Path:
+        """The run directory (metrics.jsonl, config.yaml); rank 0 writes the resolved config.yaml."""
+        run_dir = run_dir_of(self.cfg)
+        if self.rank0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+        return run_dir
 
     def run(self) -> RunSummary:
         """Train (with skip_train: only evaluate); the logs are closed and the signal handlers

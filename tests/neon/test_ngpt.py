@@ -221,7 +221,7 @@ def run_training(runs: list[dict]) -> list[dict]:
         for step in range(STEPS):
             mine = data[step * MICRO_BATCHES:(step + 1) * MICRO_BATCHES][dp_rank * per_rank:(dp_rank + 1) * per_rank]
             result = train_step(chunks, optimizer, iter(mine), cfg, num_microbatches=per_rank,
-                                         seq_length=SEQ, micro_batch_size=1)
+                                seq_length=SEQ, micro_batch_size=1)
             losses.append(result.loss)
         weights = {}
         for chunk in chunks:
