@@ -170,16 +170,17 @@ class Trainer:
         signalled, loss, grad_norm = from_reporting_rank([result.loss, result.grad_norm],
                                                          flags=(float(self.signals.received is not None),))
         step_time = time.perf_counter() - t0
-        grad_norm = grad_norm if result.grad_norm is not None else None
-        self.check_finite(loss, grad_norm)
+        has_norm = result.grad_norm is not None
+        self.check_finite(loss, grad_norm, has_norm)
         state.train_loss = loss
-        self.logger.train_step(iteration=state.iteration, loss=loss, grad_norm=grad_norm, lr=current_lr(self.optimizer),
-                               consumed_samples=state.consumed_samples, step_time_s=step_time,
-                               skipped=result.skipped, aux=aux)
+        self.logger.train_step(iteration=state.iteration, loss=loss, grad_norm=grad_norm if has_norm else None,
+                               lr=current_lr(self.optimizer), consumed_samples=state.consumed_samples,
+                               step_time_s=step_time, skipped=result.skipped, aux=aux)
         return bool(signalled)
 
-    def check_finite(self, loss: float, grad_norm: Optional[float]) -> None:
-        if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+    def check_finite(self, loss: float, grad_norm: float, has_norm: bool) -> None:
+        """TrainingDiverged unless the loss and (when the optimizer reports one) the grad norm are finite."""
+        if math.isfinite(loss) and (not has_norm or math.isfinite(grad_norm)):
             return
         what = "loss" if not math.isfinite(loss) else "gradient norm"
         raise TrainingDiverged(
