@@ -27,7 +27,7 @@ PATCHES: dict[str, str] = {
     "moe_router_gemm": "moe_utils names te_general_gemm without TE installed (NameError); set it to None",
     "moe_split_sizes": "the alltoall dispatcher converts split sizes to numpy only for CUDA tensors",
     "p2p_unbatched": "gloo mismatches a batched send/recv in both directions between the same two ranks "
-    "(interleaved PP=2): configs default to unbatched p2p",
+    "(interleaved PP=2): every config is forced to unbatched p2p (batch_p2p_comm=False)",
 }
 
 _originals: dict[str, list[tuple[object, str, object]]] = {}  # patch -> (owner, attr, original)

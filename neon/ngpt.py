@@ -20,7 +20,7 @@ The pieces plug into the Neon layer spec (`ngpt_layer_spec`), never a fork of me
   DiffAttention's): RoPE is applied before core attention in megatron's SelfAttention;
 - `NGPTMLP` is megatron's MLP with the scaled SwiGLU;
 - `attach_logit_scale` gives the GPTModel `logit_scale.s_z`, applied to the output layer's logits.
-Weight normalisation after each optimizer step lives in `megatron_plugins/ngpt_optimizer.py`;
+Weight normalisation after each optimizer step lives in `neon/ngpt_optimizer.py`;
 `mark_and_normalize_weights` tags the matrices it acts on and normalises them at build time.
 """
 
@@ -239,7 +239,7 @@ def mark_and_normalize_weights(model: torch.nn.Module) -> list[str]:
     """Tag every matrix nGPT keeps on the sphere with the dim to normalise over, and normalise it.
 
     Returns the tagged parameter names. Called once when the model is built; the optimizer hook
-    (`megatron_plugins.ngpt_optimizer`) keeps them normalised after every step."""
+    (`neon.ngpt_optimizer`) keeps them normalised after every step."""
     tagged = []
     for name, param in model.named_parameters():
         for pattern, dim in UNIT_NORM_DIM:

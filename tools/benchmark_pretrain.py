@@ -30,9 +30,9 @@ def bare_loop(cfg, batch, steps: int, warmup: int) -> list[float]:
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from megatron_plugins import distributed
-    from megatron_plugins.training import build_model_chunks, build_optimizer, train_step
     from neon.model import build_model
-    from neon.training.loop import optimizer_config
+    from neon.training.optim import build_optimizer, optimizer_config
+    from neon.training.step import build_model_chunks, train_step
 
     p, s = cfg.parallelism, cfg.schedule
     distributed.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
@@ -83,12 +83,12 @@ def main(argv=None) -> int:
 
     from torch.utils.data import DataLoader
 
-    from neon.data import NeonTokenizer, build_datasets
+    from neon.data import NeonTokenizer, build_split_datasets
 
     tok = NeonTokenizer(cfg.data.tokenizer_model)
-    train, _, _ = build_datasets(cfg.data.data_path, cfg.data.split, cfg.data.seq_length,
-                                 (cfg.schedule.micro_batch_size, 0, 0), cfg.schedule.seed, cfg.model.vocab_size,
-                                 tok.eod)
+    train, _, _ = build_split_datasets(cfg.data.data_path, cfg.data.split, cfg.data.seq_length,
+                                       (cfg.schedule.micro_batch_size, 0, 0), cfg.schedule.seed, cfg.model.vocab_size,
+                                       tok.eod)
     batch = next(iter(DataLoader(train, batch_size=cfg.schedule.micro_batch_size)))
 
     tokens = cfg.schedule.global_batch_size * cfg.data.seq_length

@@ -13,6 +13,7 @@ _EXPORTS = {
     "NeonTokenizer": "neon.data.tokenizer",
     "tokenizer_vocab_size": "neon.data.tokenizer",
     "build_datasets": "neon.data.datasets",
+    "build_split_datasets": "neon.data.datasets",
     "DataFileInfo": "neon.data.checks",
     "check_data_file": "neon.data.checks",
     "check_data_files": "neon.data.checks",

@@ -104,11 +104,24 @@ def _empty_splits(infos: list[DataFileInfo], split: str, split_vector: list[floa
     return empty
 
 
-def build_datasets(data_path: list[str], split: str, seq_length: int, num_samples: tuple[int, int, int],
-                   seed: int, vocab_size: int, eod_id: int, cache_dir: Optional[str] = None, *,
-                   is_built_on_rank: Optional[Callable[[], bool]] = None, pad_id: int = -1,
-                   eod_mask_loss: bool = False, reset_position_ids: bool = False,
-                   reset_attention_mask: bool = False):
+def build_datasets(data, schedule, *, vocab_size: int, eod_id: int,
+                   is_built_on_rank: Optional[Callable[[], bool]] = None):
+    """A run's (train, valid, test) datasets from its `data` section (data_path, split,
+    seq_length, data_cache_path) and `schedule` section (seed, and the sample counts Megatron-LM
+    asks for: train_iters x global_batch_size for train, eval_iters x global_batch_size for valid
+    and for test). See build_split_datasets."""
+    gbs = schedule.global_batch_size
+    num_samples = (schedule.train_iters * gbs, schedule.eval_iters * gbs, schedule.eval_iters * gbs)
+    return build_split_datasets(data.data_path, data.split, data.seq_length, num_samples, schedule.seed,
+                                vocab_size, eod_id, cache_dir=data.data_cache_path,
+                                is_built_on_rank=is_built_on_rank)
+
+
+def build_split_datasets(data_path: list[str], split: str, seq_length: int, num_samples: tuple[int, int, int],
+                         seed: int, vocab_size: int, eod_id: int, cache_dir: Optional[str] = None, *,
+                         is_built_on_rank: Optional[Callable[[], bool]] = None, pad_id: int = -1,
+                         eod_mask_loss: bool = False, reset_position_ids: bool = False,
+                         reset_attention_mask: bool = False):
     """(train, valid, test) megatron-core datasets; None for a split with zero samples.
 
     num_samples: samples wanted per split, as Megatron-LM computes them (train_iters *

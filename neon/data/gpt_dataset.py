@@ -2,7 +2,7 @@
 
 megatron-core 0.16.1's BlendedDataset calls torch.distributed.get_rank() on a cache miss, so a
 blend with a cache folder fails in a process without torch.distributed (tests, notebooks, data
-inspection). There, build_datasets turns the blend's cache off and hands the folder to this
+inspection). There, build_split_datasets turns the blend's cache off and hands the folder to this
 GPTDataset through `NeonGPTDatasetConfig.gpt_index_cache`: the GPTDataset indices (the expensive
 part) are still cached, the blending indices are built in memory. The class keeps megatron's
 name, so its cache files are the ones a distributed run writes and reads. Module level, so

@@ -14,11 +14,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from neon.config import NeonConfig
+
+if TYPE_CHECKING:
+    from neon.training.config import LoggingConfig, ScheduleConfig
 
 # Dense BF16 peak TFLOP/s per device, for the MFU estimate.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -79,16 +82,18 @@ class _Window:
 
 
 class MetricsLogger:
-    def __init__(self, *, enabled: bool, run_dir: Path, train_iters: int, start_iteration: int,
-                 log_interval: int, global_batch_size: int, seq_length: int, flops_per_token: float,
-                 num_devices: int, peak_tflops_per_device: Optional[float], tensorboard_dir: Optional[str],
-                 wandb_project: Optional[str], wandb_name: Optional[str], wandb_dir: Optional[str],
-                 run_config: dict, progress_bar: bool = True, stream=None):
+    """Built from the run's `logging` section (intervals, sinks, progress bar, peak TFLOP/s) and
+    what a step's numbers need: `schedule` (train_iters, global_batch_size), the sequence length,
+    the model's FLOPs per token and the number of devices."""
+
+    def __init__(self, settings: LoggingConfig, schedule: ScheduleConfig, *, seq_length: int,
+                 flops_per_token: float, num_devices: int, run_dir: Path, start_iteration: int = 0,
+                 run_config: Optional[dict] = None, enabled: bool = True, stream=None):
         self.enabled = enabled
-        self.train_iters, self.log_interval = train_iters, log_interval
-        self.gbs, self.seq = global_batch_size, seq_length
+        self.train_iters, self.log_interval = schedule.train_iters, settings.log_interval
+        self.gbs, self.seq = schedule.global_batch_size, seq_length
         self.flops_per_token, self.num_devices = flops_per_token, num_devices
-        self.peak = peak_tflops_per_device
+        self.peak = peak_tflops(settings.peak_tflops)
         self.window = _Window()
         self.stream = stream or sys.stdout
         self.jsonl = self.tb = self.wandb = self.bar = None
@@ -97,21 +102,21 @@ class MetricsLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = run_dir / "metrics.jsonl"
         self.jsonl = open(self.metrics_path, "a", buffering=1)
-        if tensorboard_dir:
+        if settings.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=tensorboard_dir)
-        if wandb_project:
+            self.tb = SummaryWriter(log_dir=settings.tensorboard_dir)
+        if settings.wandb_project:
             import wandb
 
-            wandb_dir = Path(wandb_dir or run_dir / "wandb")
+            wandb_dir = Path(settings.wandb_save_dir or run_dir / "wandb")
             wandb_dir.mkdir(parents=True, exist_ok=True)
-            self.wandb = wandb.init(project=wandb_project, name=wandb_name, dir=str(wandb_dir),
-                                    config=run_config, resume="allow")
-        if progress_bar and self.stream.isatty():
+            self.wandb = wandb.init(project=settings.wandb_project, name=settings.wandb_exp_name,
+                                    dir=str(wandb_dir), config=run_config, resume="allow")
+        if settings.progress_bar and self.stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=train_iters, initial=start_iteration, desc="training", unit="it",
+            self.bar = tqdm(total=self.train_iters, initial=start_iteration, desc="training", unit="it",
                             dynamic_ncols=True, file=self.stream)
 
     # --- output helpers ---------------------------------------------------------------------

@@ -76,7 +76,7 @@ CHECKS = {
 }
 
 
-# Checked by a whole training run: the interleaved PP2 layout in test_training_layouts.py
+# Checked by a whole training run: the interleaved PP2 layout in tests/neon/training/test_training_layouts.py
 # computes wrong losses without it (activations and gradients swap between the two ranks).
 CHECKED_BY_LAYOUT_TEST = {"p2p_unbatched": "pp2-vpp2-interleaved"}
 
@@ -98,7 +98,7 @@ def check_each_patch():
 
 def test_every_patch_is_checked():
     assert set(CHECKS) | set(CHECKED_BY_LAYOUT_TEST) == set(cpu_runtime.PATCHES)
-    from tests.megatron_plugins import test_training_layouts
+    from tests.neon.training import test_training_layouts
 
     assert "pp2-vpp2-interleaved" in test_training_layouts.LAYOUT_IDS
 

@@ -12,13 +12,14 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megatron_plugins.training import build_model_chunks, build_optimizer, build_scheduler, train_step
 from neon.config import NeonConfig, NeonConfigError
 from neon.diff_attention import DiffCoreAttention, lambda_init_for_layer
 from neon.hf.modeling_neon import NeonAttention, NeonForCausalLM
 from neon.hf.modeling_neon import lambda_init_for_layer as hf_lambda_init
 from neon.model import build_model
 from neon.state_dict_adapter import megatron_to_hf, neon_hf_config
+from neon.training.optim import build_optimizer, build_scheduler
+from neon.training.step import build_model_chunks, train_step
 from tests.dist import run_distributed
 from tests.neon.test_mistral_parity import forward_logits, load_stage
 

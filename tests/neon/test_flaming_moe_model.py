@@ -9,13 +9,14 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megatron_plugins.training import build_model_chunks, build_optimizer, train_step
 from neon.config import NeonConfig
 from neon.flaming import usage_counts
 from neon.hf.modeling_neon import NeonForCausalLM
 from neon.model import build_model
 from neon.ngpt import NORM_DIM_ATTR
 from neon.state_dict_adapter import hf_to_megatron, megatron_to_hf, neon_hf_config
+from neon.training.optim import build_optimizer
+from neon.training.step import build_model_chunks, train_step
 from tests.dist import run_distributed
 from tests.neon.test_mistral_parity import forward_logits
 

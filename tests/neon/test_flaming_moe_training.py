@@ -10,10 +10,11 @@ from megatron.core.dist_checkpointing.mapping import apply_factories
 from megatron.core.dist_checkpointing.validation import determine_global_metadata, validate_sharding_integrity
 from megatron.core.optimizer import OptimizerConfig
 
-from megatron_plugins.training import build_model_chunks, build_optimizer, train_step
 from neon.config import NeonConfig
 from neon.flaming import aux_loss_report, reset_usage, usage_counts
 from neon.model import build_model
+from neon.training.optim import build_optimizer
+from neon.training.step import build_model_chunks, train_step
 from tests.dist import run_distributed
 
 VOCAB, SEQ, MB = 32, 8, 2

@@ -21,12 +21,13 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megatron_plugins import training
-from megatron_plugins.ngpt_optimizer import _Slice, normalized_slices
 from neon.config import NeonConfig, NeonConfigError
 from neon.model import build_model
 from neon.ngpt import NormalizedResidual, ngpt_optimizer_defaults
+from neon.ngpt_optimizer import _Slice, normalized_slices
 from neon.state_dict_adapter import hf_to_megatron, megatron_to_hf
+from neon.training.optim import build_optimizer
+from neon.training.step import build_model_chunks, train_step
 from tests.dist import run_distributed
 
 TINY = dict(num_layers=2, hidden_size=48, num_attention_heads=4, num_query_groups=2,
@@ -192,12 +193,12 @@ def run_training(runs: list[dict]) -> list[dict]:
         cfg = tiny_config(sequence_parallel=run.get("sp", False), bf16=bf16,
                           params_dtype=torch.bfloat16 if bf16 else torch.float32)
         torch.manual_seed(0)
-        chunks = training.build_model_chunks(
+        chunks = build_model_chunks(
             cfg, lambda c, **kw: _stage(c, hf0),
             ddp_config=DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True, overlap_grad_reduce="bucket_size" in run, bucket_size=run.get("bucket_size"),
                 use_distributed_optimizer=run.get("distributed_optimizer", False)))
-        optimizer = training.build_optimizer(chunks, OptimizerConfig(
+        optimizer = build_optimizer(chunks, OptimizerConfig(
             optimizer="adam", lr=0.02, adam_eps=1e-4, weight_decay=0.0, clip_grad=1.0, bf16=bf16, fp16=False,
             use_distributed_optimizer=run.get("distributed_optimizer", False)))
         split = [(s.start, s.end, s.rows, s.cols, s.dim) for s in normalized_slices(optimizer)]
@@ -219,8 +220,8 @@ def run_training(runs: list[dict]) -> list[dict]:
         losses = []
         for step in range(STEPS):
             mine = data[step * MICRO_BATCHES:(step + 1) * MICRO_BATCHES][dp_rank * per_rank:(dp_rank + 1) * per_rank]
-            result = training.train_step(chunks, optimizer, iter(mine), cfg, num_microbatches=per_rank,
-                                         seq_length=SEQ, micro_batch_size=1)
+            result = train_step(chunks, optimizer, iter(mine), cfg, num_microbatches=per_rank,
+                                seq_length=SEQ, micro_batch_size=1)
             losses.append(result.loss)
         weights = {}
         for chunk in chunks:

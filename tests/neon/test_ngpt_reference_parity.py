@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 
-from megatron_plugins.training import build_model_chunks, build_optimizer, train_step
 from neon.config import NeonConfig
 from neon.hf.modeling_neon import NeonForCausalLM
 from neon.model import build_model
 from neon.state_dict_adapter import neon_hf_config
+from neon.training.optim import build_optimizer
+from neon.training.step import build_model_chunks, train_step
 from tests.dist import run_distributed
 from tests.neon.test_diff_attention import _stage_hf_state
 from tests.neon.test_mistral_parity import forward_logits, load_stage

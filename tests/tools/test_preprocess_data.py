@@ -11,7 +11,7 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-from neon.data import DataError, NeonTokenizer, build_datasets, check_data_files
+from neon.data import DataError, NeonTokenizer, build_split_datasets, check_data_files
 from neon.data.preprocess import preprocess
 from tests.data_helpers import TINY_VOCAB, load_tool, sample_documents, write_jsonl
 
@@ -102,7 +102,7 @@ def test_megatron_lm_written_files_load(tmp_path, tiny_tokenizer):
 
     (info,) = check_data_files([prefix], tok.vocab_size)
     assert info.num_documents == len(docs) and info.num_sequences > len(docs) and info.dtype == np.int32
-    train, valid, test = build_datasets([prefix], "8,2,0", seq_length=16, num_samples=(20, 4, 0), seed=3,
+    train, valid, test = build_split_datasets([prefix], "8,2,0", seq_length=16, num_samples=(20, 4, 0), seed=3,
                                         vocab_size=tok.vocab_size, eod_id=tok.eod, cache_dir=str(tmp_path / "cache"))
     assert test is None and len(train) >= 20 and len(valid) >= 4
     indexed = IndexedDataset(prefix)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from neon.data import NeonTokenizer, build_datasets, check_data_files
+from neon.data import NeonTokenizer, build_split_datasets, check_data_files
 from neon.data.corpus import CORPUS_NAME, build_demo_corpus, prepare_demo_data
 
 
@@ -38,6 +38,6 @@ def test_prepare_demo_data_once_then_skips(demo):
     stamps = {p: os.stat(p).st_mtime_ns for p in work.iterdir()}
     assert prepare_demo_data(work, vocab_size=1024, show_progress=False) == (model, prefix)
     assert {p: os.stat(p).st_mtime_ns for p in work.iterdir()} == stamps  # nothing redone
-    train, valid, test = build_datasets([prefix], "949,50,1", 64, (32, 8, 8), 1234, tok.vocab_size, tok.eod,
+    train, valid, test = build_split_datasets([prefix], "949,50,1", 64, (32, 8, 8), 1234, tok.vocab_size, tok.eod,
                                         cache_dir=str(work / "cache"))
     assert tok.decode(train[0]["tokens"]).strip()

@@ -1,4 +1,4 @@
-"""build_datasets: megatron-core GPTDataset/BlendedDataset from Megatron-style --data-path and
+"""build_split_datasets: megatron-core GPTDataset/BlendedDataset from Megatron-style --data-path and
 --split, with packing, deterministic shuffling and blending weights honoured; check_data_files:
 bad data files fail before anything is built, naming the file and the fix."""
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from neon.data import DataError, build_datasets, check_data_files, parse_data_path
+from neon.data import DataError, build_split_datasets, check_data_files, parse_data_path
 from neon.data.preprocess import preprocess
 from tests.data_helpers import TINY_VOCAB, sample_documents, write_jsonl
 
@@ -20,7 +20,7 @@ EOD = 2
 
 
 def build(prefixes, split="8,1,1", samples=(64, 8, 8), seed=1234, cache=None, **kw):
-    return build_datasets(list(prefixes), split, SEQ, samples, seed, TINY_VOCAB, EOD, cache_dir=cache, **kw)
+    return build_split_datasets(list(prefixes), split, SEQ, samples, seed, TINY_VOCAB, EOD, cache_dir=cache, **kw)
 
 
 def copy_prefix(prefix: str, dst: Path) -> str:
@@ -158,14 +158,14 @@ def test_bad_data_files_fail_before_any_work_naming_file_and_fix(tiny_dataset, t
     with pytest.raises(DataError, match=r"garbage_text_document\.idx is truncated"):
         check_data_files([garbage], TINY_VOCAB)
     with pytest.raises(DataError, match="--seq-length 0 must be positive"):
-        build_datasets([prefix], "8,1,1", 0, (8, 0, 0), 1, TINY_VOCAB, EOD)
+        build_split_datasets([prefix], "8,1,1", 0, (8, 0, 0), 1, TINY_VOCAB, EOD)
     with pytest.raises(DataError, match="end-of-document id 600 is outside the vocabulary of 512"):
-        build_datasets([prefix], "8,1,1", SEQ, (8, 0, 0), 1, TINY_VOCAB, 600)
+        build_split_datasets([prefix], "8,1,1", SEQ, (8, 0, 0), 1, TINY_VOCAB, 600)
 
     max_id = int(np.fromfile(prefix + ".bin", dtype=np.uint16).max())
     with pytest.raises(DataError, match=rf"tiny_text_document\.bin holds token id {max_id}, outside the model's "
                                         rf"vocabulary of {max_id}.*--tokenizer-model"):
-        build_datasets([prefix], "8,1,1", SEQ, (8, 0, 0), 1, max_id, EOD, cache_dir=str(cache))
+        build_split_datasets([prefix], "8,1,1", SEQ, (8, 0, 0), 1, max_id, EOD, cache_dir=str(cache))
     check_data_files([prefix], max_id + 1)  # the exact bound passes
 
     with pytest.raises(DataError, match=r"--split '999,0.5,0.5' leaves the valid split of .*tiny_text_document "
@@ -194,14 +194,14 @@ def test_big_files_are_checked_by_sampling(tiny_dataset, tmp_path, monkeypatch):
 def test_demo_sized_preprocess_then_build_with_uint16_and_eod(tmp_path, tiny_tokenizer):
     corpus = write_jsonl(tmp_path / "c.jsonl", sample_documents(30))
     res = preprocess([str(corpus)], tmp_path / "d", tiny_tokenizer, append_eod=True, show_progress=False)
-    train = build_datasets([res.prefixes["text"]], "1", 8, (5, 0, 0), 0, TINY_VOCAB, EOD)[0]
+    train = build_split_datasets([res.prefixes["text"]], "1", 8, (5, 0, 0), 0, TINY_VOCAB, EOD)[0]
     assert len(train) >= 5 and train[0]["tokens"].dtype.is_floating_point is False
 
 
 def _build_on_rank(a: str, b: str, cache: str):
     import torch
 
-    train, valid, _ = build_datasets(["0.3", a, "0.7", b], "9,1,0", SEQ, (50, 10, 0), 5, TINY_VOCAB, EOD,
+    train, valid, _ = build_split_datasets(["0.3", a, "0.7", b], "9,1,0", SEQ, (50, 10, 0), 5, TINY_VOCAB, EOD,
                                      cache_dir=cache)
     return torch.stack([train[i]["tokens"] for i in range(len(train))]), int(valid[3]["dataset_id"])
 

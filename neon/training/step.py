@@ -1,9 +1,9 @@
 """The training step, built from megatron-core's pieces.
 
-Model chunks wrapped in megatron DDP, megatron's optimizer (optionally the distributed one),
-and megatron's forward-backward schedules (no pipelining, 1F1B, interleaved 1F1B). Nothing
-here knows about data files or logging: `pretrain_neon.py` supplies micro-batches and reads
-back the losses.
+Model chunks wrapped in megatron DDP and megatron's forward-backward schedules (no pipelining,
+1F1B, interleaved 1F1B); the optimizer comes from `neon.training.optim`. Nothing here knows
+about data files or logging: the caller (the Trainer, `neon/training/trainer.py`, or a test)
+hands in iterators of micro-batches and reads back the losses.
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ from megatron.core.distributed import (
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_plugins import cpu_runtime
-from megatron_plugins.ngpt_optimizer import add_weight_normalization
 from neon.config import NeonConfig
 from neon.flaming.losses import set_aux_loss_scale
 
@@ -64,15 +62,6 @@ def build_model_chunks(config: NeonConfig, build_stage: Callable, wrap_ddp: bool
     return chunks
 
 
-def build_optimizer(chunks: list, opt_config: OptimizerConfig):
-    """megatron's optimizer for these chunks; with nGPT, each step ends with the weights put back
-    on the unit sphere (`megatron_plugins.ngpt_optimizer`)."""
-    optimizer = get_megatron_optimizer(opt_config, chunks)
-    if getattr(chunks[0].config, "ngpt", False):
-        optimizer = add_weight_normalization(optimizer)
-    return optimizer
-
-
 def lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     """Sum of the masked token losses, with the token count: megatron's per-token reduction."""
     mask = loss_mask.reshape(-1).float()
@@ -104,7 +93,7 @@ def train_step(chunks: list, optimizer, data_iterator, config: NeonConfig, *,
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    if getattr(config, "flaming_moe", "off") != "off" and config.num_moe_experts is None:
+    if config.flaming_moe != "off" and config.num_moe_experts is None:
         # megatron's schedules scale MoE router-loss gradients only for configs with MoE MLPs
         set_aux_loss_scale(config, num_microbatches)
     losses = get_forward_backward_func()(
@@ -149,21 +138,6 @@ def evaluate(chunks: list, data_iterator, *, num_batches: int, num_microbatches:
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def build_scheduler(optimizer, *, lr: float, min_lr: float, warmup_init: float, warmup_iters: int,
-                    decay_iters: int, decay_style: str, weight_decay: float,
-                    wsd_decay_iters: Optional[int] = None, wsd_decay_style: Optional[str] = None):
-    """megatron-core's OptimizerParamScheduler stepping once per iteration (warmup, then
-    constant / linear / cosine / inverse-square-root / WSD decay to min_lr)."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    return OptimizerParamScheduler(
-        optimizer, init_lr=warmup_init, max_lr=lr, min_lr=min_lr, lr_warmup_steps=warmup_iters,
-        lr_decay_steps=decay_iters, lr_decay_style=decay_style, start_wd=weight_decay,
-        end_wd=weight_decay, wd_incr_steps=decay_iters, wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True, override_opt_param_scheduler=False,
-        wsd_decay_steps=wsd_decay_iters, lr_wsd_decay_style=wsd_decay_style)
-
-
 def reduce_losses(losses: list) -> Optional[float]:
     """Token-weighted mean of the micro-batch losses, averaged over data-parallel ranks."""
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
@@ -171,3 +145,21 @@ def reduce_losses(losses: list) -> Optional[float]:
     totals = torch.stack([item["lm loss"] for item in losses]).sum(0)
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def reporting_rank() -> bool:
+    """The rank whose values the logs show: first tensor- and data-parallel rank of the last
+    pipeline stage (where the losses are)."""
+    return (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+            and parallel_state.get_data_parallel_rank() == 0
+            and parallel_state.get_tensor_model_parallel_rank() == 0)
+
+
+def from_reporting_rank(values: list[Optional[float]], flags: tuple[float, ...] = ()) -> list[float]:
+    """One all-reduce over all ranks: `flags` summed, then `values` as the reporting rank has
+    them, so that every rank sees the same numbers. Collective."""
+    contribute = reporting_rank()
+    data = torch.tensor(list(flags) + [v if contribute and v is not None else 0.0 for v in values],
+                        dtype=torch.float64, device=cpu_runtime.device())
+    torch.distributed.all_reduce(data)
+    return data.tolist()

@@ -2,7 +2,7 @@
 
     optimizer = add_weight_normalization(get_megatron_optimizer(opt_config, chunks))
 
-(`megatron_plugins.training.build_optimizer` does this when the model config has ngpt=True.)
+(`neon.training.optim.build_optimizer` does this when the model config has ngpt=True.)
 
 A post-step hook on each inner torch optimizer puts the updated *main* parameters back on the unit
 sphere before megatron copies them into the model parameters (and, with the distributed optimizer,

@@ -11,8 +11,9 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 
-from megatron_plugins.training import build_model_chunks, build_optimizer, train_step
 from neon.model import build_model
+from neon.training.optim import build_optimizer
+from neon.training.step import build_model_chunks, train_step
 from tests.neon.test_mistral_parity import load_stage, reference_mistral, tiny_config
 
 GLOBAL_BATCH, SEQ, STEPS = 4, 16, 3

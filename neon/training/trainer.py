@@ -1,0 +1,210 @@
+"""The pretraining run: a Trainer built from a resolved Config trains, evaluates and checkpoints;
+it stops cleanly on SIGTERM/SIGUSR1, loudly on a non-finite loss.
+
+Every rank runs `pretrain(cfg)`, that is `Trainer(cfg).run()`. The Trainer owns the model chunks,
+optimizer and scheduler (megatron-core's: neon/training/step.py, optim.py) and an explicit
+TrainerState; each collaborator is built from the config section it needs:
+- Checkpointer (`checkpointing`): resumes the state from --load, saves to --save;
+- TrainingData (`data`, `schedule`): the datasets and this rank's micro-batches;
+- Evaluator (`schedule`): the validation loss;
+- MetricsLogger (`logging`): console lines, metrics.jsonl, TensorBoard, wandb.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.num_microbatches_calculator import (
+    destroy_num_microbatches_calculator,
+    get_num_microbatches,
+    init_num_microbatches_calculator,
+)
+
+from megatron_plugins import cpu_runtime, distributed
+from neon.model import build_model
+from neon.training.aux_losses import router_aux_losses
+from neon.training.checkpointer import Checkpointer
+from neon.training.config import Config, dump_yaml
+from neon.training.data import TrainingData
+from neon.training.evaluator import Evaluator
+from neon.training.metrics import MetricsLogger, training_flops_per_token
+from neon.training.optim import build_optimizer, current_lr, optimizer_config, scheduler_for
+from neon.training.signals import SignalFlag
+from neon.training.state import TrainerState
+from neon.training.step import build_model_chunks, from_reporting_rank, train_step
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; nothing of that state was saved."""
+
+
+@dataclass
+class RunSummary:
+    iteration: int
+    exit_reason: str  # "finished" | "signal SIGTERM" | "exit interval" | "skip-train"
+    last_checkpoint: Optional[str]
+    train_loss: Optional[float]
+    valid_loss: Optional[float]
+    run_dir: str
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.logging.run_dir or cfg.checkpointing.save or "runs/neon")
+
+
+def start_parallel(cfg: Config) -> int:
+    """torch.distributed, megatron-core's parallel groups and its micro-batch calculator for the
+    run's `parallelism` and `schedule` sections. Returns the micro-batches per step and rank."""
+    p, s = cfg.parallelism, cfg.schedule
+    distributed.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                           p.expert_model_parallel_size, cfg.virtual_pipeline_size, s.seed,
+                           timeout_s=60 * p.distributed_timeout_minutes)
+    if not cpu_runtime.cuda_available():  # the CPU runtime's RNG tracker forks the CPU generator itself
+        logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
+    destroy_num_microbatches_calculator()
+    init_num_microbatches_calculator(dist.get_rank(), None, s.global_batch_size, s.micro_batch_size,
+                                     parallel_state.get_data_parallel_world_size())
+    return get_num_microbatches()
+
+
+class Trainer:
+    """One pretraining run on this rank: build everything in __init__ (collective), then run()."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.signals = SignalFlag(cfg.checkpointing.exit_signal_handler)  # before DataLoader workers fork
+        self.num_microbatches = start_parallel(cfg)
+        self.rank0 = dist.get_rank() == 0
+        self.model_config = cfg.neon_config()
+        self.chunks, self.optimizer, self.scheduler = self.build_model()
+        self.checkpointer = Checkpointer(cfg.checkpointing, chunks=self.chunks, optimizer=self.optimizer,
+                                         scheduler=self.scheduler, run_config=cfg.to_dict(),
+                                         distributed_optimizer=cfg.parallelism.use_distributed_optimizer)
+        self.state: TrainerState = self.checkpointer.resume(announce=self.rank0)
+        self.data = TrainingData(cfg.data, cfg.schedule, vocab_size=self.model_config.vocab_size,
+                                 num_chunks=len(self.chunks), dp_rank=parallel_state.get_data_parallel_rank(),
+                                 dp_size=parallel_state.get_data_parallel_world_size())
+        self.train_batches = self.data.train_batches(self.state.consumed_samples)
+        self.evaluator = Evaluator(cfg.schedule, self.data, self.chunks, model_config=self.model_config,
+                                   num_microbatches=self.num_microbatches, seq_length=cfg.data.seq_length)
+        self.run_dir = self.open_run_dir()
+        self.logger = MetricsLogger(
+            cfg.logging, cfg.schedule, seq_length=cfg.data.seq_length,
+            flops_per_token=training_flops_per_token(self.model_config, cfg.data.seq_length),
+            num_devices=dist.get_world_size(), run_dir=self.run_dir, start_iteration=self.state.iteration,
+            run_config=cfg.to_dict(), enabled=self.rank0)
+
+    def build_model(self):
+        """(model chunks in megatron DDP, optimizer, LR scheduler), fresh. Collective."""
+        p = self.cfg.parallelism
+        chunks = build_model_chunks(self.model_config, build_model, ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
+            use_distributed_optimizer=p.use_distributed_optimizer))
+        optimizer = build_optimizer(chunks, optimizer_config(self.cfg))
+        return chunks, optimizer, scheduler_for(self.cfg, optimizer)
+
+    def open_run_dir(self) -> Path:
+        """The run directory (metrics.jsonl, config.yaml); rank 0 writes the resolved config.yaml."""
+        run_dir = run_dir_of(self.cfg)
+        if self.rank0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+        return run_dir
+
+    def run(self) -> RunSummary:
+        """Train (with skip_train: only evaluate); the logs are closed and the signal handlers
+        restored however it ends."""
+        skip = self.cfg.schedule.skip_train
+        try:
+            if skip:
+                self.validate()
+            exit_reason = "skip-train" if skip else self.train()
+        finally:
+            self.logger.close()
+            self.signals.restore()
+        s = self.state
+        last = None if skip or s.last_checkpoint is None else str(s.last_checkpoint)  # skip-train reports none
+        return RunSummary(iteration=s.iteration, exit_reason=exit_reason, last_checkpoint=last,
+                          train_loss=s.train_loss, valid_loss=s.valid_loss, run_dir=str(self.run_dir))
+
+    def train(self) -> str:
+        """The training loop, until train_iters, a signal or the exit interval. Returns why it stopped."""
+        s, c, state = self.cfg.schedule, self.cfg.checkpointing, self.state
+        while state.iteration < s.train_iters:
+            signalled = self.step()
+            if self.evaluator.due(state.iteration):
+                self.validate()
+            if signalled:
+                reason = f"signal {self.signals.received or 'on another rank'}"
+                self.logger.print(f" received {reason} at iteration {state.iteration}: saving and exiting")
+                self.save()
+                return reason
+            if c.save_interval and state.iteration % c.save_interval == 0:
+                self.save()
+            if s.exit_interval and state.iteration % s.exit_interval == 0:
+                self.save()
+                return "exit interval"
+        self.save()
+        return "finished"
+
+    def step(self) -> bool:
+        """One optimizer step over a global batch, then its log line. Returns whether any rank
+        was signalled. Raises TrainingDiverged on a non-finite loss or gradient norm. Collective."""
+        t0, state, s = time.perf_counter(), self.state, self.cfg.schedule
+        result = train_step(self.chunks, self.optimizer, self.train_batches, self.model_config,
+                            num_microbatches=self.num_microbatches, seq_length=self.cfg.data.seq_length,
+                            micro_batch_size=s.micro_batch_size)
+        if not result.skipped:
+            self.scheduler.step(increment=1)
+        state.iteration += 1
+        state.consumed_samples += s.global_batch_size
+        aux = router_aux_losses(self.model_config, state.iteration, self.num_microbatches)
+        signalled, loss, grad_norm = from_reporting_rank([result.loss, result.grad_norm],
+                                                         flags=(float(self.signals.received is not None),))
+        step_time = time.perf_counter() - t0
+        has_norm = result.grad_norm is not None
+        self.check_finite(loss, grad_norm, has_norm)
+        state.train_loss = loss
+        self.logger.train_step(iteration=state.iteration, loss=loss, grad_norm=grad_norm if has_norm else None,
+                               lr=current_lr(self.optimizer), consumed_samples=state.consumed_samples,
+                               step_time_s=step_time, skipped=result.skipped, aux=aux)
+        return bool(signalled)
+
+    def check_finite(self, loss: float, grad_norm: float, has_norm: bool) -> None:
+        """TrainingDiverged unless the loss and (when the optimizer reports one) the grad norm are finite."""
+        if math.isfinite(loss) and (not has_norm or math.isfinite(grad_norm)):
+            return
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        raise TrainingDiverged(
+            f"iteration {self.state.iteration}: the training {what} is not finite (loss {loss}, grad norm "
+            f"{grad_norm}); stopping without saving this state. Last good checkpoint: "
+            f"{self.state.last_checkpoint or 'none'}. Fix: lower --lr, lengthen --lr-warmup-iters, keep "
+            f"--clip-grad on, or check the data; then resume with --load.")
+
+    def validate(self) -> None:
+        """Evaluate and log the validation loss (nothing with eval_iters 0). Collective."""
+        if not self.evaluator.enabled:
+            return
+        self.state.valid_loss = self.evaluator.loss()
+        self.logger.evaluation(iteration=self.state.iteration, loss=self.state.valid_loss,
+                               consumed_samples=self.state.consumed_samples)
+
+    def save(self) -> None:
+        """A checkpoint of the current state (unless --save is unset or already holds it). Collective."""
+        seconds = self.checkpointer.save(self.state)
+        if seconds is not None:
+            self.logger.print(f" saved checkpoint {self.state.last_checkpoint} at iteration "
+                              f"{self.state.iteration} in {seconds:.1f} s")
+
+
+def pretrain(cfg: Config) -> RunSummary:
+    """The whole run on this rank (every rank calls it)."""
+    return Trainer(cfg).run()
