@@ -34,10 +34,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 
 from megatron_plugins import cpu_runtime, distributed  # noqa: E402
-from megatron_plugins.training import build_model_chunks, build_optimizer, train_step  # noqa: E402  (moving to neon/training/step.py, optim.py)
 from neon.config import NeonConfig  # noqa: E402
 from neon.model import build_model  # noqa: E402
 from neon.training.metrics import peak_tflops, training_flops_per_token  # noqa: E402
+from neon.training.optim import build_optimizer  # noqa: E402
+from neon.training.step import build_model_chunks, train_step  # noqa: E402
 
 
 @dataclass
