@@ -21,11 +21,19 @@ import yaml
 
 from neon.ablation import grid, report, runs, slurm
 from neon.ablation.runs import REPO, RunPoint
-from neon.ablation.variants import DEFAULT_VARIANTS, AblationError, Variant, parse_variants, variant_config
+from neon.ablation.variants import (
+    DEFAULT_VARIANTS,
+    FEATURES_OFF,
+    AblationError,
+    Variant,
+    parse_variants,
+    variant_config,
+)
 
 DEMO_CONFIG = REPO / "examples" / "configs" / "cpu_demo.yaml"
 DEMO_VOCAB_SIZE = 2048  # as examples/cpu_demo.py
 SBATCH = REPO / "examples" / "slurm" / "pretrain_dense.sbatch"
+FEATURE_FLAGS = {f"--{p}{k.replace('_', '-')}" for k in FEATURES_OFF for p in ("", "no-")}
 OWNED_FLAGS = ("--config", "--lr", "--min-lr", "--seed", "--run-dir", "--save", "--load")
 
 
@@ -78,18 +86,20 @@ class Setup:
         return self.points[key]
 
 
-def _check(configs: dict[str, Path], flags: list[str], world_size: int):
+def _check(variants: list[Variant], configs: dict[str, Path], flags: list[str], world_size: int):
     """Each variant's config through pretrain_neon.py's own resolution; the base's resolved Config."""
     from neon.training.config import ConfigError, resolve
 
     resolved = {}
-    for name, path in configs.items():
+    for v in variants:
+        where = f"variant {v.name!r}" + ("" if v.source == "built-in" else f" ({v.source})")
         try:
-            resolved[name] = resolve(["--config", str(path), *flags], world_size=world_size, check_files=False)
+            resolved[v.name] = resolve(["--config", str(configs[v.name]), *flags], world_size=world_size,
+                                       check_files=False)
         except ConfigError as e:
-            raise AblationError(f"variant {name!r}: {e}") from None
+            raise AblationError(f"{where}: {e}") from None
         except SystemExit:  # argparse already printed which flag it did not know
-            raise AblationError(f"variant {name!r}: pretrain_neon.py does not accept the flags {flags}") from None
+            raise AblationError(f"{where}: pretrain_neon.py does not accept the flags {flags}") from None
     return resolved["base"]
 
 
@@ -101,6 +111,10 @@ def setup(args, extra: list[str]) -> Setup:
     if owned:
         raise AblationError(f"{owned[0]} is set by the ablation per run. Fix: give the base with --config and the "
                             f"grid with --lrs / --seeds.")
+    switches = [f for f in extra if f.split("=")[0] in FEATURE_FLAGS]
+    if switches:
+        raise AblationError(f"{switches[0]} would switch a feature for every variant, the base included. Fix: name "
+                            f"the variants with --variants (e.g. base ngpt) or give an overlay file.")
     try:
         base_yaml = load_yaml(args.config)
     except ConfigError as e:
@@ -120,14 +134,14 @@ def setup(args, extra: list[str]) -> Setup:
 
         tokenizer, prefix = work / "data" / f"tokenizer_{DEMO_VOCAB_SIZE}.model", output_prefix_for(
             work / "data" / f"demo_{DEMO_VOCAB_SIZE}", "text")
-        _check(configs, [*extra, "--data-path", prefix, "--tokenizer-model", str(tokenizer), "--vocab-size",
+        _check(variants, configs, [*extra, "--data-path", prefix, "--tokenizer-model", str(tokenizer), "--vocab-size",
                          str(DEMO_VOCAB_SIZE)], args.nproc_per_node)
         from neon.data.corpus import prepare_demo_data
 
         tokenizer, prefix = prepare_demo_data(work / "data", DEMO_VOCAB_SIZE)
         data_flags = ["--data-path", str(prefix), "--tokenizer-model", str(tokenizer)]
     common = [*extra, *data_flags]
-    cfg = _check(configs, common, args.nproc_per_node)
+    cfg = _check(variants, configs, common, args.nproc_per_node)
     lr = cfg.optimizer.lr
     rates = sorted({grid.rate(r) for r in args.lrs}) if args.lrs else grid.starting_rates(lr)
     s = cfg.schedule
