@@ -99,8 +99,20 @@ def _check(variants: list[Variant], configs: dict[str, Path], flags: list[str], 
         except ConfigError as e:
             raise AblationError(f"{where}: {e}") from None
         except SystemExit:  # argparse already printed which flag it did not know
-            raise AblationError(f"{where}: pretrain_neon.py does not accept the flags {flags}") from None
+            raise AblationError(f"pretrain_neon.py does not accept the run flags {flags} (above). Fix: give only "
+                                f"pretrain_neon.py flags after the tool's own (see pretrain_neon.py --help).") from None
     return resolved["base"]
+
+
+def _check_validation(cfg) -> None:
+    """A run counts as finished by its final validation record: the config must evaluate."""
+    split = [float(w) for w in str(cfg.data.split).replace("/", ",").split(",")]
+    if cfg.schedule.eval_iters <= 0:
+        raise AblationError(f"--eval-iters={cfg.schedule.eval_iters}: the ablation compares final validation "
+                            f"losses, so every run must evaluate. Fix: set schedule.eval_iters to 1 or more.")
+    if len(split) < 2 or split[1] <= 0:
+        raise AblationError(f"--split={cfg.data.split!r} leaves no validation data, and the ablation compares final "
+                            f"validation losses. Fix: give the validation split a share, e.g. 98,2,0.")
 
 
 def setup(args, extra: list[str]) -> Setup:
@@ -132,16 +144,17 @@ def setup(args, extra: list[str]) -> Setup:
     if demo_data:  # checked first with the paths the demo data will have, then built
         from neon.data.preprocess import output_prefix_for
 
-        tokenizer, prefix = work / "data" / f"tokenizer_{DEMO_VOCAB_SIZE}.model", output_prefix_for(
-            work / "data" / f"demo_{DEMO_VOCAB_SIZE}", "text")
-        _check(variants, configs, [*extra, "--data-path", prefix, "--tokenizer-model", str(tokenizer), "--vocab-size",
-                         str(DEMO_VOCAB_SIZE)], args.nproc_per_node)
+        future = ["--data-path", output_prefix_for(work / "data" / f"demo_{DEMO_VOCAB_SIZE}", "text"),
+                  "--tokenizer-model", str(work / "data" / f"tokenizer_{DEMO_VOCAB_SIZE}.model"),
+                  "--vocab-size", str(DEMO_VOCAB_SIZE)]
+        _check_validation(_check(variants, configs, [*extra, *future], args.nproc_per_node))
         from neon.data.corpus import prepare_demo_data
 
         tokenizer, prefix = prepare_demo_data(work / "data", DEMO_VOCAB_SIZE)
         data_flags = ["--data-path", str(prefix), "--tokenizer-model", str(tokenizer)]
     common = [*extra, *data_flags]
     cfg = _check(variants, configs, common, args.nproc_per_node)
+    _check_validation(cfg)
     lr = cfg.optimizer.lr
     rates = sorted({grid.rate(r) for r in args.lrs}) if args.lrs else grid.starting_rates(lr)
     s = cfg.schedule
@@ -254,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[ablate] {len(st.variants)} variants ({', '.join(v.name for v in st.variants)}), rates from "
           f"{', '.join(f'{r:g}' for r in st.rates)}, seeds {args.seeds}, {st.train_iters} steps "
           f"({st.budget_tokens} tokens) each; work dir {work}", flush=True)
-    run_rounds(args, st, work)
+    try:
+        run_rounds(args, st, work)
+    except KeyboardInterrupt:
+        print("\n[ablate] interrupted: rerun the same command to resume (finished runs are kept, the interrupted "
+              "one resumes from its last checkpoint)", file=sys.stderr)
+        return 130
     if args.plan:
         return 0
     out = results(args, st, work)

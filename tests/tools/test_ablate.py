@@ -131,3 +131,27 @@ def test_bad_overlay_fails_before_any_run(tiny, tmp_path, capsys, overlay, expec
     path.write_text(yaml.safe_dump(overlay))
     assert_refused(tiny, tmp_path, capsys, ["base", "diff", str(path)], str(path) if "schedule" in overlay
                    or "optimizer" in overlay else "'bad'", *expected)
+
+
+def test_plan_checks_every_built_in_variant_and_example_overlay_and_runs_nothing(tiny, tmp_path, capsys):
+    from neon.ablation.variants import DEFAULT_VARIANTS
+
+    overlays = sorted(str(p) for p in (ROOT / "examples" / "ablations").glob("*.yaml"))
+    work = tmp_path / "work"
+    assert len(overlays) >= 2
+    assert load_tool("ablate").main([*ablate_argv(tiny, work, *DEFAULT_VARIANTS, *overlays), "--plan"]) == 0
+    out = capsys.readouterr().out
+    # seed 1 at the 3 starting rates of every variant
+    assert f"next round: {3 * (len(DEFAULT_VARIANTS) + len(overlays))} runs" in out, out
+    assert not (work / "runs").exists()
+    all_features = yaml.safe_load((work / "variants" / "all.yaml").read_text())["model"]
+    assert (all_features["diff_attention"], all_features["ngpt"], all_features["flaming_moe"]) == (
+        "matched", True, "between")
+    base = yaml.safe_load((work / "variants" / "base.yaml").read_text())["model"]
+    assert (base["diff_attention"], base["ngpt"], base["flaming_moe"]) == ("off", False, "off")
+
+
+def test_a_feature_switch_among_the_run_flags_is_refused(tiny, tmp_path, capsys):
+    work = tmp_path / "work"
+    assert load_tool("ablate").main([*ablate_argv(tiny, work, "base"), "--ngpt"]) == 2
+    assert "--ngpt would switch a feature for every variant" in capsys.readouterr().err
