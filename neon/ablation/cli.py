@@ -93,9 +93,10 @@ def _check(variants: list[Variant], configs: dict[str, Path], flags: list[str], 
     resolved = {}
     for v in variants:
         where = f"variant {v.name!r}" + ("" if v.source == "built-in" else f" ({v.source})")
+        run = str(configs[v.name].parent.parent / "runs" / v.name)  # as every run has (runs.make_point)
         try:
-            resolved[v.name] = resolve(["--config", str(configs[v.name]), *flags], world_size=world_size,
-                                       check_files=False)
+            resolved[v.name] = resolve(["--config", str(configs[v.name]), *flags, "--run-dir", run, "--save", run,
+                                        "--load", run], world_size=world_size, check_files=False)
         except ConfigError as e:
             raise AblationError(f"{where}: {e}") from None
         except SystemExit:  # argparse already printed which flag it did not know

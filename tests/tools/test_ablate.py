@@ -62,6 +62,7 @@ def ablation(tiny):
     return result, work
 
 
+@pytest.mark.slow
 def test_ablation_writes_the_table_the_json_and_the_plot(ablation):
     result, work = ablation
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -85,6 +86,7 @@ def test_ablation_writes_the_table_the_json_and_the_plot(ablation):
     assert "round 1, run 1 of 6" in result.stdout and "ETA" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_failing_variant_is_reported_and_the_others_still_run(ablation):
     result, work = ablation
     data = json.loads((work / "ablation.json").read_text())
@@ -95,6 +97,7 @@ def test_a_failing_variant_is_reported_and_the_others_still_run(ablation):
     assert next(v for v in data["variants"] if v["name"] == "base")["best_lr"] is not None
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_and_failed_runs(ablation, tiny, capsys):
     _, work = ablation
     logs = {p: p.stat().st_mtime_ns for p in (work / "runs").glob("*/*/train.log")}
@@ -104,6 +107,15 @@ def test_rerun_skips_finished_and_failed_runs(ablation, tiny, capsys):
     assert "round" not in out, out  # no run launched
     assert {p: p.stat().st_mtime_ns for p in logs} == logs
     assert json.loads((work / "ablation.json").read_text()) == before
+
+
+@pytest.mark.slow
+def test_rerun_with_other_run_flags_is_refused_not_mixed(ablation, tiny, capsys):
+    _, work = ablation
+    argv = [*ablate_argv(tiny, work, "base", str(tiny[1])), "--eval-iters", "2"]
+    assert load_tool("ablate").main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds a run made with other settings" in err and "--work-dir" in err, err
 
 
 def assert_refused(tiny, tmp_path, capsys, variants: list[str], *expected: str):
@@ -149,6 +161,16 @@ def test_plan_checks_every_built_in_variant_and_example_overlay_and_runs_nothing
         "matched", True, "between")
     base = yaml.safe_load((work / "variants" / "base.yaml").read_text())["model"]
     assert (base["diff_attention"], base["ngpt"], base["flaming_moe"]) == ("off", False, "off")
+
+
+def test_plan_checks_the_default_config_the_demo_model(tiny, tmp_path, capsys):
+    """The default --config (examples/configs/cpu_demo.yaml), on the test corpus instead of the demo's."""
+    config = yaml.safe_load(tiny[0].read_text())
+    data = ["--data-path", *config["data"]["data_path"], "--tokenizer-model", config["data"]["tokenizer_model"]]
+    work = tmp_path / "work"
+    assert load_tool("ablate").main(["--work-dir", str(work), "--plan", *data]) == 0
+    out = capsys.readouterr().out
+    assert "next round: 18 runs" in out and "150 steps" in out, out  # 6 variants x 3 rates of cpu_demo.yaml
 
 
 def test_a_feature_switch_among_the_run_flags_is_refused(tiny, tmp_path, capsys):
