@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     png = report.plot(out, work / "ablation.png", f"Neon ablation: {args.config.name}, {st.budget_tokens} tokens")
     print("\n" + table)
     print(f"[ablate] table: {work / 'ablation.md'} and {work / 'ablation.json'}; plot: {png}")
-    if out[0].best_lr is None and out[0].name == "base":
+    if next(r for r in out if r.name == "base").best_lr is None:
         print("ablate.py: every run of the base failed: nothing to compare against (see the failed runs above)",
               file=sys.stderr)
         return 1
