@@ -1,0 +1,134 @@
+"""Variants: the base config with every Neon feature switched off, plus a small overlay each.
+
+A variant is named on the command line:
+- `base`: the config as given, with DiffAttention, nGPT and FlamingMoE off (the Mistral base);
+- a feature, `diff`, `ngpt` or `flaming`, or several joined by `+` (`diff+ngpt`), or `all`:
+  the base with those features on. A feature uses the base config's own settings for it where
+  the config has them (e.g. `diff_attention: expressive`, its FlamingMoE bank sizes), else the
+  settings of examples/configs/cpu_demo.yaml (FEATURES below);
+- the path of a YAML overlay file (`examples/ablations/*.yaml`): sections `model` and
+  `optimizer` like a config file, applied over the base; its name is the file's stem.
+
+Data, schedule, parallel layout and logging are the base config's for every variant (the same
+data, token budget and data order), and the learning rate belongs to the grid; an overlay that
+sets them is an error.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# The switch of each feature and the settings it comes with when the base config has none.
+FEATURES: dict[str, dict] = {
+    "diff": {"diff_attention": "matched"},
+    "ngpt": {"ngpt": True},
+    "flaming": {"flaming_moe": "between", "flaming_global_functions": 8, "flaming_layer_functions": 4,
+                "flaming_router": "topk", "flaming_topk": 1, "flaming_aux_loss_coeff": 0.01},
+}
+SWITCHES = {"diff": "diff_attention", "ngpt": "ngpt", "flaming": "flaming_moe"}
+FEATURES_OFF = {"diff_attention": "off", "ngpt": False, "flaming_moe": "off"}
+GROUPS = {"all": ("diff", "ngpt", "flaming")}
+OVERLAY_SECTIONS = ("model", "optimizer")
+GRID_OWNED = ("lr", "min_lr")  # optimizer settings the learning-rate grid sets per run
+DEFAULT_VARIANTS = ("base", "diff", "ngpt", "diff+ngpt", "flaming", "all")
+
+
+class AblationError(ValueError):
+    """Bad input to the ablation command; the message names the value and the fix."""
+
+
+@dataclass
+class Variant:
+    name: str
+    source: str  # "built-in" or the overlay file's path
+    overlay: dict = field(default_factory=dict)  # {section: {setting: value}}
+
+
+def _feature_overlay(feature: str, base_model: dict) -> dict:
+    """The feature's settings: the base config's own where it has them, else FEATURES'."""
+    settings = {}
+    for key, default in FEATURES[feature].items():
+        value = base_model.get(key, default)
+        if key == SWITCHES[feature] and value in ("off", False, None):
+            value = default
+        settings[key] = value
+    return settings
+
+
+def _overlay_file(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise AblationError(f"overlay {str(path)!r} cannot be read as YAML: {e}. Fix: give a YAML file with "
+                            f"sections {' / '.join(OVERLAY_SECTIONS)} (see examples/ablations/).") from None
+    if not isinstance(data, dict) or not data:
+        raise AblationError(f"overlay {str(path)!r}: expected a mapping of sections {' / '.join(OVERLAY_SECTIONS)}, "
+                            f"e.g. `model: {{ngpt: true}}`. Fix: see examples/ablations/.")
+    for section, values in data.items():
+        if section not in OVERLAY_SECTIONS:
+            raise AblationError(
+                f"overlay {str(path)!r}: section {section!r} cannot differ between variants (every variant gets "
+                f"the base config's data, schedule, layout and logging, so the same data, token budget and "
+                f"order). Fix: keep only {' / '.join(OVERLAY_SECTIONS)} in the overlay; set {section} in --config.")
+        if not isinstance(values, dict):
+            raise AblationError(f"overlay {str(path)!r}: section {section!r} must be a mapping of settings, "
+                                f"got {values!r}. Fix: e.g. `{section}: {{name: value}}`.")
+    owned = [k for k in data.get("optimizer", {}) if k in GRID_OWNED]
+    if owned:
+        raise AblationError(f"overlay {str(path)!r}: optimizer.{owned[0]} is set by the learning-rate grid. "
+                            f"Fix: remove it from the overlay; give the grid with --lrs.")
+    return data
+
+
+def parse_variant(spec: str, base_model: dict) -> Variant:
+    """A variant from its command-line name (see the module docstring)."""
+    path = Path(spec)
+    if spec.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise AblationError(f"variant {spec!r}: overlay file not found. Fix: give the path of a YAML overlay "
+                                f"(see examples/ablations/) or a built-in variant name.")
+        name = path.stem
+        if name in DEFAULT_VARIANTS or name in FEATURES or name in GROUPS:
+            raise AblationError(f"overlay {spec!r}: its name {name!r} is a built-in variant's. Fix: rename the file.")
+        return Variant(name, str(path), _overlay_file(path))
+    if spec == "base":
+        return Variant("base", "built-in")
+    features: list[str] = []
+    for part in spec.split("+"):
+        if part not in FEATURES and part not in GROUPS:
+            known = ", ".join(["base", *FEATURES, *GROUPS])
+            raise AblationError(f"unknown variant {spec!r} ({part!r} is not a feature). Fix: use one of {known}, "
+                                f"features joined by '+' (e.g. diff+ngpt), or the path of a YAML overlay file.")
+        features += GROUPS.get(part, (part,))
+    model = {}
+    for feature in dict.fromkeys(features):
+        model.update(_feature_overlay(feature, base_model))
+    return Variant(spec, "built-in", {"model": model})
+
+
+def parse_variants(specs: list[str], base_yaml: dict) -> list[Variant]:
+    base_model = base_yaml.get("model") or {}
+    variants = [parse_variant(s, base_model) for s in specs]
+    names = [v.name for v in variants]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise AblationError(f"variant {duplicate!r} is given twice. Fix: name each variant once.")
+    if "base" not in names:
+        variants.insert(0, Variant("base", "built-in"))  # the reference of the table
+    return variants
+
+
+def variant_config(base_yaml: dict, variant: Variant) -> dict:
+    """The base config with every feature off, then the variant's overlay."""
+    config = copy.deepcopy(base_yaml)
+    model = config.setdefault("model", {}) or {}
+    config["model"] = model
+    model.update(FEATURES_OFF)
+    for section, values in variant.overlay.items():
+        config.setdefault(section, {})
+        config[section] = {**(config[section] or {}), **values}
+    return config
