@@ -29,7 +29,7 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron_plugins import cpu_runtime, distributed
 from megatron_plugins.training import build_model_chunks, build_optimizer, build_scheduler, evaluate, train_step
 from neon.model import build_model
-from neon.training import batches, checkpointing
+from neon.training import batches, checkpointing, run_lock
 from neon.training.config import Config, dump_yaml
 from neon.training.metrics import MetricsLogger, peak_tflops, training_flops_per_token
 
@@ -105,6 +105,7 @@ def pretrain(cfg: Config) -> RunSummary:
     distributed.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                            p.expert_model_parallel_size, cfg.virtual_pipeline_size, s.seed,
                            timeout_s=60 * p.distributed_timeout_minutes)
+    lock = run_lock.acquire([c.save, run_dir_of(cfg)])  # one run per directory (collective); exit releases it
     rank = dist.get_rank()
     if not cpu_runtime.cuda_available():  # the CPU runtime's RNG tracker forks the CPU generator itself
         logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
@@ -132,7 +133,7 @@ def pretrain(cfg: Config) -> RunSummary:
     if c.load:
         loaded = checkpointing.load(c.load, chunks, optimizer, scheduler, load_optimizer=not c.no_load_optim,
                                     load_rng=not c.no_load_rng, iteration=c.ckpt_step,
-                                    distributed_optimizer=p.use_distributed_optimizer)
+                                    distributed_optimizer=p.use_distributed_optimizer, config=cfg.to_dict())
         if loaded is not None:
             iteration, consumed = loaded.iteration, loaded.consumed_train_samples
             last_saved = iteration if c.load == c.save else None
@@ -198,6 +199,7 @@ def pretrain(cfg: Config) -> RunSummary:
         finally:
             logger.close()
             signals.restore()
+            lock.release()
         return RunSummary(iteration=iteration, exit_reason="skip-train", last_checkpoint=None, train_loss=None,
                           valid_loss=valid_loss, run_dir=str(run_dir))
     try:
@@ -245,6 +247,7 @@ def pretrain(cfg: Config) -> RunSummary:
     finally:
         logger.close()
         signals.restore()
+        lock.release()
     last = str(checkpointing.iteration_dir(c.save, last_saved)) if c.save and last_saved is not None else None
     return RunSummary(iteration=iteration, exit_reason=exit_reason, last_checkpoint=last,
                       train_loss=train_loss, valid_loss=valid_loss, run_dir=str(run_dir))
