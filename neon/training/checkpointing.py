@@ -343,10 +343,10 @@ def _check_settings(path: Path, saved: dict, config: Optional[dict], load_optimi
 
 
 def _verify_files(root, path: Path, iteration: int) -> None:
-    """Sizes against DCP's index, then every file against checksums.json (collective)."""
-    problem = checksums.check_sizes(path)
-    has_checksums, damaged = checksums.verify(path)
-    problem = problem or damaged
+    """Every file against checksums.json (collective); without one, sizes against DCP's index."""
+    has_checksums, problem = checksums.verify(path)
+    if not has_checksums:
+        problem = checksums.check_sizes(path)
     if problem:
         raise CheckpointError(f"{path}: the checkpoint is damaged: {problem}. Fix:{_earlier_hint(root, iteration, ' ')}"
                               f" (and point {TRACKER} at it, or delete {path.name}, to make it the latest).")
