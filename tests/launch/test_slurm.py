@@ -92,7 +92,10 @@ def slurm(tmp_path_factory):
 def _submit(slurm_env: dict, run_dir: Path, name: str, knobs: dict, script: Path = DENSE) -> subprocess.Popen:
     """`sbatch --wait` of a real sbatch script with CPU settings on both nodes."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(slurm_env, NEON_DEVICE="cpu", CPU_PROCS_PER_NODE="2", RUN_DIR=str(run_dir), **knobs)
+    # launch.sh's default rendezvous port is 15000 + job id; another local test cluster on this
+    # machine numbers its jobs from 1 too, so each job gets a port that is free now.
+    env = dict(slurm_env, NEON_DEVICE="cpu", CPU_PROCS_PER_NODE="2", RUN_DIR=str(run_dir),
+               MASTER_PORT=str(_free_port_block(1)), **knobs)
     cmd = ["sbatch", "--wait", "--nodes=2", "--gpus-per-node=0", "--time=20", f"--job-name={name}",
            f"--output={run_dir}/slurm-%j.out", str(script)]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -18,6 +18,14 @@ from tests.neon.training.runs import check, kill_all, latest, launch, metrics, s
 
 pytestmark = pytest.mark.slow
 N = 10
+# TP2 and TP1 evaluations of one checkpoint differ only in the order of fp32 additions (TP splits
+# the row-parallel and the vocab-parallel cross-entropy reductions; GEMM blocking follows the shard
+# shapes). Over the R = 26 reductions on the way to the loss (4 layers x 6, the head, the
+# logsumexp), each of at most n = 256 terms, a random-walk estimate of that error is
+# R * sqrt(n) * 2^-24 = 2.5e-5 of the values' magnitude, before the average over the 512 evaluated
+# tokens shrinks it further. We allow 1e-4 relative; a wrong reshard (a swapped or missing shard)
+# moves the loss by more than 1e-2 (the validation losses of iterations 4 and 8 differ by > 0.05).
+RESHARD_REL_TOL = 1e-4
 TP2 = dict(tensor_model_parallel_size=2, sequence_parallel=True, hidden_dropout=0.1, train_iters=N)
 
 
@@ -94,7 +102,7 @@ def _eval_at_tp1(corpus, load, step, tmp_path, **kwargs):
 def test_tp2_checkpoint_loads_at_tp1_with_the_same_validation_loss(corpus, reference, tmp_path):
     save = reference[0]
     expected = metrics(save, "valid")[8]["loss"]
-    assert math.isclose(_eval_at_tp1(corpus, save, 8, tmp_path), expected, rel_tol=1e-5)
+    assert math.isclose(_eval_at_tp1(corpus, save, 8, tmp_path), expected, rel_tol=RESHARD_REL_TOL)
 
 
 def test_pp2_interleaved_distopt_recompute_checkpoint_loads_at_pp1_with_the_same_validation_loss(corpus, tmp_path):
@@ -107,7 +115,7 @@ def test_pp2_interleaved_distopt_recompute_checkpoint_loads_at_pp1_with_the_same
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert list((save / "wandb").glob("wandb/offline-run-*"))
     evaluated = _eval_at_tp1(corpus, save, 4, tmp_path, use_distributed_optimizer=True)
-    assert math.isclose(evaluated, expected, rel_tol=1e-5)
+    assert math.isclose(evaluated, expected, rel_tol=RESHARD_REL_TOL)
 
 
 def test_non_finite_loss_stops_at_that_step_without_saving_it(corpus, tmp_path):
