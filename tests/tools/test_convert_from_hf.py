@@ -108,7 +108,7 @@ def test_pretrain_continues_from_imported_mistral(imported, tiny_tokenizer, tiny
     moved = max((start[k] - trained[k]).abs().max().item() for k in start)
     # Bound: in its first two steps Adam moves a weight by at most lr per step (|m_hat / sqrt(v_hat)|
     # <= 1 for t <= 2 with betas 0.9 / 0.95), decoupled weight decay by lr * wd * |w|, and the fp32
-    # result rounds to within one ulp; the learning rate decays from 1e-6, so 2 steps <= 2e-6 each.
+    # result rounds to within one ulp; the learning rate starts at 1e-6 and decays: two steps of <= 1e-6.
     wd = yaml.safe_load((tmp_path / "cpt" / "config.yaml").read_text())["optimizer"]["weight_decay"]
     w_max = max(t.abs().max().item() for t in start.values())
     bound = 2 * 1e-6 * (1 + wd * w_max) + 2 * 2.0 ** -23 * w_max
