@@ -25,7 +25,7 @@ def test_second_run_on_a_directory_is_refused_and_a_killed_runs_lock_is_not(corp
     args = tiny_args(*corpus, num_layers=2, eval_iters=0, train_iters=400, save=save, load=save, save_interval=2)
     first = start(args, nproc=0, log=tmp_path / "first.log")
     try:
-        wait_for(lambda: latest(save) is not None, first, 120, "the first run's first checkpoint")
+        wait_for(lambda: latest(save) is not None, first, 240, "the first run's first checkpoint")
         second = launch(args, nproc=0, timeout=120)
         assert first.poll() is None, "the second run disturbed the first"
     finally:
@@ -40,7 +40,7 @@ def test_second_run_on_a_directory_is_refused_and_a_killed_runs_lock_is_not(corp
     # The killed run's lock does not block: the next run resumes from its checkpoint.
     third = start(args, nproc=0, log=tmp_path / "third.log")
     try:
-        wait_for(lambda: max(metrics(save), default=0) > stopped, third, 120, "the resumed run's first step")
+        wait_for(lambda: max(metrics(save), default=0) > stopped, third, 240, "the resumed run's first step")
         third.send_signal(signal.SIGINT)
         assert third.wait(timeout=60) == 130
     finally:
