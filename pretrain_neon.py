@@ -7,7 +7,16 @@ prints the resolved configuration (each value's origin as a comment) and exits 0
 is built. SIGTERM or SIGUSR1 makes every rank finish its step, save a checkpoint to --save and
 exit with status 0; rerunning the same command with --load pointing at that directory resumes
 exactly.
-Exit status: 0 finished or saved on a signal, 2 bad configuration, 3 loss became NaN/inf.
+Exit status (every ending leaves the previous checkpoint loadable; docs/training.md):
+  0    finished, or saved and stopped on SIGTERM/SIGUSR1, --exit-interval or --skip-train
+  1    unexpected error (a bug or a failing machine): traceback, then the latest checkpoint
+  2    bad configuration or input, before anything is built
+  3    loss or gradient norm became NaN/inf (that step is not saved)
+  4    the checkpoint to load is damaged (file named), of another architecture, or missing
+  5    --save / the run directory is in use by another live run
+  6    MASTER_PORT is fixed and already in use
+  130  interrupted by SIGINT (Ctrl-C) without saving
+torchrun reports 1 when a worker exits non-zero; the worker's own status is in its log.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_yaml(cfg), end="", flush=True)
         return 0
     from megatron_plugins import distributed
+    from neon.training import exits
     from neon.training.loop import TrainingDiverged, pretrain
 
     try:
@@ -39,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         if first_rank:
             print(f"pretrain_neon.py: error: {e}", file=sys.stderr, flush=True)
         return 3
+    except BaseException as e:  # every other ending: one paragraph, a documented status (neon/training/exits.py)
+        return exits.report(e, first_rank=first_rank, save_dir=cfg.checkpointing.save)
     finally:
         distributed.shutdown()
     if first_rank:

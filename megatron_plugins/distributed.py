@@ -1,4 +1,11 @@
-"""Start torch.distributed and megatron-core's parallel state from a parallel layout."""
+"""Start torch.distributed and megatron-core's parallel state from a parallel layout.
+
+Rendezvous. Under torchrun (or any launcher that sets WORLD_SIZE > 1 or MASTER_PORT) the
+process joins env:// as usual. A single process started with plain `python` and no MASTER_PORT
+hosts its own store on a port the kernel picks (port 0: no race with another run starting at the
+same moment), so two such runs on one machine never collide. When MASTER_PORT is set and the
+port is taken, `PortInUse` says so in one paragraph instead of torch's EADDRINUSE traceback.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,10 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron_plugins import cpu_runtime
 
 
+class PortInUse(RuntimeError):
+    """The rendezvous port that MASTER_PORT fixes is taken; the message names it and the fix."""
+
+
 def initialize(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
@@ -25,13 +36,9 @@ def initialize(
     tensor/pipeline/expert/data-parallel groups. Safe to call in a single process."""
     cpu_runtime.install()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
         if cpu_runtime.cuda_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(cpu_runtime.backend(), timeout=timedelta(seconds=timeout_s))
+        _join(timedelta(seconds=timeout_s))
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
@@ -40,6 +47,28 @@ def initialize(
         expert_model_parallel_size=expert_parallel,
     )
     set_seed(seed)
+
+
+def _join(timeout: timedelta) -> None:
+    env = os.environ
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    alone = env.get("WORLD_SIZE", "1") == "1" and "MASTER_PORT" not in env
+    env.setdefault("RANK", "0")
+    env.setdefault("WORLD_SIZE", "1")
+    if alone:  # our own store on a free port; nobody else has to find it
+        store = dist.TCPStore(env["MASTER_ADDR"], 0, 1, is_master=True, timeout=timeout)
+        dist.init_process_group(cpu_runtime.backend(), store=store, rank=0, world_size=1, timeout=timeout)
+        return
+    try:
+        dist.init_process_group(cpu_runtime.backend(), timeout=timeout)
+    except dist.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e):
+            raise
+        raise PortInUse(
+            f"MASTER_PORT={env['MASTER_PORT']} on {env['MASTER_ADDR']} is already in use (another run or "
+            f"program listens there), so this run cannot start its rendezvous. Fix: choose a free port "
+            f"(MASTER_PORT=...), or unset MASTER_PORT for a single-process run (it then picks a free "
+            f"port itself); under torchrun use --standalone or another --rdzv-endpoint port.") from None
 
 
 def set_seed(seed: int) -> None:

@@ -4,9 +4,18 @@ Megatron-LM's MegatronPretrainingSampler: the global batch of step k holds sampl
 [k * gbs, (k + 1) * gbs) of the (already shuffled) GPTDataset; data-parallel rank r takes
 micro-batches of size mbs from each consecutive block of mbs * dp samples. Resuming at
 `consumed_samples` continues exactly where the previous run stopped.
+
+Worker processes ignore the stop signals (SIGTERM, SIGUSR1, SIGINT). Slurm and torchrun send
+them to the trainer's whole process group, DataLoader workers included; torch's workers die on
+SIGTERM by default and the trainer's next batch then fails ("DataLoader worker (pid N) is killed
+by signal: Terminated") before it can save. Ignoring them lets the trainer finish the step,
+save and exit; its exit shuts the workers down (and a worker whose trainer died exits on its
+own: torch's worker watchdog notices the parent is gone).
 """
 
 from __future__ import annotations
+
+import signal
 
 import torch
 from torch.utils.data import DataLoader
@@ -28,11 +37,22 @@ class PretrainingSampler:
             yield list(range(first + start, first + start + self.mbs))
 
 
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader worker_init_fn: leave the stop signals to the trainer (runs after torch installs
+    its own worker signal handlers, so it wins)."""
+    for sig in WORKER_IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def loader(dataset, *, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
            num_workers: int, total_samples: int | None = None) -> DataLoader:
     total = len(dataset) if total_samples is None else min(total_samples, len(dataset))
     sampler = PretrainingSampler(total, consumed_samples, micro_batch_size, dp_rank, dp_size)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                      worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
 
 

@@ -32,7 +32,8 @@ class Checkpointer:
             return TrainerState()
         loaded = checkpointing.load(c.load, self.chunks, self.optimizer, self.scheduler,
                                     load_optimizer=not c.no_load_optim, load_rng=not c.no_load_rng,
-                                    iteration=c.ckpt_step, distributed_optimizer=self.distributed_optimizer)
+                                    iteration=c.ckpt_step, distributed_optimizer=self.distributed_optimizer,
+                                    config=self.run_config)
         if loaded is None:
             if announce:
                 print(f" no checkpoint in {c.load}: starting from scratch", flush=True)

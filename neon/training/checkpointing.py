@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
+
+from neon.training import checksums, model_match
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
@@ -233,6 +236,7 @@ def save(root: str | os.PathLike, iteration: int, chunks, optimizer, scheduler, 
     if os.environ.get("NEON_FAULT_PAUSE_SAVE_AT") == str(iteration):
         time.sleep(300)  # fault injection for tests: be killed between writing and committing
     _barrier()  # every rank has finished writing
+    checksums.record(tmp)  # collective; before the checkpoint is committed
     if rank0:
         _fsync_dir(tmp)
         if final.exists():
@@ -251,9 +255,11 @@ def save(root: str | os.PathLike, iteration: int, chunks, optimizer, scheduler, 
 
 def load(root: str | os.PathLike, chunks, optimizer, scheduler, *, load_optimizer: bool = True,
          load_rng: bool = True, iteration: Optional[int] = None,
-         distributed_optimizer: Optional[bool] = None) -> Optional[Loaded]:
+         distributed_optimizer: Optional[bool] = None, config: Optional[dict] = None) -> Optional[Loaded]:
     """Restore the latest checkpoint (or `iteration`) under `root` into the built model, optimizer
-    and scheduler. Returns None when there is none (the run starts from scratch)."""
+    and scheduler (collective). Returns None when there is none (the run starts from scratch).
+    With `config` (this run's cfg.to_dict()) the model settings are compared with the saved ones
+    first. Every file is verified against its recorded checksum before anything is read."""
     if iteration is None:
         iteration = latest_iteration(root)
         if iteration is None:
@@ -262,21 +268,12 @@ def load(root: str | os.PathLike, chunks, optimizer, scheduler, *, load_optimize
     if not (path / "metadata.json").is_file():
         raise CheckpointError(f"{path}: no complete checkpoint of iteration {iteration} there. Fix: check "
                               f"--load / --ckpt-step (or {root}/{TRACKER}) names an existing iter_XXXXXXX "
-                              f"directory.")
-    try:
-        common = dist_checkpointing.load_common_state_dict(str(path))
-    except Exception as e:  # noqa: BLE001 - any unreadable file becomes one clear error
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({e}). Fix: resume from an earlier "
-                              f"iteration by editing {TRACKER}.") from e
+                              f"directory, or{_earlier_hint(root, iteration, ' ')}.")
+    common = _read_common(root, path, iteration)
     weights_only = bool(common.get("weights_only", False))  # no optimizer, scheduler or RNG state in it
     load_optimizer = load_optimizer and not weights_only
-    saved_dist_opt = common.get("config", {}).get("parallelism", {}).get("use_distributed_optimizer")
-    if load_optimizer and distributed_optimizer is not None and saved_dist_opt is not None \
-            and saved_dist_opt != distributed_optimizer:
-        raise CheckpointError(f"{path}: its optimizer state was saved with use_distributed_optimizer="
-                              f"{saved_dist_opt}, this run has {distributed_optimizer}. Fix: pass "
-                              f"{'--use-distributed-optimizer' if saved_dist_opt else '--no-use-distributed-optimizer'}"
-                              f" or --no-load-optim (weights only).")
+    _check_settings(path, common.get("config", {}), config, load_optimizer, distributed_optimizer)
+    _verify_files(root, path, iteration)
     saved = common.get("layout", {})
     now = layout()
     resharded = any(saved.get(k) != now[k] for k in ("tp", "pp", "vpp", "ep"))
@@ -288,9 +285,10 @@ def load(root: str | os.PathLike, chunks, optimizer, scheduler, *, load_optimize
     try:
         loaded = dist_checkpointing.load(state, str(path))
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - torch DCP's is a BaseException
-        raise CheckpointError(f"{path}: loading failed ({type(e).__name__}: {e}). The model settings may differ "
-                              f"from the ones saved in the checkpoint (see its config). Fix: use the saved "
-                              f"model settings.") from e
+        raise CheckpointError(f"{path}: loading failed ({_cause(e)}). The recorded model settings match this "
+                              f"run's and the files pass their checks, so the saved tensors do not fit this "
+                              f"build of the model. Fix:{_earlier_hint(root, iteration, ' ')}; if that fails "
+                              f"too, report it with the run's config.yaml.") from None
     for key, chunk in zip(_model_keys(chunks), chunks):
         _unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if load_optimizer:
@@ -305,3 +303,69 @@ def load(root: str | os.PathLike, chunks, optimizer, scheduler, *, load_optimize
                   consumed_train_samples=int(common["consumed_train_samples"]),
                   config=common.get("config", {}), resharded=resharded)
 
+
+def _earlier(root, iteration: int) -> Optional[int]:
+    """The newest complete checkpoint before `iteration` under root, if any."""
+    found = [int(p.name[5:]) for p in Path(root).glob("iter_*")
+             if p.name[5:].isdigit() and int(p.name[5:]) < iteration and (p / "metadata.json").is_file()]
+    return max(found, default=None)
+
+
+def _earlier_hint(root, iteration: int, lead: str) -> str:
+    earlier = _earlier(root, iteration)
+    if earlier is None:
+        return f"{lead}there is no earlier checkpoint in {root}: restore this one from a copy, or start from " \
+               f"scratch in another --save directory"
+    return f"{lead}resume from the previous checkpoint with --ckpt-step {earlier} ({iteration_dir(root, earlier)})"
+
+
+def _read_common(root, path: Path, iteration: int) -> dict:
+    try:
+        return dist_checkpointing.load_common_state_dict(str(path))
+    except Exception as e:  # noqa: BLE001 - any unreadable file becomes one clear error
+        raise CheckpointError(f"{path}/common.pt: cannot be read ({type(e).__name__}: {e}), the checkpoint is "
+                              f"damaged. Fix:{_earlier_hint(root, iteration, ' ')}.") from None
+
+
+def _check_settings(path: Path, saved: dict, config: Optional[dict], load_optimizer: bool,
+                    distributed_optimizer: Optional[bool]) -> None:
+    if config is not None and isinstance(saved.get("model"), dict):
+        message = model_match.mismatch_message(path, saved["model"], config.get("model", {}), load_optimizer)
+        if message:
+            raise CheckpointError(message)
+    saved_dist_opt = saved.get("parallelism", {}).get("use_distributed_optimizer")
+    if load_optimizer and distributed_optimizer is not None and saved_dist_opt is not None \
+            and saved_dist_opt != distributed_optimizer:
+        raise CheckpointError(f"{path}: its optimizer state was saved with use_distributed_optimizer="
+                              f"{saved_dist_opt}, this run has {distributed_optimizer}. Fix: pass "
+                              f"{'--use-distributed-optimizer' if saved_dist_opt else '--no-use-distributed-optimizer'}"
+                              f" or --no-load-optim (weights only).")
+
+
+def _verify_files(root, path: Path, iteration: int) -> None:
+    """Every file against checksums.json (collective); without one, sizes against DCP's index."""
+    has_checksums, problem = checksums.verify(path)
+    if not has_checksums:
+        problem = checksums.check_sizes(path)
+    if problem:
+        raise CheckpointError(f"{path}: the checkpoint is damaged: {problem}. Fix:{_earlier_hint(root, iteration, ' ')}"
+                              f" (and point {TRACKER} at it, or delete {path.name}, to make it the latest).")
+    if not has_checksums and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"warning: {path} has no {checksums.MANIFEST} (written before Neon recorded checksums): loading it "
+              f"unverified; a damaged block would go unnoticed.", file=sys.stderr, flush=True)
+
+
+def _cause(e: BaseException) -> str:
+    """The first underlying error of a (torch DCP) exception, in one line."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, failure = next(iter(failures.items()))
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        return f"on rank {rank}: {_one_line(inner)}"
+    return _one_line(e)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = text[0] if len(text[0]) <= 300 else text[0][:300] + " ..."
+    return f"{type(e).__name__}: {first}" if text else type(e).__name__

@@ -30,6 +30,7 @@ from megatron.core.num_microbatches_calculator import (
 
 from megatron_plugins import cpu_runtime, distributed
 from neon.model import build_model
+from neon.training import run_lock
 from neon.training.aux_losses import router_aux_losses
 from neon.training.checkpointer import Checkpointer
 from neon.training.config import Config, dump_yaml
@@ -83,6 +84,7 @@ class Trainer:
         self.signals = SignalFlag(cfg.checkpointing.exit_signal_handler)  # before DataLoader workers fork
         self.num_microbatches = start_parallel(cfg)
         self.rank0 = dist.get_rank() == 0
+        self.lock = run_lock.acquire([cfg.checkpointing.save, run_dir_of(cfg)])  # one run per directory
         self.model_config = cfg.neon_config()
         self.chunks, self.optimizer, self.scheduler = self.build_model()
         self.checkpointer = Checkpointer(cfg.checkpointing, chunks=self.chunks, optimizer=self.optimizer,
@@ -130,6 +132,7 @@ class Trainer:
         finally:
             self.logger.close()
             self.signals.restore()
+            self.lock.release()
         s = self.state
         last = None if skip or s.last_checkpoint is None else str(s.last_checkpoint)  # skip-train reports none
         return RunSummary(iteration=s.iteration, exit_reason=exit_reason, last_checkpoint=last,

@@ -47,7 +47,14 @@ def test_dockerfile_pins_ngc_base_runs_unprivileged_and_has_no_secrets():
     assert {".git", ".venv", "runs"} <= set(ignored), ignored
 
 
-def test_install_step_keeps_torch_and_installs_neon_with_megatron_core_0_16_1(tmp_path):
+def _pinned(name: str) -> str:
+    """The version requirements.txt pins `name` to (the version the suite is tested with)."""
+    pins = dict(line.split("==", 1) for line in (ROOT / "requirements.txt").read_text().split()
+                if "==" in line and not line.startswith("#"))
+    return pins[name].strip()
+
+
+def test_install_step_keeps_torch_and_installs_neon_with_the_pinned_megatron_core(tmp_path):
     report = tmp_path / "report.json"
     r = subprocess.run(["bash", str(ROOT / "tools/install_neon.sh"), str(ROOT), "--dry-run", "--quiet",
                         "--report", str(report)],
@@ -57,11 +64,17 @@ def test_install_step_keeps_torch_and_installs_neon_with_megatron_core_0_16_1(tm
     import torch
 
     assert f"keeping torch=={torch.__version__}" in r.stderr
-    would_install = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())
-                     ["install"]}
+    items = {i["metadata"]["name"].lower(): i["metadata"] for i in json.loads(report.read_text())["install"]}
+    would_install = {name: meta["version"] for name, meta in items.items()}
     assert "torch" not in would_install, would_install
     assert would_install.get("neon") == "0.1.0", would_install
-    # megatron-core comes from pyproject's pin; here it is already installed at that version
-    from importlib.metadata import version
+    # The image gets the megatron-core that Neon's own metadata requires: the one the suite pins.
+    pin = _pinned("megatron-core")
+    requires = [r.replace(" ", "") for r in items["neon"].get("requires_dist", [])]
+    assert f"megatron-core=={pin}" in requires, (pin, requires)
+    if "megatron-core" in would_install:
+        assert would_install["megatron-core"] == pin, would_install
+    else:  # pip kept the installed one because it satisfies that requirement
+        from importlib.metadata import version
 
-    assert would_install.get("megatron-core", version("megatron-core")) == "0.16.1"
+        assert version("megatron-core") == pin

@@ -5,7 +5,8 @@ tools/slurm_local/ installs Slurm from Debian's packages and starts slurmctld + 
 CPU settings: 2 nodes x 2 processes, TP=2 x DP=2. One job must run to the end with the loss
 falling; the FlamingMoE script must run EP=2 x DP=2 over the two nodes; another job is sent
 SIGUSR1 mid-run (what `#SBATCH --signal=B:USR1@T` does before the time limit) and must save,
-requeue itself, resume from its checkpoint and finish. The cluster is stopped when this module's
+requeue itself, resume from its checkpoint and finish, with pretrain_neon.py's default DataLoader
+workers (which the job's SIGTERM reaches too). The cluster is stopped when this module's
 tests end, pass or fail. Skipped only when Slurm is missing and cannot be installed (not root,
 or no apt-get).
 """
@@ -91,7 +92,10 @@ def slurm(tmp_path_factory):
 def _submit(slurm_env: dict, run_dir: Path, name: str, knobs: dict, script: Path = DENSE) -> subprocess.Popen:
     """`sbatch --wait` of a real sbatch script with CPU settings on both nodes."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(slurm_env, NEON_DEVICE="cpu", CPU_PROCS_PER_NODE="2", RUN_DIR=str(run_dir), **knobs)
+    # launch.sh's default rendezvous port is 15000 + job id; another local test cluster on this
+    # machine numbers its jobs from 1 too, so each job gets a port that is free now.
+    env = dict(slurm_env, NEON_DEVICE="cpu", CPU_PROCS_PER_NODE="2", RUN_DIR=str(run_dir),
+               MASTER_PORT=str(_free_port_block(1)), **knobs)
     cmd = ["sbatch", "--wait", "--nodes=2", "--gpus-per-node=0", "--time=20", f"--job-name={name}",
            f"--output={run_dir}/slurm-%j.out", str(script)]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -145,10 +149,20 @@ def test_dense_sbatch_trains_on_two_nodes_tp2_dp2(slurm, launch_corpus, tmp_path
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - training.LOSS_DROP, losses
 
 
+def _default_data_workers(knobs: dict) -> dict:
+    """The run's YAML without data.num_workers: pretrain_neon.py's default DataLoader worker per
+    rank, which the job's SIGTERM (scancel --signal=TERM) reaches as well."""
+    config = Path(knobs["CONFIG"])
+    values = yaml.safe_load(config.read_text())
+    values["data"].pop("num_workers")
+    config.write_text(yaml.safe_dump(values))
+    return knobs
+
+
 def test_dense_sbatch_saves_requeues_and_resumes_on_sigusr1(slurm, launch_corpus, tmp_path):
     run_dir = tmp_path / "run"
     name = "neon-test-requeue"
-    knobs = training.knobs(tmp_path, launch_corpus, train_iters=training.RESUME_ITERS)
+    knobs = _default_data_workers(training.knobs(tmp_path, launch_corpus, train_iters=training.RESUME_ITERS))
     proc = _submit(slurm, run_dir, name, knobs)
     deadline = time.monotonic() + training.JOB_TIMEOUT
     while len(_train_records(run_dir)) < training.SIGNAL_AFTER:
@@ -167,6 +181,7 @@ def test_dense_sbatch_saves_requeues_and_resumes_on_sigusr1(slurm, launch_corpus
     rc, log = _finish(proc, slurm, run_dir, name, timeout=training.JOB_TIMEOUT + 60)
     assert rc == 0, log
     assert "requeueing job" in log and " run 1: 2 nodes x 2 processes" in log, log
+    assert "DataLoader worker" not in log, log
     iterations = [r["iteration"] for r in _train_records(run_dir)]
     # The first run stopped at some step s after the signal and saved it; the requeued run went on
     # from s + 1 to the end.

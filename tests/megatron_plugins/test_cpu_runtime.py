@@ -34,7 +34,9 @@ def _clip_grads():
     param = torch.nn.Parameter(torch.ones(4))
     param.grad = torch.full((4,), 3.0)
     clip_grad_by_total_norm_fp32([param], max_norm=1.0, total_norm=6.0)
-    assert torch.allclose(param.grad, torch.full((4,), 0.5), atol=1e-5)
+    # megatron scales by max_norm / (total_norm + 1e-6): one fp32 division and one product
+    expected = torch.full((4,), 3.0) * torch.tensor(1.0 / (6.0 + 1.0e-6), dtype=torch.float32)
+    torch.testing.assert_close(param.grad, expected, rtol=2 * 2.0 ** -24, atol=0)
 
 
 def _synchronize():
@@ -127,4 +129,7 @@ def test_sequence_parallel_norm_is_supported():
     assert norm.weight.sequence_parallel is True
     x = torch.randn(3, 8)
     expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
-    torch.testing.assert_close(norm(x), expected)
+    # the same formula, computed in another order (rsqrt, fused mean): each side is within ~9 fp32
+    # roundings of the exact value (the 8-term sum's error halves through the square root, then
+    # eps, the root, the product, the weight), so the two within 18; we allow 32 (1.9e-6 relative)
+    torch.testing.assert_close(norm(x), expected, rtol=32 * 2.0 ** -24, atol=0)

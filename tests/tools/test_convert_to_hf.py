@@ -37,6 +37,12 @@ LAUNCHES = {
 }
 FEATURES = {name: flags for _, combos in LAUNCHES.values() for name, flags in combos.items()}
 TOKENS = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(3))
+# The HF modules compute megatron's function with other kernels and, at TP2 x PP2, other splits of
+# each sum: every op is within a few fp32 roundings, a reduction of n terms within n * 2^-24 of
+# its terms' magnitude (Higham's gamma_n). R = 4 layers x 12 reductions (attention, MLP, the
+# FlamingMoE routers and banks) + the head, n <= 96: R * n * 2^-24 = 2.8e-4 of the logits' scale
+# in the worst case. A wrong weight mapping moves logits by ~1e-1.
+EXPORT_ROUNDING = (4 * 12 + 1) * 96 * 2.0 ** -24
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +96,7 @@ def test_exported_model_matches_megatron(exported, feature):
         want = reference[feature]
         assert want.abs().max() > 0.1
         diff = (logits - want).abs().max().item()
-        assert diff <= 1e-4, diff
+        assert diff <= EXPORT_ROUNDING * want.abs().max().item(), (diff, want.abs().max().item())
         prompt = TOKENS[:, :6]
         cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=0)
         uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=0)

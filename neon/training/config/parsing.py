@@ -132,11 +132,14 @@ def annotation(section: str, name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from neon.training.exits import STATUSES
+
     parser = argparse.ArgumentParser(
         prog="pretrain_neon.py",
         usage="torchrun [...] pretrain_neon.py [--config FILE.yaml] [--flag VALUE ...]",
         description="Pretrain a Neon model with megatron-core. Settings come from --config (YAML, "
                     "sections as below) and these flags (Megatron-LM names); flags win.",
+        epilog="exit status:\n" + STATUSES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )

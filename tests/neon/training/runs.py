@@ -39,18 +39,21 @@ def as_flags(values: dict) -> list[str]:
 
 def _env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", WANDB_MODE="offline")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
     return env
 
 
 def command(args: list[str], nproc: int) -> list[str]:
+    """torchrun with nproc processes; nproc=0: one process started with plain python (no torchrun)."""
+    if nproc == 0:
+        return [sys.executable, str(REPO / "pretrain_neon.py"), *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
             "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", str(REPO / "pretrain_neon.py"), *args]
 
 
-def launch(args: list[str], nproc: int = 1, timeout: float = 150) -> subprocess.CompletedProcess:
-    return subprocess.run(command(args, nproc), cwd=REPO, env=_env(), capture_output=True, text=True,
+def launch(args: list[str], nproc: int = 1, timeout: float = 150, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(command(args, nproc), cwd=REPO, env={**_env(), **env}, capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -1,6 +1,7 @@
 """A checkpoint written by an earlier Neon (every feature on: DiffAttention 'matched', nGPT,
 FlamingMoE global + layer banks, sliding window) still loads through `pretrain_neon.py --load`
-and reproduces the next 5 training losses that the earlier code recorded.
+and reproduces the next 5 training losses that the earlier code recorded. It has no
+checksums.json (it predates them): it loads with a warning.
 
 tests/data/make_golden_checkpoint.py made tests/data/golden_all_features/ (checkpoint at
 iteration 40, its tokenizer and data, and the losses of iterations 41..45).
@@ -40,6 +41,8 @@ def test_checkpoint_from_earlier_code_resumes_with_the_recorded_losses(tmp_path)
                      lr_warmup_iters=0, data_cache_path=tmp_path / "cache")
     out = check(launch(args, nproc=1, timeout=300))
     assert f"loaded checkpoint {save}/iter_{expected['first_iteration']:07d}" in out
+    # written before checkpoints carried checksums: loaded, with a warning
+    assert f"warning: {save}/iter_{expected['first_iteration']:07d} has no checksums.json" in out
     got = metrics(save)
     assert sorted(got) == sorted(int(i) for i in expected["next_losses"])
     for it, record in expected["next_losses"].items():

@@ -2,7 +2,9 @@
 
 One reference run at TP2 (with sequence parallelism and dropout, so RNG state matters) is
 compared bit for bit with a run that is killed with SIGKILL in the middle of a checkpoint
-write, resumed from the previous checkpoint, stopped with SIGTERM, and resumed again.
+write, resumed from the previous checkpoint, stopped with SIGTERM sent to the launcher's process
+group (as Slurm sends it; torchrun forwards it to each worker's group, so the DataLoader worker
+of the default --num-workers 1 gets it too), and resumed again.
 Its checkpoints, and those of a PP2 interleaved run, are then evaluated at TP1/PP1.
 """
 
@@ -16,6 +18,14 @@ from tests.neon.training.runs import check, kill_all, latest, launch, metrics, s
 
 pytestmark = pytest.mark.slow
 N = 10
+# TP2 and TP1 evaluations of one checkpoint differ only in the order of fp32 additions (TP splits
+# the row-parallel and the vocab-parallel cross-entropy reductions; GEMM blocking follows the shard
+# shapes). Over the R = 26 reductions on the way to the loss (4 layers x 6, the head, the
+# logsumexp), each of at most n = 256 terms, a random-walk estimate of that error is
+# R * sqrt(n) * 2^-24 = 2.5e-5 of the values' magnitude, before the average over the 512 evaluated
+# tokens shrinks it further. We allow 1e-4 relative; a wrong reshard (a swapped or missing shard)
+# moves the loss by more than 1e-2 (the validation losses of iterations 4 and 8 differ by > 0.05).
+RESHARD_REL_TOL = 1e-4
 TP2 = dict(tensor_model_parallel_size=2, sequence_parallel=True, hidden_dropout=0.1, train_iters=N)
 
 
@@ -45,7 +55,7 @@ def test_training_lowers_the_loss_and_logs(reference):
 def test_killed_save_then_sigterm_then_resume_is_exact(corpus, reference, tmp_path):
     ref = metrics(reference[0])
     save = tmp_path / "ckpt"
-    args = tiny_args(*corpus, **TP2, save=save, load=save, save_interval=2, ckpt_keep_last=2)
+    args = tiny_args(*corpus, **TP2, save=save, load=save, save_interval=2, ckpt_keep_last=2, num_workers=None)
 
     # 1. SIGKILL every process while iteration 4 is being written (the save pauses after writing,
     #    before committing): iteration 2 stays the latest.
@@ -56,14 +66,17 @@ def test_killed_save_then_sigterm_then_resume_is_exact(corpus, reference, tmp_pa
     assert latest(save) == 2 and (save / "iter_0000002" / "metadata.json").is_file()
     assert not (save / "iter_0000004").exists() or latest(save) == 2
 
-    # 2. Resume from 2; SIGTERM to torchrun mid-run: the ranks finish the step, save and exit.
+    # 2. Resume from 2; SIGTERM to the process group mid-run: the ranks finish the step, save and
+    #    exit with status 0 (the DataLoader workers, default --num-workers, survive the signal).
     proc = start(args, nproc=2, log=tmp_path / "sigterm.log")
     wait_for(lambda: max(metrics(save), default=0) >= 5, proc, 120, "iteration 5")
-    os.kill(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=60)
     log = (tmp_path / "sigterm.log").read_text()
     stopped = latest(save)
     assert "received signal SIGTERM at iteration" in log, log[-3000:]
+    assert f" done: signal SIGTERM at iteration {stopped}; checkpoint: {save}/iter_{stopped:07d}" in log, log[-3000:]
+    assert "DataLoader worker" not in log and "[rank0]: Traceback" not in log, log[-3000:]
     assert 5 <= stopped < N, (stopped, log[-3000:])
     assert f" saved checkpoint {save}/iter_{stopped:07d}" in log
     assert not list(save.glob(".tmp_iter_*")), "the stale temporary directory was not removed"
@@ -89,7 +102,7 @@ def _eval_at_tp1(corpus, load, step, tmp_path, **kwargs):
 def test_tp2_checkpoint_loads_at_tp1_with_the_same_validation_loss(corpus, reference, tmp_path):
     save = reference[0]
     expected = metrics(save, "valid")[8]["loss"]
-    assert math.isclose(_eval_at_tp1(corpus, save, 8, tmp_path), expected, rel_tol=1e-5)
+    assert math.isclose(_eval_at_tp1(corpus, save, 8, tmp_path), expected, rel_tol=RESHARD_REL_TOL)
 
 
 def test_pp2_interleaved_distopt_recompute_checkpoint_loads_at_pp1_with_the_same_validation_loss(corpus, tmp_path):
@@ -102,7 +115,7 @@ def test_pp2_interleaved_distopt_recompute_checkpoint_loads_at_pp1_with_the_same
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert list((save / "wandb").glob("wandb/offline-run-*"))
     evaluated = _eval_at_tp1(corpus, save, 4, tmp_path, use_distributed_optimizer=True)
-    assert math.isclose(evaluated, expected, rel_tol=1e-5)
+    assert math.isclose(evaluated, expected, rel_tol=RESHARD_REL_TOL)
 
 
 def test_non_finite_loss_stops_at_that_step_without_saving_it(corpus, tmp_path):
