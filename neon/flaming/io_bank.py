@@ -45,7 +45,11 @@ class MixedFunctionExperts(FunctionBankExperts):
             else:
                 y, _ = expert(x, p)
             outs.append(y)
-        return torch.cat(outs, dim=0), None
+        out = torch.cat(outs, dim=0)
+        # IO outputs need not depend on x (a callable, a `context` query): tie them to the
+        # dispatched tokens with an exact zero, so the dispatcher's backward collectives
+        # (all-to-all / reduce-scatter of d tokens) run on every EP rank and stay matched.
+        return out + 0.0 * tokens.sum(dim=-1, keepdim=True).to(out.dtype), None
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         raise NotImplementedError(
