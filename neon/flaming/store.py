@@ -144,6 +144,10 @@ class StoreFunction(IOFunction):
         if self.store.entries < spec.topk:
             raise IOSourceError(f"{spec.where()}: the store has {self.store.entries} entries, fewer "
                                 f"than topk={spec.topk}. Fix: lower topk or build a larger store.")
+        if meta["encoder"]["vocab_size"] != config.vocab_size:
+            raise IOSourceError(f"{spec.where()}: the store was built for vocab_size "
+                                f"{meta['encoder']['vocab_size']}, the model has {config.vocab_size}. "
+                                "Fix: build the store with the model's tokenizer (--vocab-size).")
         self.encoder = NgramEncoder(meta["encoder"])
         window = config.flaming_io_context_window
         if spec.query == "context" and self.encoder.n > window:
