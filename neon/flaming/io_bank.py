@@ -29,7 +29,10 @@ class MixedFunctionExperts(FunctionBankExperts):
         for i in range(num_local_experts):
             g = self.first_function + i
             if g >= num_learned:  # an IO function replaces the placeholder learned one
-                self.local_experts[i] = build_io_function(config, specs[g - num_learned])
+                fn = build_io_function(config, specs[g - num_learned])
+                for p in fn.parameters():  # megatron's expert mark: reduced over expert-DP only
+                    p.allreduce = False
+                self.local_experts[i] = fn
 
     def io_functions(self) -> list:
         return [e for e in self.local_experts if getattr(e, "is_io", False)]
