@@ -101,7 +101,7 @@ class FlamingMoE(MegatronModule):
         self.global_bank = (FunctionBank(config, "global", layer_number, pg_collection)
                             if config.flaming_global_functions else None)
         self.layer_bank = (FunctionBank(config, "layer", layer_number, pg_collection)
-                           if config.flaming_layer_functions else None)
+                           if bank_size(config, "layer") else None)
         if layer_number is not None:  # the routers log their losses per layer
             self.set_layer_number(layer_number)
 

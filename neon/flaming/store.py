@@ -192,3 +192,23 @@ class StoreFunction(IOFunction):
 
     def source_identity(self) -> dict:
         return {**super().source_identity(), **self.store.identity()}
+
+
+def swap_store(model: torch.nn.Module, name: str, path: str) -> int:
+    """Attach another store to every StoreFunction named `name` (evaluation or generation
+    without retraining: the knowledge lives outside the weights). Its encoder and value
+    layout must match the current store's. Returns the number of functions swapped."""
+    swapped = 0
+    for m in model.modules():
+        if isinstance(m, StoreFunction) and m.spec.name == name:
+            new = open_store(path, where=m.spec.where())
+            old = m.store.meta
+            for key in ("encoder", "values", "value_width", "key_dim"):
+                if new.meta[key] != old[key]:
+                    _fail(m.spec.where(), path, f"has {key}={new.meta[key]!r}, the attached store "
+                          f"has {old[key]!r}", "swap in a store built with the same encoder and values")
+            m.store = new
+            swapped += 1
+    if not swapped:
+        raise IOSourceError(f"no store IO function named {name!r} in the model")
+    return swapped
