@@ -175,6 +175,21 @@ class IOFunction(MegatronModule):
         """What a checkpoint records about the external source (not its contents)."""
         return {"name": self.spec.name, "kind": self.spec.kind, "source": self.spec.source}
 
+    # the source identity travels in the state dict (`<prefix>_extra_state`): recorded, not copied
+    def get_extra_state(self) -> dict:
+        return {"io_source": self.source_identity()}
+
+    def set_extra_state(self, state) -> None:
+        if isinstance(state, dict) and "io_source" in state:
+            self.check_source(state["io_source"])
+
+    def check_source(self, recorded: dict) -> None:
+        """At load: the source must be the recorded one (stores override this with a content check)."""
+        if recorded.get("source") != self.spec.source and not self.config.flaming_io_store_swap:
+            raise IOSourceError(f"{self.spec.where()}: the checkpoint was trained with source "
+                                f"{recorded.get('source')!r}. Fix: configure that source, or set "
+                                "flaming_io_store_swap=True to use this one.")
+
 
 def build_io_function(config, spec: IOFunctionSpec) -> IOFunction:
     if spec.kind == "store":

@@ -193,6 +193,10 @@ class StoreFunction(IOFunction):
     def source_identity(self) -> dict:
         return {**super().source_identity(), **self.store.identity()}
 
+    def check_source(self, recorded: dict) -> None:
+        check_identity(recorded, self.store, swap=self.config.flaming_io_store_swap,
+                       where=self.spec.where())
+
 
 def swap_store(model: torch.nn.Module, name: str, path: str) -> int:
     """Attach another store to every StoreFunction named `name` (evaluation or generation

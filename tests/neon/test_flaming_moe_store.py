@@ -133,3 +133,18 @@ def test_checkpoint_store_identity(tmp_path):
         check_identity(a.identity(), c, swap=True)
     meta = json.load(open(os.path.join(a.path, "meta.json")))
     assert a.identity()["bytes"] == meta["keys_bytes"] + meta["values_bytes"]
+
+
+def test_state_dict_records_the_store_and_refuses_another(tmp_path):
+    from neon.flaming.store import StoreFunction
+
+    a, b = small_store(tmp_path / "a"), small_store(tmp_path / "b", docs=[[1, 2, 3, 4]])
+    spec = "name=facts,kind=store,source={},topk=1"
+    trained = StoreFunction(_config([]), parse_spec(spec.format(a)))
+    state = trained.state_dict()
+    assert state["_extra_state"]["io_source"]["content_sha256"] == open_store(a).meta["content_sha256"]
+    StoreFunction(_config([]), parse_spec(spec.format(a))).load_state_dict(state)  # same store
+    with pytest.raises(IOSourceError, match="differs from the checkpoint's store"):
+        StoreFunction(_config([]), parse_spec(spec.format(b))).load_state_dict(state)
+    swapped = StoreFunction(_config([], flaming_io_store_swap=True), parse_spec(spec.format(b)))
+    swapped.load_state_dict(state)  # asked for
