@@ -7,7 +7,7 @@ gets an error that names the setting and the fix before anything is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch.nn.functional as F
@@ -75,6 +75,15 @@ class NeonConfig(TransformerConfig):
     flaming_init_seed: int = 4321
     """Seed of the global bank's initialisation: function g gets the same weights on every
     pipeline stage and at every expert-parallel size."""
+
+    # --- FlamingMoE IO functions (neon/flaming/io.py): routed functions reading outside the model
+    flaming_io_functions: list[str] = field(default_factory=list)
+    """One entry per IO function, 'name=...,kind=store|callable,source=...[,key=value...]'; they
+    join the per-layer bank after its learned functions (see docs/flaming_moe.md)."""
+    flaming_io_context_window: int = 8
+    """W: token ids (the token itself and the W - 1 before it) in each token's context row."""
+    flaming_io_store_swap: bool = False
+    """At checkpoint load, accept stores other than the ones the checkpoint recorded."""
 
     # --- Mistral defaults for megatron-core's own fields ----------------------------------
     normalization: str = "RMSNorm"
@@ -215,10 +224,11 @@ class NeonConfig(TransformerConfig):
         for name, n in banks.items():
             if n < 0:
                 fail(name, n, "must be >= 0", f"set {name} to a bank size (0 for no bank)")
-        if not any(banks.values()):
+        if not any(banks.values()) and not self.flaming_io_functions:
             fail("flaming_layer_functions", 0, "FlamingMoE is on but both banks are empty",
                  "set flaming_global_functions and/or flaming_layer_functions > 0, or flaming_moe='off'")
         ep = self.expert_model_parallel_size
+        banks["flaming_layer_functions"] += len(self.flaming_io_functions)  # IO functions join it
         for name, n in banks.items():
             if n and self.flaming_topk > n:
                 fail("flaming_topk", self.flaming_topk, f"exceeds {name}={n}",
@@ -249,6 +259,7 @@ class NeonConfig(TransformerConfig):
         for name in ("flaming_aux_loss_coeff", "flaming_z_loss_coeff"):
             if getattr(self, name) < 0:
                 fail(name, getattr(self, name), "must be >= 0", f"set {name} to 0 (off) or a positive weight")
+        self._validate_flaming_io(fail)
         if self.add_bias_linear:
             fail("add_bias_linear", True, "FlamingMoE functions are bias-free (megatron-core 0.16.1 "
                  "experts fail with biases)", "set add_bias_linear=False")
@@ -257,6 +268,26 @@ class NeonConfig(TransformerConfig):
             fail("expert_tensor_parallel_size", etp, "FlamingMoE functions are not split by tensor "
                  "parallelism", "set expert_tensor_parallel_size=1 (functions are sharded over EP; with "
                  "tensor parallelism also start the process groups with expert TP 1)")
+
+    def _validate_flaming_io(self, fail) -> None:
+        """IO functions: placement, window, and every source opened now (store files, callable
+        import), so a wrong or missing source fails at start naming it."""
+        if not self.flaming_io_functions:
+            return
+        if self.flaming_moe != "between":
+            fail("flaming_moe", self.flaming_moe, "IO functions are wired for the 'between' "
+                 "placement only", "set flaming_moe='between'")
+        if self.ngpt:
+            fail("ngpt", True, "IO functions are not wired with nGPT yet", "turn nGPT off")
+        if self.flaming_io_context_window < 1:
+            fail("flaming_io_context_window", self.flaming_io_context_window, "must be >= 1",
+                 "use the number of token ids each context row holds, e.g. 8")
+        from neon.flaming.io import IOSourceError, check_io_sources
+
+        try:
+            check_io_sources(self)
+        except IOSourceError as e:
+            raise NeonConfigError(f"flaming_io_functions: {e}") from None
 
     @property
     def head_dim(self) -> int:

@@ -9,6 +9,7 @@ from megatron.core.models.gpt import GPTModel
 from neon import ngpt
 from neon.config import NeonConfig
 from neon.flaming import attach_global_bank
+from neon.flaming.io_model import IOGPTModel
 from neon.layer_spec import get_neon_block_spec
 
 
@@ -23,7 +24,8 @@ def build_model(
 
     With FlamingMoE's global bank, the stage also owns a replica of the bank's functions as
     `flaming_global_functions` (see neon/flaming/block.py)."""
-    model = GPTModel(
+    model_class = IOGPTModel if config.flaming_io_functions else GPTModel  # FlamingMoE IO: context
+    model = model_class(
         config=config,
         transformer_layer_spec=get_neon_block_spec(config, use_te=use_te, vp_stage=vp_stage),
         vocab_size=config.vocab_size,

@@ -24,13 +24,17 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from neon.flaming.functions import FunctionBankExperts, SharedFunctions, bank_config
+from neon.flaming.io import io_specs
 from neon.flaming.router import FlamingRouter
 
 BANKS = ("global", "layer")
 
 
 def bank_size(config, bank: str) -> int:
-    return config.flaming_global_functions if bank == "global" else config.flaming_layer_functions
+    """Functions in the bank; the per-layer bank also holds the IO functions (neon/flaming/io.py)."""
+    if bank == "global":
+        return config.flaming_global_functions
+    return config.flaming_layer_functions + len(io_specs(config))
 
 
 def bank_kind(config, bank: str) -> str:
@@ -48,6 +52,13 @@ class FunctionBank(MoELayer):
         n, kind = bank_size(config, bank), bank_kind(config, bank)
         experts = (ModuleSpec(module=SharedFunctions) if bank == "global"
                    else ModuleSpec(module=FunctionBankExperts, params={"kind": kind}))
+        # --- IO functions (neon/flaming/io_bank.py): mixed experts, context-carrying dispatcher
+        has_io = bank == "layer" and bool(io_specs(config))
+        if has_io:
+            from neon.flaming.io_bank import MixedFunctionExperts
+
+            experts = ModuleSpec(module=MixedFunctionExperts,
+                                 params={"kind": kind, "num_learned": config.flaming_layer_functions})
         router = functools.partial(FlamingRouter, bank=bank, mode=config.flaming_router,
                                    temperature=config.flaming_gumbel_temperature)
         super().__init__(bank_config(config, n, kind),
@@ -56,6 +67,19 @@ class FunctionBank(MoELayer):
                          pg_collection=pg_collection or get_default_pg_collection())
         self.bank = bank
         self.register_buffer("usage", torch.zeros(n, dtype=torch.long), persistent=False)
+        self.has_io = has_io
+        if has_io:
+            from neon.flaming.io_bank import use_context_dispatcher
+
+            use_context_dispatcher(self, pg_collection or get_default_pg_collection())
+
+    def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None, context=None):
+        """megatron's MoELayer forward; with IO functions, the token context [s, b, C] goes along."""
+        if not self.has_io:
+            return super().forward(hidden_states, intermediate_tensors, padding_mask=padding_mask)
+        from neon.flaming.io_bank import io_bank_forward
+
+        return io_bank_forward(self, hidden_states, context, padding_mask=padding_mask)
 
     def route(self, hidden_states, padding_mask=None):
         probs, routing_map = super().route(hidden_states, padding_mask)
@@ -77,9 +101,13 @@ class FlamingMoE(MegatronModule):
         self.global_bank = (FunctionBank(config, "global", layer_number, pg_collection)
                             if config.flaming_global_functions else None)
         self.layer_bank = (FunctionBank(config, "layer", layer_number, pg_collection)
-                           if config.flaming_layer_functions else None)
+                           if bank_size(config, "layer") else None)
         if layer_number is not None:  # the routers log their losses per layer
             self.set_layer_number(layer_number)
+
+    @property
+    def has_io(self) -> bool:
+        return any(b.has_io for b in self.banks())
 
     def banks(self) -> list[FunctionBank]:
         return [b for b in (self.global_bank, self.layer_bank) if b is not None]
@@ -88,10 +116,12 @@ class FlamingMoE(MegatronModule):
         for bank in self.banks():
             bank.set_layer_number(layer_number)
 
-    def forward(self, hidden_states: torch.Tensor, padding_mask=None, **_):
+    def forward(self, hidden_states: torch.Tensor, padding_mask=None, context=None, **_):
+        """context: the token context [s, b, C] (neon/flaming/io.py), used by IO functions."""
         out = hidden_states if self.identity else torch.zeros_like(hidden_states)
         for bank in self.banks():
-            y, _ = bank(hidden_states, padding_mask=padding_mask)
+            extra = {"context": context} if bank.has_io else {}
+            y, _ = bank(hidden_states, padding_mask=padding_mask, **extra)
             out = out + y.to(out.dtype)
         return out, None
 

@@ -37,10 +37,26 @@ class FlamingTransformerLayer(TransformerLayer):
                                         layer_number=self.layer_number, pg_collection=self.pg_collection)
         self.flaming_bda = build_module(submodules.flaming_bda)
 
-    def _forward_flaming(self, hidden_states):
+    def forward(self, *args, **kwargs):
+        """megatron's TransformerLayer.forward, with the token context of IO functions handed to
+        the FlamingMoE block. The context arrives as megatron's `context` argument (which the
+        block threads through every layer and through activation recompute; the cross-attention
+        that would read it is an IdentityOp in Neon's layers) and is returned unchanged."""
+        if not getattr(self.flaming_moe, "has_io", False):
+            return super().forward(*args, **kwargs)
+        kwargs.pop("dynamic_inference_decode_only", None)
+        token_context = kwargs.get("context")
+        hidden_states, context = self._forward_attention(*args, **kwargs)
+        hidden_states = self._forward_flaming(hidden_states, token_context)
+        output = TransformerLayer._forward_mlp(self, hidden_states, kwargs.get("inference_context"),
+                                               padding_mask=kwargs.get("padding_mask"))
+        return output, context
+
+    def _forward_flaming(self, hidden_states, token_context=None):
         """h + FlamingMoE(norm(h)) with the layer's bias-dropout-add."""
         residual = hidden_states
-        r = self.flaming_moe(self.pre_flaming_layernorm(hidden_states))
+        extra = {"context": token_context} if token_context is not None else {}
+        r = self.flaming_moe(self.pre_flaming_layernorm(hidden_states), **extra)
         with self.bias_dropout_add_exec_handler():
             return self.flaming_bda(self.training, self.config.bias_dropout_fusion)(
                 r, residual, self.hidden_dropout)

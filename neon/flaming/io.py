@@ -1,0 +1,215 @@
+"""IO functions: FlamingMoE bank entries that read from outside the model.
+
+An IO function is routed like a learned function (same router, same dispatcher, same weights
+p), but besides the routed tokens' hidden states x [T, d] it receives their context c [T, C]:
+
+    c[t] = (position, sequence, id_{t-W+1}, ..., id_{t-1}, id_t)     (int64, W = context window)
+
+ids before the sequence start are -1, so a row holds only the token itself and earlier tokens of
+its own sequence. The context is built once per forward pass from the input ids
+(`token_context`), travels with the tokens through megatron's dispatcher
+(megatron_plugins/context_dispatch.py) and reaches the layers as a forward argument.
+
+    f(x, c) = W_out read(q(x, c), c)           q: query (learned W_q x, or frozen from c)
+                                               read: the external part (may be non-differentiable)
+                                               W_out: learned projection to the residual
+
+Config: `flaming_io_functions`, one string per function, comma-separated key=value pairs:
+
+    "name=facts,kind=store,source=/data/facts_store,query=context,topk=4"
+    "name=add,kind=callable,source=my_tools.arith:add,returns=tokens,width=4"
+
+`name` and `kind` ('store' | 'callable') and `source` are required; IO functions join the
+per-layer bank after its `flaming_layer_functions` learned ones (bank index F, F+1, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+IO_KINDS = ("store", "callable")
+QUERY_KINDS = ("context", "hidden")
+RETURN_KINDS = ("tokens", "vectors")
+CONTEXT_FIXED_COLUMNS = 2  # position, sequence; then the W ids
+
+
+class IOSourceError(ValueError):
+    """An IO function's source cannot be used; the message names the function, source and fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class IOFunctionSpec:
+    name: str
+    kind: str
+    source: str
+    query: str = "context"   # store: 'context' (frozen encoder of the last n ids) or 'hidden'
+    topk: int = 4            # store: entries read per routed token
+    temperature: float = 1.0  # store: softmax temperature of the similarity weights
+    returns: str = "tokens"  # callable: 'tokens' (ids, own embedding) or 'vectors'
+    width: int = 1           # callable: ids (or vector entries) it returns per token
+    embed_dim: int = 0       # own embedding width of returned/stored tokens (0: hidden size)
+
+    def where(self) -> str:
+        return f"IO function {self.name!r} ({self.kind} {self.source!r})"
+
+
+_INT_FIELDS = {"topk", "width", "embed_dim"}
+_FLOAT_FIELDS = {"temperature"}
+
+
+def parse_spec(text: str) -> IOFunctionSpec:
+    """'name=facts,kind=store,source=/path,...' -> IOFunctionSpec (errors name the entry)."""
+    fields = {f.name for f in dataclasses.fields(IOFunctionSpec)}
+    values = {}
+    for part in (p.strip() for p in str(text).split(",") if p.strip()):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise IOSourceError(
+                f"flaming_io_functions entry {text!r}: {part!r} is not a key=value pair with a "
+                f"known key. Fix: use keys from {sorted(fields)}, e.g. "
+                "'name=facts,kind=store,source=/data/facts_store'.")
+        values[key] = value.strip()
+    for key in ("name", "kind", "source"):
+        if not values.get(key):
+            raise IOSourceError(f"flaming_io_functions entry {text!r} has no {key}. Fix: add "
+                                f"'{key}=...' (every IO function needs name, kind and source).")
+    try:
+        for key in _INT_FIELDS & values.keys():
+            values[key] = int(values[key])
+        for key in _FLOAT_FIELDS & values.keys():
+            values[key] = float(values[key])
+    except ValueError as e:
+        raise IOSourceError(f"flaming_io_functions entry {text!r}: {e}. Fix: give a number.") from None
+    spec = IOFunctionSpec(**values)
+    _check_choices(spec)
+    return spec
+
+
+def _check_choices(spec: IOFunctionSpec) -> None:
+    for key, choices in (("kind", IO_KINDS), ("query", QUERY_KINDS), ("returns", RETURN_KINDS)):
+        if getattr(spec, key) not in choices:
+            raise IOSourceError(f"{spec.where()}: {key}={getattr(spec, key)!r} is not one of "
+                                f"{choices}. Fix: use one of them.")
+    for key in ("topk", "width"):
+        if getattr(spec, key) < 1:
+            raise IOSourceError(f"{spec.where()}: {key}={getattr(spec, key)} must be >= 1.")
+    if spec.temperature <= 0:
+        raise IOSourceError(f"{spec.where()}: temperature={spec.temperature} must be > 0.")
+
+
+def io_specs(config) -> list[IOFunctionSpec]:
+    specs = [parse_spec(t) for t in (getattr(config, "flaming_io_functions", None) or ())]
+    names = [s.name for s in specs]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise IOSourceError(f"flaming_io_functions names {sorted(dup)} more than once. Fix: give "
+                            "each IO function its own name.")
+    return specs
+
+
+# --- the token context ---------------------------------------------------------------------------
+
+
+def token_context(input_ids: torch.Tensor, window: int,
+                  position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """input_ids [b, s] -> context [s, b, 2 + W] int64 (megatron's [seq, batch] layout).
+
+    Row (t, j) = (position, sequence j, ids[j, t-W+1 .. t]); -1 before the sequence start."""
+    b, s = input_ids.shape
+    ids = input_ids.long()
+    padded = torch.cat([ids.new_full((b, window - 1), -1), ids], dim=1)  # [b, s + W - 1]
+    windows = padded.unfold(1, window, 1)  # [b, s, W]: ids t-W+1 .. t
+    pos = (position_ids.long() if position_ids is not None
+           else torch.arange(s, device=ids.device).expand(b, s))
+    seq = torch.arange(b, device=ids.device).unsqueeze(1).expand(b, s)
+    ctx = torch.cat([pos.unsqueeze(-1), seq.unsqueeze(-1), windows], dim=-1)  # [b, s, 2 + W]
+    return ctx.transpose(0, 1).contiguous()
+
+
+def context_ids(context: torch.Tensor) -> torch.Tensor:
+    """[T, 2 + W] -> the ids window [T, W] (last column: the routed token itself)."""
+    return context[:, CONTEXT_FIXED_COLUMNS:]
+
+
+# --- the function interface ----------------------------------------------------------------------
+
+
+class IOFunction(MegatronModule):
+    """Base of an IO function: forward(x [T, d], per_token_scale p [T], context [T, C]) ->
+    (p * W_out read(x, c) [T, d], None). Subclasses define `read(x, context) -> [T, value_dim]`
+    (their learned query projection included) and set `value_dim` before calling `build_out`."""
+
+    is_io = True
+
+    def __init__(self, config, spec: IOFunctionSpec):
+        super().__init__(config=config)
+        self.spec = spec
+
+    def build_out(self, value_dim: int) -> None:
+        self.value_dim = value_dim
+        self.out_proj = torch.nn.Linear(value_dim, self.config.hidden_size, bias=False)
+        torch.nn.init.normal_(self.out_proj.weight, std=self.config.init_method_std)
+
+    def read(self, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, hidden_states, per_token_scale=None, context=None, **_):
+        if context is None:
+            raise RuntimeError(f"{self.spec.where()} got no token context: run the model through "
+                               "neon.model.build_model's forward (input ids give the context)")
+        if hidden_states.shape[0] == 0:  # no token routed here in this micro-batch
+            values = hidden_states.new_zeros(0, self.value_dim)
+        else:
+            values = self.read(hidden_states, context)  # [T, value_dim]
+        out = self.out_proj(values.to(self.out_proj.weight.dtype))  # [T, d]
+        if per_token_scale is not None:
+            out = out * per_token_scale.unsqueeze(-1)
+        return out.to(hidden_states.dtype), None
+
+    def source_identity(self) -> dict:
+        """What a checkpoint records about the external source (not its contents)."""
+        return {"name": self.spec.name, "kind": self.spec.kind, "source": self.spec.source}
+
+    # the source identity travels in the state dict (`<prefix>_extra_state`): recorded, not copied
+    def get_extra_state(self) -> dict:
+        return {"io_source": self.source_identity()}
+
+    def set_extra_state(self, state) -> None:
+        if isinstance(state, dict) and "io_source" in state:
+            self.check_source(state["io_source"])
+
+    def check_source(self, recorded: dict) -> None:
+        """At load: the source must be the recorded one (stores override this with a content check)."""
+        if recorded.get("source") != self.spec.source and not self.config.flaming_io_store_swap:
+            raise IOSourceError(f"{self.spec.where()}: the checkpoint was trained with source "
+                                f"{recorded.get('source')!r}. Fix: configure that source, or set "
+                                "flaming_io_store_swap=True to use this one.")
+
+
+def build_io_function(config, spec: IOFunctionSpec) -> IOFunction:
+    if spec.kind == "store":
+        from neon.flaming.store import StoreFunction
+
+        return StoreFunction(config, spec)
+    from neon.flaming.callables import CallableFunction
+
+    return CallableFunction(config, spec)
+
+
+def check_io_sources(config) -> None:
+    """Open every IO function's source (store files, callable import) now, so a wrong or missing
+    source fails at start with an error naming it."""
+    for spec in io_specs(config):
+        if spec.kind == "store":
+            from neon.flaming.store import open_store
+
+            open_store(spec.source, where=spec.where())
+        else:
+            from neon.flaming.callables import resolve_callable
+
+            resolve_callable(spec)

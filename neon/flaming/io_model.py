@@ -1,0 +1,27 @@
+"""GPTModel that builds the token context of FlamingMoE IO functions from its input ids.
+
+Every pipeline stage receives the input ids (Neon's forward_step passes the batch to each
+stage), so each stage builds the same context [s, b, 2 + W] (neon/flaming/io.py) in its own
+forward pass and hands it to its TransformerBlock as megatron's `context` argument: a forward
+argument, recomputed with the layers under activation recompute, never state kept between steps.
+"""
+
+from __future__ import annotations
+
+from megatron.core.models.gpt import GPTModel
+
+from neon.flaming.io import token_context
+
+
+class IOGPTModel(GPTModel):
+    def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
+                inference_context=None, packed_seq_params=None, extra_block_kwargs=None, *args,
+                **kwargs):
+        if input_ids is None:
+            raise RuntimeError("a model with FlamingMoE IO functions needs the input ids on every "
+                               "pipeline stage (they give the token context)")
+        ctx = token_context(input_ids, self.config.flaming_io_context_window, position_ids)
+        extra_block_kwargs = {**(extra_block_kwargs or {}), "context": ctx}
+        return super().forward(input_ids, position_ids, attention_mask, decoder_input, labels,
+                               inference_context, packed_seq_params, extra_block_kwargs, *args,
+                               **kwargs)

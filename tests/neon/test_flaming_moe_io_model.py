@@ -1,0 +1,98 @@
+"""FlamingMoE IO functions in a whole model, trained with megatron's schedules: the token
+context is a forward argument, so full activation recompute (each layer's forward run again in
+the backward pass) and the 1F1B pipeline schedule at PP=2 (micro-batch 1's backward after
+micro-batch 2's forward) give the losses and gradient norms of the plain PP=1 run. A context
+kept as state would feed a recomputed layer the wrong micro-batch's ids and change them."""
+
+import re
+import zlib
+
+import pytest
+import torch
+from megatron.core import parallel_state
+from megatron.core.optimizer import OptimizerConfig
+
+from megatron_plugins.training import build_model_chunks, build_optimizer, train_step
+from neon.config import NeonConfig
+from neon.flaming.encoder import describe
+from neon.flaming.store_build import write_store
+from neon.model import build_model
+from tests.dist import run_distributed
+
+VOCAB, SEQ, MB, STEPS, MICROBATCHES = 32, 8, 2, 3, 2
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def io_model_config(store: str, recompute: bool) -> NeonConfig:
+    extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
+    return NeonConfig(
+        num_layers=2, hidden_size=16, num_attention_heads=2, ffn_hidden_size=24, vocab_size=VOCAB,
+        max_position_embeddings=16, flaming_moe="between", flaming_layer_functions=1, flaming_router="topk",
+        flaming_topk=2, flaming_io_context_window=4,
+        flaming_io_functions=[f"name=facts,kind=store,source={store},query=context,topk=2",
+                              "name=add,kind=callable,source=tests.neon.io_callables:sum_last_two,width=2"],
+        pipeline_dtype=torch.float32,
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(), **extra)
+
+
+def batches(n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        tokens = torch.randint(0, VOCAB, (MB, SEQ + 1), generator=gen)
+        yield dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], position_ids=torch.arange(SEQ).expand(MB, SEQ),
+                   loss_mask=torch.ones(MB, SEQ))
+
+
+def deterministic_init(model) -> None:
+    """Each parameter from a seed of its global name (layer numbers counted over all stages), so
+    every layout and run starts from the same weights."""
+    offset = model.decoder.layers[0].layer_number - 1
+    for name, p in model.named_parameters():
+        name = re.sub(r"decoder\.layers\.(\d+)", lambda m: f"decoder.layers.{offset + int(m[1])}", name)
+        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        with torch.no_grad():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+def train_io(store: str, recompute: bool) -> dict:
+    cfg = io_model_config(store, recompute)
+    chunks = build_model_chunks(cfg, build_model)
+    deterministic_init(chunks[0].module)
+    # SGD: the update is linear in the gradient, so rounding differences stay rounding-sized
+    opt = build_optimizer(chunks, OptimizerConfig(optimizer="sgd", lr=0.5, weight_decay=0.0, bf16=False))
+    data = batches(STEPS * MICROBATCHES)
+    losses, norms = [], []
+    for _ in range(STEPS):
+        r = train_step(chunks, opt, data, cfg, num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=MB)
+        losses.append(r.loss)
+        norms.append(r.grad_norm)
+    usage = [b.usage.tolist() for m in chunks[0].modules() if hasattr(m, "layer_bank") and m.layer_bank
+             for b in [m.layer_bank]]
+    last = parallel_state.is_pipeline_last_stage()
+    return dict(losses=losses if last else None, norms=norms, usage=usage)
+
+
+def check_io_training(store: str):
+    return {recompute: train_io(store, recompute) for recompute in (False, True)}
+
+
+@pytest.mark.slow
+def test_io_context_survives_recompute_and_pipeline(tmp_path):
+    store = str(tmp_path / "store")
+    gen = torch.Generator().manual_seed(1)
+    write_store(store, describe("random:3", 3, 8, VOCAB),
+                [torch.randint(0, VOCAB, (40,), generator=gen).tolist()], value_width=1)
+    (pp1,) = run_distributed(check_io_training, 1, kwargs={"store": store}, timeout=300)
+    pp2 = run_distributed(check_io_training, 2, pp=2, kwargs={"store": store}, timeout=300)
+    ref = pp1[False]
+    assert all(u[-1] > 0 and u[-2] > 0 for u in ref["usage"]), ("IO functions never routed", ref["usage"])
+    assert ref["losses"][-1] < ref["losses"][0], "training did not lower the loss"
+    # fp32: the runs differ only in the order of sums (recompute: none; PP: the grad-norm
+    # reduction over stages), a few eps of the O(1) loss after STEPS linear SGD updates
+    tol = 64 * EPS32 * max(ref["losses"])
+    for name, run in (("pp1 recompute", pp1[True]), ("pp2", pp2[1][False]), ("pp2 recompute", pp2[1][True])):
+        assert max(abs(a - b) for a, b in zip(run["losses"], ref["losses"])) <= tol, (name, run["losses"])
+        assert max(abs(a - b) / b for a, b in zip(run["norms"], ref["norms"])) <= 64 * EPS32, (name, run["norms"])

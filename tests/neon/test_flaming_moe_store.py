@@ -1,0 +1,150 @@
+"""The FlamingMoE store: exact blocked search equals brute force; the stored encoder equals the
+documented one; the token context holds only a token and earlier ones; bad sources fail at
+config time naming the function, or at the first call naming the function and the call; a
+checkpoint's store identity refuses another store unless a swap is asked for."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from neon.config import NeonConfig, NeonConfigError
+from neon.flaming.callables import CallableFunction, IOFunctionError
+from neon.flaming.encoder import NgramEncoder, describe
+from neon.flaming.io import IOSourceError, parse_spec, token_context
+from neon.flaming.store import check_identity, exact_topk, open_store
+from neon.flaming.store_build import write_store
+
+V = 32
+
+
+def small_store(path, docs=None, n=3, key_dim=8, width=2, seed=4):
+    docs = docs or [list(range(1, 20)), [5, 9, 2, 7, 7, 1]]
+    write_store(str(path), describe(f"random:{seed}", n, key_dim, V), docs, value_width=width)
+    return str(path)
+
+
+def test_blocked_search_equals_brute_force(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(1000, 12, generator=gen).numpy()
+    q = torch.randn(37, 12, generator=gen)
+    full = torch.topk(q @ torch.from_numpy(keys).T, 5, dim=1)
+    for block in (7, 64, 1000, 4096):  # merging across block edges, one block, a block past the end
+        s, i = exact_topk(q, keys, 5, block_rows=block)
+        assert torch.equal(i, full.indices), block
+        assert (s - full.values).abs().max() <= 8 * torch.finfo(torch.float32).eps * full.values.abs().max()
+
+
+def test_store_layout_keys_and_values(tmp_path):
+    path = small_store(tmp_path / "s", docs=[[3, 1, 4, 1, 5]])
+    store = open_store(path)
+    assert store.entries == 4  # positions with a continuation
+    assert store.values.tolist() == [[1, 4], [4, 1], [1, 5], [5, -1]]
+    enc = NgramEncoder(store.meta["encoder"])
+    assert torch.allclose(torch.from_numpy(np.array(store.keys[2])),
+                          enc(torch.tensor([[3, 1, 4]]))[0])  # window ending at position 2
+    # documented formula, written again: normalize(sum_j s_j * E[id_j])
+    table = torch.randn(V, 8, generator=torch.Generator().manual_seed(4)) / 8 ** 0.5
+    signs = torch.randint(0, 2, (3, 8), generator=torch.Generator().manual_seed(5)).float() * 2 - 1
+    ref = torch.nn.functional.normalize(signs[1] * table[3] + signs[2] * table[1], dim=0)  # [-1, 3, 1]
+    assert torch.allclose(torch.from_numpy(np.array(store.keys[1])), ref, atol=1e-6)
+    assert store.identity()["content_sha256"] == store.meta["content_sha256"]
+
+
+def test_token_context_holds_only_the_token_and_earlier_ones():
+    ids = torch.randint(0, V, (3, 9))
+    ctx = token_context(ids, 4)  # [s, b, 2 + W]
+    later = ids.clone()
+    later[:, 5:] = (later[:, 5:] + 1) % V  # change every token after position 4
+    ctx2 = token_context(later, 4)
+    assert torch.equal(ctx[:5], ctx2[:5]) and not torch.equal(ctx[5:], ctx2[5:])
+    for t in range(9):
+        for b in range(3):
+            want = [-1] * max(0, 3 - t) + ids[b, max(0, t - 3):t + 1].tolist()
+            assert ctx[t, b].tolist() == [t, b] + want
+
+
+def _config(io, **kw):
+    return NeonConfig(num_layers=2, hidden_size=16, num_attention_heads=2, ffn_hidden_size=24,
+                      vocab_size=V, max_position_embeddings=16, flaming_moe="between",
+                      flaming_layer_functions=1, flaming_io_functions=io, flaming_io_context_window=4, **kw)
+
+
+def test_bad_sources_fail_at_start_naming_them(tmp_path):
+    path = small_store(tmp_path / "s")
+    cases = {
+        f"name=facts,kind=store,source={tmp_path}/missing": ["facts", "missing", "does not exist"],
+        "name=api,kind=callable,source=no_such_module_xyz:f": ["api", "no_such_module_xyz", "cannot import"],
+        "name=api,kind=callable,source=tests.neon.io_callables:not_a_function": ["api", "not_a_function"],
+        "name=api,kind=callable,source=justamodule": ["api", "module:function"],
+        f"name=facts,kind=stor,source={path}": ["facts", "kind='stor'"],
+        "name=facts,source=x": ["has no kind"],
+        "name=x,kind=store,source=y,colour=red": ["colour=red", "known key"],
+    }
+    for entry, words in cases.items():
+        with pytest.raises(NeonConfigError) as e:
+            _config([entry])
+        for w in words:
+            assert w in str(e.value), (entry, str(e.value))
+    with open(os.path.join(path, "values.bin"), "r+b") as f:  # truncate the values
+        f.truncate(8)
+    with pytest.raises(NeonConfigError, match="truncated"):
+        _config([f"name=facts,kind=store,source={path}"])
+
+
+def test_store_for_another_vocabulary_or_window_fails(tmp_path):
+    from neon.flaming.store import StoreFunction
+
+    other = tmp_path / "v"
+    write_store(str(other), describe("random:1", 6, 8, V + 1), [[1, 2, 3]], value_width=1)
+    spec = parse_spec(f"name=facts,kind=store,source={other},topk=1")
+    with pytest.raises(IOSourceError, match="vocab_size 33"):
+        StoreFunction(_config([]), spec)
+    wide = tmp_path / "w"
+    write_store(str(wide), describe("random:1", 6, 8, V), [[1, 2, 3]], value_width=1)
+    with pytest.raises(IOSourceError, match="flaming_io_context_window >= 6"):
+        StoreFunction(_config([]), parse_spec(f"name=facts,kind=store,source={wide},topk=1"))
+
+
+def test_callable_errors_name_the_function_and_call():
+    cfg = _config([])
+    ctx = token_context(torch.randint(0, V, (1, 5)), 4).view(-1, 6)
+    x = torch.zeros(5, 16)
+    fn = CallableFunction(cfg, parse_spec("name=broken,kind=callable,source=tests.neon.io_callables:raises,width=2"))
+    with pytest.raises(IOFunctionError, match=r"'broken'.*call 1.*KeyError.*service unavailable"):
+        fn(x, torch.ones(5), context=ctx)
+    spec = parse_spec("name=shape,kind=callable,source=tests.neon.io_callables:wrong_shape,width=2")
+    fn = CallableFunction(cfg, spec)
+    with pytest.raises(IOFunctionError, match=r"'shape'.*returned shape \(6, 2\), expected \[5, 2\]"):
+        fn(x, torch.ones(5), context=ctx)
+
+
+def test_checkpoint_store_identity(tmp_path):
+    a = open_store(small_store(tmp_path / "a"))
+    b = open_store(small_store(tmp_path / "b", docs=[[1, 2, 3, 4]]))
+    check_identity(a.identity(), a)
+    with pytest.raises(IOSourceError, match="differs from the checkpoint's store"):
+        check_identity(a.identity(), b)
+    check_identity(a.identity(), b, swap=True)  # another store attached on purpose
+    c = open_store(small_store(tmp_path / "c", key_dim=4))
+    with pytest.raises(IOSourceError, match="key_dim 4"):
+        check_identity(a.identity(), c, swap=True)
+    meta = json.load(open(os.path.join(a.path, "meta.json")))
+    assert a.identity()["bytes"] == meta["keys_bytes"] + meta["values_bytes"]
+
+
+def test_state_dict_records_the_store_and_refuses_another(tmp_path):
+    from neon.flaming.store import StoreFunction
+
+    a, b = small_store(tmp_path / "a"), small_store(tmp_path / "b", docs=[[1, 2, 3, 4]])
+    spec = "name=facts,kind=store,source={},topk=1"
+    trained = StoreFunction(_config([]), parse_spec(spec.format(a)))
+    state = trained.state_dict()
+    assert state["_extra_state"]["io_source"]["content_sha256"] == open_store(a).meta["content_sha256"]
+    StoreFunction(_config([]), parse_spec(spec.format(a))).load_state_dict(state)  # same store
+    with pytest.raises(IOSourceError, match="differs from the checkpoint's store"):
+        StoreFunction(_config([]), parse_spec(spec.format(b))).load_state_dict(state)
+    swapped = StoreFunction(_config([], flaming_io_store_swap=True), parse_spec(spec.format(b)))
+    swapped.load_state_dict(state)  # asked for
