@@ -12,11 +12,12 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 
-from megatron_plugins.training import build_model_chunks, build_optimizer, train_step
 from neon.config import NeonConfig
 from neon.flaming.encoder import describe
 from neon.flaming.store_build import write_store
 from neon.model import build_model
+from neon.training.optim import build_optimizer
+from neon.training.step import build_model_chunks, train_step
 from tests.dist import run_distributed
 
 VOCAB, SEQ, MB, STEPS, MICROBATCHES = 32, 8, 2, 3, 2
