@@ -47,14 +47,14 @@ ALPHA_INIT = 0.05
 
 
 def ngpt_optimizer_defaults() -> dict:
-    """The optimizer/schedule settings nGPT's recipe needs, as {"section.field": value} for the
-    pretraining config (pretrain_neon's FEATURE_DEFAULTS["ngpt"]): applied when ngpt is on and the
-    user did not set the field (YAML or flag), so each one can be overridden.
+    """nGPT's run-config defaults flattened to {"section.field": value}, the form
+    neon/training/config.py's FEATURE_DEFAULTS reads today. The recipe itself (weight decay 0, no
+    warmup, and why) is `NGPTFeature.recipe` in neon/features/ngpt.py; once FEATURE_DEFAULTS reads
+    `neon.features.recipes`, this function goes."""
+    from neon.features import FEATURES  # the features import this module
 
-    - optimizer.weight_decay = 0: the weights live on the unit sphere, decay would only fight the
-      normalisation (the paper trains without it);
-    - schedule.lr_warmup_iters = 0: no learning-rate warmup (the paper's recipe)."""
-    return {"optimizer.weight_decay": 0.0, "schedule.lr_warmup_iters": 0}
+    recipe = FEATURES["ngpt"].recipe(None)
+    return {f"{section}.{name}": value for section, values in recipe.items() for name, value in values.items()}
 
 
 def scaling_constants(config: NeonConfig) -> dict:
