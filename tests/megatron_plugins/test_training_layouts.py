@@ -13,7 +13,8 @@ from megatron.core.optimizer import OptimizerConfig
 
 from megatron_plugins.training import build_model_chunks, build_optimizer, train_step
 from neon.model import build_model
-from tests.neon.test_mistral_parity import load_stage, reference_mistral, tiny_config
+from tests.neon.test_mistral_parity import reference_mistral, tiny_config
+from tests.parity import load_stage
 
 GLOBAL_BATCH, SEQ, STEPS = 4, 16, 3
 
