@@ -107,6 +107,10 @@ def test_recipes_name_real_run_config_fields():
             real = {f.name for f in dataclasses.fields(sections[section]())}
             assert set(values) <= real, (name, section, set(values) - real)
     assert recipes(NeonConfig(**TINY)) == []
+    section = Config().model  # the run config's model section works as well as a NeonConfig
+    assert recipes(section) == []
+    section.ngpt = True
+    assert recipes(section) == got
     assert dict(got)["ngpt"] == {"optimizer": {"weight_decay": 0.0}, "schedule": {"lr_warmup_iters": 0}}
     assert ngpt_optimizer_defaults() == {"optimizer.weight_decay": 0.0, "schedule.lr_warmup_iters": 0}
 
