@@ -85,6 +85,11 @@ class NeonConfig(TransformerConfig):
     persist_layer_norm: bool = False
     gradient_accumulation_fusion: bool = False
 
+    # Not a field: megatron's finalize_model_grads sums the grads of parameters marked
+    # `pipeline_parallel` over the pipeline stages when this is set (replicated embedders on
+    # every stage); a feature that has them sets it in its `configure` (FlamingMoE's global bank).
+    has_cond_embedder = False
+
     def __post_init__(self):
         self.validate()
         if self.sliding_window is not None:
