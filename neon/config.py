@@ -2,7 +2,9 @@
 
 With every Neon switch off, a NeonConfig describes a Mistral model (RoPE, GQA, SwiGLU, RMSNorm,
 optional sliding window). `validate()` runs before megatron-core's own checks, so a bad value
-gets an error that names the setting and the fix before anything is built.
+gets an error that names the setting and the fix before anything is built. The fields of each
+feature are declared here; their checks and derived settings are the feature's own
+(neon/features/, docs/adding_a_feature.md).
 """
 
 from __future__ import annotations
