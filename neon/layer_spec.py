@@ -9,7 +9,6 @@ With every Neon switch off this is exactly a Mistral layer.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -28,9 +27,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron_plugins.norm import RMSNorm
 from neon.attention import NeonCoreAttention
 from neon.config import NeonConfig
-from neon.diff_attention import DiffCoreAttention, DiffSelfAttention
-from neon.flaming import FlamingMoE, FlamingTransformerLayer, FlamingTransformerLayerSubmodules
-from neon.ngpt import ngpt_layer_spec
+from neon.features import active
 
 try:  # Transformer Engine: present in NGC containers, absent on CPU machines
     import transformer_engine  # noqa: F401
@@ -54,38 +51,21 @@ def _modules(use_te: bool) -> dict:
                 core_attention=NeonCoreAttention)
 
 
-def _attention(config: NeonConfig, m: dict, use_te: bool) -> tuple[type, object]:
-    """(self-attention class, core-attention builder) for the configured attention."""
-    if config.diff_attention != "off":
-        return DiffSelfAttention, partial(DiffCoreAttention, use_te=use_te)
-    return SelfAttention, m["core_attention"]
-
-
 def get_neon_layer_spec(config: NeonConfig, use_te: Optional[bool] = None) -> ModuleSpec:
-    """ModuleSpec of one Neon TransformerLayer (TE flavour when `use_te`, default: if TE imports)."""
+    """ModuleSpec of one Neon TransformerLayer (TE flavour when `use_te`, default: if TE imports):
+    the Mistral layer, then each active feature's `layer_spec` (neon/features/) in registry order."""
     use_te = HAVE_TE if use_te is None else use_te
     m = _modules(use_te)
-    self_attention, core_attention = _attention(config, m, use_te)
-    flaming = config.flaming_moe
-    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=m["column"], linear_fc2=m["row"]))
-    layer, extra = TransformerLayer, {}
-    if flaming == "mlp":  # the FlamingMoE block replaces the MLP (uses pre_mlp_layernorm)
-        mlp = ModuleSpec(module=FlamingMoE)
-    elif flaming == "between":  # its own pre-norm and residual between attention and MLP
-        layer = FlamingTransformerLayer
-        extra = dict(pre_flaming_layernorm=m["norm"], flaming_moe=ModuleSpec(module=FlamingMoE),
-                     flaming_bda=get_bias_dropout_add)
-    submodules_cls = FlamingTransformerLayerSubmodules if extra else TransformerLayerSubmodules
     spec = ModuleSpec(
-        module=layer,
-        submodules=submodules_cls(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
             input_layernorm=m["norm"],
             self_attention=ModuleSpec(
-                module=self_attention,
+                module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=m["column"],
-                    core_attention=core_attention,
+                    core_attention=m["core_attention"],
                     linear_proj=m["row"],
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
@@ -93,13 +73,12 @@ def get_neon_layer_spec(config: NeonConfig, use_te: Optional[bool] = None) -> Mo
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=m["norm"],
-            mlp=mlp,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=m["column"], linear_fc2=m["row"])),
             mlp_bda=get_bias_dropout_add,
-            **extra,
         ),
     )
-    if config.ngpt:  # normalized layer: no norms, residual updates on the sphere (neon/ngpt.py)
-        spec = ngpt_layer_spec(spec, config)
+    for feature in active(config):
+        spec = feature.layer_spec(spec, config, use_te)
     return spec
 
 
@@ -109,7 +88,10 @@ def get_neon_block_spec(
     """The layers this pipeline stage builds, plus the final norm."""
     use_te = HAVE_TE if use_te is None else use_te
     layer = get_neon_layer_spec(config, use_te)
-    return TransformerBlockSubmodules(
+    block = TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
-        layer_norm=None if config.ngpt else _modules(use_te)["norm"],  # nGPT: no final norm
+        layer_norm=_modules(use_te)["norm"],
     )
+    for feature in active(config):
+        block = feature.block_spec(block, config)
+    return block

@@ -6,9 +6,8 @@ from typing import Optional
 
 from megatron.core.models.gpt import GPTModel
 
-from neon import ngpt
 from neon.config import NeonConfig
-from neon.flaming import attach_global_bank
+from neon.features import active
 from neon.flaming.io_model import IOGPTModel
 from neon.layer_spec import get_neon_block_spec
 
@@ -37,10 +36,6 @@ def build_model(
         rotary_base=config.rope_theta,
         vp_stage=vp_stage,
     )
-    attach_global_bank(model, config)
-    if config.ngpt:
-        if post_process:
-            ngpt.attach_logit_scale(model, config)  # z <- z * s_z
-        ngpt.mark_and_normalize_weights(model)  # (global bank included)
-        # E_in, E_out, W_q/k/v/o, W_gate/up/down on the sphere
+    for feature in active(config):  # e.g. FlamingMoE's global bank, nGPT's s_z and unit-norm weights
+        feature.attach(model, config, post_process)
     return model

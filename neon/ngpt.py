@@ -46,17 +46,6 @@ from neon.config import NeonConfig
 ALPHA_INIT = 0.05
 
 
-def ngpt_optimizer_defaults() -> dict:
-    """The optimizer/schedule settings nGPT's recipe needs, as {"section.field": value} for the
-    pretraining config (pretrain_neon's FEATURE_DEFAULTS["ngpt"]): applied when ngpt is on and the
-    user did not set the field (YAML or flag), so each one can be overridden.
-
-    - optimizer.weight_decay = 0: the weights live on the unit sphere, decay would only fight the
-      normalisation (the paper trains without it);
-    - schedule.lr_warmup_iters = 0: no learning-rate warmup (the paper's recipe)."""
-    return {"optimizer.weight_decay": 0.0, "schedule.lr_warmup_iters": 0}
-
-
 def scaling_constants(config: NeonConfig) -> dict:
     """name -> (init, scale): the vector is stored at `scale`, used as stored * init / scale."""
     base = config.hidden_size ** -0.5

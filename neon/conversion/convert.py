@@ -25,8 +25,8 @@ from tqdm import tqdm
 from neon.config import NeonConfig, NeonConfigError
 from neon.conversion import hf_dir, neon_checkpoint
 from neon.conversion.errors import ConversionError
+from neon.features import FEATURES, active
 from neon.state_dict_adapter import hf_to_megatron, megatron_to_hf, mistral_hf_config, neon_hf_config
-from neon.training.config import MODEL_FIELDS
 
 LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 
@@ -35,8 +35,8 @@ LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 
 
 def is_plain_mistral(config: NeonConfig) -> bool:
-    return (config.diff_attention == "off" and not config.ngpt and not config.num_moe_experts
-            and getattr(config, "flaming_moe", "off") == "off")
+    """No Neon feature on and no MoE: transformers' MistralForCausalLM computes this model."""
+    return not config.num_moe_experts and not active(config)
 
 
 def unsupported_settings(config: NeonConfig) -> list[str]:
@@ -216,8 +216,7 @@ def neon_settings(hf: dict, where: Path) -> dict:
         rope_theta=_rope_theta(hf), sliding_window=hf.get("sliding_window"),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
     if model_type == "neon":  # the Neon switches keep their names in NeonHFConfig
-        settings.update({k: v for k, v in hf.items() if k.startswith(("diff_", "ngpt", "flaming_"))
-                         and k in MODEL_FIELDS})
+        settings.update({k: hf[k] for f in FEATURES.values() for k in f.hf_fields if k in hf})
     dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
     settings.update(bf16=dtype == "bfloat16", fp16=dtype == "float16")
     return settings

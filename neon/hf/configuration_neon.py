@@ -39,7 +39,9 @@ class NeonHFConfig(PreTrainedConfig):
     sliding_window: int | None = None
     attention_dropout: float | int = 0.0
 
-    # --- Neon ---------------------------------------------------------------------------
+    # --- Neon: each feature's hf_fields (neon/features/), with NeonConfig's names and defaults ---
+    # (this file travels with exported models and cannot import the registry;
+    # tests/neon/test_features.py checks that the fields here are exactly the registry's)
     diff_attention: str = "off"
     """'off', 'matched' (H/2 differential heads, V of width 2d) or 'expressive' (doubled Q/K)."""
     diff_lambda_init: float | None = None

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from neon.config import NeonConfig
+from neon.features import active
 
 if TYPE_CHECKING:
     from neon.training.config import LoggingConfig, ScheduleConfig
@@ -30,13 +31,12 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G
 def training_flops_per_token(config: NeonConfig, seq_length: int) -> float:
     """Model FLOPs per trained token (forward + backward = 3 x forward; 4 x with full
     recomputation). Matmuls count 2 FLOPs per multiply-add; attention scores cover the full
-    (or windowed) sequence as Megatron-LM counts them."""
-    h, layers = config.hidden_size, config.num_layers
+    (or windowed) sequence as Megatron-LM counts them. The Mistral layer's terms, then each
+    active feature's `flops_terms` (neon/features/)."""
+    h = config.hidden_size
     d = config.head_dim
     q_heads, kv_heads = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
-    attn_proj = h * q_heads * d + 2 * h * kv_heads * d + q_heads * d * h
     ctx = min(seq_length, config.sliding_window or seq_length)
-    attn_scores = 2 * ctx * q_heads * d
     mlp_mats = 3 if config.gated_linear_unit else 2
     if config.num_moe_experts:
         ffn = config.moe_ffn_hidden_size or config.ffn_hidden_size
@@ -45,7 +45,16 @@ def training_flops_per_token(config: NeonConfig, seq_length: int) -> float:
             mlp += mlp_mats * h * config.moe_shared_expert_intermediate_size
     else:
         mlp = mlp_mats * h * config.ffn_hidden_size
-    macs = layers * (attn_proj + attn_scores + mlp) + h * config.vocab_size
+    terms = {  # multiply-adds per token: per layer, except "logits"
+        "attn_proj": h * q_heads * d + 2 * h * kv_heads * d + q_heads * d * h,
+        "attn_scores": 2 * ctx * q_heads * d,
+        "mlp": mlp,
+        "logits": h * config.vocab_size,
+    }
+    for feature in active(config):
+        terms = feature.flops_terms(config, seq_length, terms)
+    layer = terms["attn_proj"] + terms["attn_scores"] + terms["mlp"]
+    macs = config.num_layers * layer + terms["logits"]
     passes = 4 if config.recompute_granularity == "full" else 3
     return 2.0 * macs * passes
 

@@ -6,29 +6,22 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from megatron.core import parallel_state
-from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from neon.config import NeonConfig, NeonConfigError
 from neon.diff_attention import DiffCoreAttention, lambda_init_for_layer
 from neon.hf.modeling_neon import NeonAttention, NeonForCausalLM
 from neon.hf.modeling_neon import lambda_init_for_layer as hf_lambda_init
-from neon.model import build_model
-from neon.state_dict_adapter import megatron_to_hf, neon_hf_config
-from neon.training.optim import build_optimizer, build_scheduler
-from neon.training.step import build_model_chunks, train_step
+from neon.state_dict_adapter import neon_hf_config
 from tests.dist import run_distributed
-from tests.neon.test_mistral_parity import forward_logits, load_stage
+from tests.parity import assert_matches, check_against_reference, parallel_config, tp_gather
 
 # 8 query heads, 4 key/value heads: 'matched' has 4 differential heads over 2 key/value heads
 TINY = dict(num_layers=4, hidden_size=64, num_attention_heads=8, num_query_groups=4,
             ffn_hidden_size=96, vocab_size=128, max_position_embeddings=64, sliding_window=5)
 BATCH, SEQ = 2, 16
-# Adam's first step is lr * g / (|g| + eps): a large eps keeps gradients at rounding level
-# (|g| ~ 1e-9, where the two sums may differ in sign) from turning into lr-sized differences.
+# Adam's first step is lr * g / (|g| + eps): a large eps limits how much it amplifies rounding-level
+# gradient differences (the bound in tests/parity.py).
 ADAM = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1)
 
 
@@ -149,10 +142,7 @@ def test_config_rejects_unbuildable_layouts():
 # --- megatron vs the Hugging Face reference, in real processes ---------------------------------
 
 def diff_config(mode: str, sequence_parallel: bool = False) -> NeonConfig:
-    return NeonConfig(**TINY, diff_attention=mode, sequence_parallel=sequence_parallel,
-                      tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
-                      pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-                      pipeline_dtype=torch.float32)
+    return parallel_config(**TINY, diff_attention=mode, sequence_parallel=sequence_parallel)
 
 
 def reference_model(cfg: NeonConfig, seed: int = 0) -> NeonForCausalLM:
@@ -166,15 +156,13 @@ def reference_model(cfg: NeonConfig, seed: int = 0) -> NeonForCausalLM:
     return hf
 
 
-def _tp_gather(obj):
-    out = [None] * parallel_state.get_tensor_model_parallel_world_size()
-    torch.distributed.all_gather_object(out, obj, group=parallel_state.get_tensor_model_parallel_group())
-    return out
-
-
-def _stage_hf_state(module, cfg) -> dict:
-    shards = _tp_gather({k: v.detach().clone() for k, v in module.state_dict().items() if torch.is_tensor(v)})
-    return megatron_to_hf(shards, cfg, layer_offset=get_transformer_layer_offset(cfg))
+def diff_probe(chunks, drawn: dict) -> dict:
+    """The replicated lambda vectors were drawn identically on the ranks of a TP group; the
+    layers' lambda_init follow their global layer numbers."""
+    lam_drawn = [v for k, v in drawn.items() if "lambda_q1" in k][0]
+    layers = chunks[0].module.decoder.layers
+    return dict(same_init=all(torch.equal(t, lam_drawn) for t in tp_gather(lam_drawn)),
+                lambda_inits=[layer.self_attention.core_attention.lambda_init for layer in layers])
 
 
 def check_diff_against_reference(cases):
@@ -185,52 +173,7 @@ def check_diff_against_reference(cases):
     results = []
     for mode, sp in cases:
         cfg = diff_config(mode, sp)
-        hf = reference_model(cfg)
-        hf_state = {k: v.clone() for k, v in hf.state_dict().items()}
-        chunks = build_model_chunks(cfg, build_model)
-        model = chunks[0].module
-        # the replicated lambda vectors are drawn identically on the ranks of a TP group
-        lam_drawn = [v for k, v in model.state_dict().items() if "lambda_q1" in k][0]
-        same_init = all(torch.equal(t, lam_drawn) for t in _tp_gather(lam_drawn))
-        load_stage(model, hf_state, cfg)
-        model.eval()
-        with torch.no_grad():
-            expected = hf.eval()(tokens).logits
-            logits = forward_logits(chunks[0], cfg, tokens)
-        back = _stage_hf_state(model, cfg)
-        roundtrip = len(back) > 0 and all(torch.equal(back[k], hf_state[k]) for k in back)
-        lambda_inits = [layer.self_attention.core_attention.lambda_init for layer in model.decoder.layers]
-
-        # one training step: megatron DDP + megatron optimizer vs the reference with torch AdamW
-        model.train()
-        opt = build_optimizer(chunks, OptimizerConfig(
-            optimizer="adam", lr=ADAM["lr"], weight_decay=ADAM["weight_decay"], adam_beta1=ADAM["betas"][0],
-            adam_beta2=ADAM["betas"][1], adam_eps=ADAM["eps"], clip_grad=0.0, bf16=False, fp16=False))
-        batch = dict(tokens=tokens, labels=labels, loss_mask=torch.ones(BATCH, SEQ),
-                     position_ids=torch.arange(SEQ).expand(BATCH, SEQ))
-        # megatron's scheduler sets each group's lr and weight decay (wd_mult 0 for 1-D parameters)
-        build_scheduler(opt, lr=ADAM["lr"], min_lr=ADAM["lr"], warmup_init=ADAM["lr"], warmup_iters=0,
-                        decay_iters=1, decay_style="constant", weight_decay=ADAM["weight_decay"])
-        step = train_step(chunks, opt, iter([batch]), cfg, num_microbatches=1, seq_length=SEQ,
-                          micro_batch_size=BATCH)
-        hf.train()
-        decay = [p for p in hf.parameters() if p.ndim >= 2]  # megatron: no decay on 1-D parameters
-        no_decay = [p for p in hf.parameters() if p.ndim < 2]
-        hf_opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], **ADAM)
-        loss = F.cross_entropy(hf(tokens).logits.flatten(0, 1), labels.flatten())
-        loss.backward()
-        hf_opt.step()
-        after = _stage_hf_state(model, cfg)
-        new_hf = hf.state_dict()
-        weight_diff, worst = max(((after[k] - new_hf[k]).abs().max().item(), k) for k in after)
-        moved = min((new_hf[k] - hf_state[k]).abs().max().item() for k in after)
-        lambda_moved = min((new_hf[k] - hf_state[k]).abs().max().item() for k in after if "lambda" in k)
-        results.append(dict(
-            mode=mode, sp=sp, same_init=same_init, roundtrip=roundtrip, lambda_inits=lambda_inits,
-            logit_diff=None if logits is None else (logits - expected).abs().max().item(),
-            scale=expected.abs().max().item(),
-            loss_diff=None if step.loss is None else abs(step.loss - loss.item()),
-            weight_diff=weight_diff, worst=worst, moved=moved, lambda_moved=lambda_moved))
+        results.append(check_against_reference(cfg, reference_model(cfg), tokens, labels, ADAM, probe=diff_probe))
     return results
 
 
@@ -250,19 +193,12 @@ def test_megatron_diff_matches_reference(layout):
     for i, (mode, sp) in enumerate(cases):
         per_rank = [r[i] for r in ranks]
         what = f"{layout} {mode} sp={sp}"
-        logit_diffs = [r["logit_diff"] for r in per_rank if r["logit_diff"] is not None]
-        loss_diffs = [r["loss_diff"] for r in per_rank if r["loss_diff"] is not None]
-        assert logit_diffs and loss_diffs, f"{what}: no rank produced logits/loss"
-        assert max(logit_diffs) <= 1e-4, (what, logit_diffs)
-        assert per_rank[-1]["scale"] > 0.1, f"{what}: reference logits are degenerate"
-        assert all(r["roundtrip"] for r in per_rank), f"{what}: HF -> megatron -> HF changed a tensor"
+        # logits, round trip, loss and weights after one step within tests/parity.py's bounds;
+        # every tensor moved by about lr (the step mattered)
+        assert_matches(per_rank, what, min_moved=1e-4)
         assert all(r["same_init"] for r in per_rank), f"{what}: TP ranks drew different lambda vectors"
-        assert max(loss_diffs) <= 1e-5, (what, loss_diffs)
-        # every tensor moved by about lr; both implementations moved it the same way
-        assert min(r["moved"] for r in per_rank) > 1e-4 and min(r["lambda_moved"] for r in per_rank) > 1e-3, what
-        worst = max((r["weight_diff"], r["worst"]) for r in per_rank)
-        assert worst[0] <= 2e-6, (what, worst)
-        inits = [x for r in per_rank for x in r["lambda_inits"]]
+        lambda_moved = min(v for r in per_rank for k, v in r["moved"].items() if "lambda" in k)
+        assert lambda_moved > 1e-3, (what, lambda_moved)
         if layout == "pp2":  # stage 2 holds global layers 3 and 4
             inits = per_rank[0]["lambda_inits"] + per_rank[1]["lambda_inits"]
         else:

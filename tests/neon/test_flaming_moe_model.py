@@ -5,20 +5,17 @@ exactly; with nGPT the functions' weights stay on the unit sphere through a trai
 
 import pytest
 import torch
-from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from neon.config import NeonConfig
 from neon.flaming import usage_counts
 from neon.hf.modeling_neon import NeonForCausalLM
-from neon.model import build_model
 from neon.ngpt import NORM_DIM_ATTR
-from neon.state_dict_adapter import hf_to_megatron, megatron_to_hf, neon_hf_config
+from neon.state_dict_adapter import neon_hf_config
 from neon.training.optim import build_optimizer
-from neon.training.step import build_model_chunks, train_step
+from neon.training.step import train_step
 from tests.dist import run_distributed
-from tests.neon.test_mistral_parity import forward_logits
+from tests.parity import assert_matches, check_against_reference, gamma, parallel_config
 
 TINY = dict(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,
             vocab_size=64, max_position_embeddings=32, sliding_window=5)
@@ -42,61 +39,37 @@ CASES = {
                               flaming_router="topk", flaming_topk=2, ngpt=True, diff_attention="matched"),
 }
 NGPT_CASES = [c for c in CASES if c.startswith("ngpt")]
+# |norm(w) - 1| after the optimizer's renormalisation: three fp32 reductions of at most n terms (the
+# norm it divides by, the division, the norm measured here), each within gamma_n (tests/parity.py)
+SPHERE_TOL = 3 * gamma(max(TINY["hidden_size"], TINY["ffn_hidden_size"]))
+TOKENS = torch.randint(0, TINY["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
 
 
-def model_config(case: dict) -> NeonConfig:
-    return NeonConfig(**TINY, **case,
-                      tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
-                      pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-                      expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
-                      pipeline_dtype=torch.float32)
+def reference_model(cfg: NeonConfig) -> NeonForCausalLM:
+    torch.manual_seed(0)
+    hf = NeonForCausalLM(neon_hf_config(cfg, initializer_range=0.1)).eval()
+    if cfg.ngpt:
+        with torch.no_grad():  # nGPT scaling vectors away from their init; weights on the sphere
+            for p in hf.parameters():
+                if p.ndim == 1:
+                    p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
+            hf.normalize_ngpt_weights()
+    return hf
 
 
-def load_stage_ep(model, hf_state: dict, cfg: NeonConfig) -> None:
-    sd = hf_to_megatron(hf_state, cfg, layer_offset=get_transformer_layer_offset(cfg),
-                        num_layers=len(model.decoder.layers), pre_process=model.pre_process,
-                        post_process=model.post_process,
-                        ep_rank=parallel_state.get_expert_model_parallel_rank(),
-                        ep_size=parallel_state.get_expert_model_parallel_world_size())
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    assert not missing and not unexpected, (missing, unexpected)
+def flaming_probe(chunks, drawn: dict) -> dict:
+    """After the evaluation forward: how many functions each bank used; with nGPT, a training step."""
+    cfg = chunks[0].module.config
+    return dict(used=[int((c > 0).sum()) for c in usage_counts(chunks[0].module).values()],
+                sphere=ngpt_step_keeps_functions_on_sphere(chunks, cfg, TOKENS) if cfg.ngpt else None)
 
 
 def check_model_parity(cases: list[str]):
-    tokens = torch.randint(0, TINY["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
     results = []
     for name in cases:
-        cfg = model_config(CASES[name])
-        torch.manual_seed(0)
-        hf = NeonForCausalLM(neon_hf_config(cfg, initializer_range=0.1)).eval()
-        if cfg.ngpt:
-            with torch.no_grad():  # nGPT scaling vectors away from their init; weights on the sphere
-                for p in hf.parameters():
-                    if p.ndim == 1:
-                        p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
-                hf.normalize_ngpt_weights()
-        hf_state = {k: v.clone() for k, v in hf.state_dict().items()}
-        with torch.no_grad():
-            expected = hf(tokens).logits
-        chunks = build_model_chunks(cfg, build_model)
-        model = chunks[0].module
-        load_stage_ep(model, hf_state, cfg)
-        model.eval()
-        with torch.no_grad():
-            logits = forward_logits(model, cfg, tokens)
-        # megatron -> HF: this stage's tensors, with every EP rank's functions
-        own = {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
-        expert_shards = [None] * parallel_state.get_expert_model_parallel_world_size()
-        torch.distributed.all_gather_object(expert_shards, own, group=parallel_state.get_expert_model_parallel_group())
-        back = megatron_to_hf([own], cfg, layer_offset=get_transformer_layer_offset(cfg), expert_shards=expert_shards)
-        used = [int((c > 0).sum()) for c in usage_counts(model).values()]
-        results.append(dict(
-            case=name, diff=None if logits is None else (logits - expected).abs().max().item(),
-            scale=expected.abs().max().item(), used=used,
-            roundtrip=len(back) > 0 and all(torch.equal(back[k], hf_state[k]) for k in back),
-            mapped_flaming=sum("flaming" in k or "router" in k for k in back),
-            sphere=ngpt_step_keeps_functions_on_sphere(chunks, cfg, tokens) if cfg.ngpt else None))
+        cfg = parallel_config(**TINY, **CASES[name])
+        r = check_against_reference(cfg, reference_model(cfg), TOKENS, probe=flaming_probe)
+        results.append(dict(r, case=name, mapped_flaming=sum("flaming" in k or "router" in k for k in r["names"])))
     return results
 
 
@@ -130,15 +103,12 @@ LAYOUTS = {
 def test_logits_match_hf_reference(layout):
     world, parallel, cases = LAYOUTS[layout]
     ranks = run_distributed(check_model_parity, world, **parallel, kwargs={"cases": cases}, timeout=300)
-    for rank in ranks:
-        for r in rank:
-            assert r["roundtrip"] and r["mapped_flaming"] > 0, r
+    for i, case in enumerate(cases):
+        per_rank = [rank[i] for rank in ranks]
+        assert_matches(per_rank, f"{layout} {case}")  # logits (evaluation: same routing), round trip
+        for r in per_rank:
+            assert r["mapped_flaming"] > 0, r
             assert min(r["used"]) >= 2, ("routing collapsed to one function", r)
             if r["sphere"] is not None:
                 assert r["sphere"]["tagged"] > 0 and r["sphere"]["moved"] > 1e-4, r
-                assert r["sphere"]["norm_err"] < 1e-5, r
-    diffs = [r for rank in ranks for r in rank if r["diff"] is not None]
-    assert len(diffs) >= len(cases), "no rank produced logits"
-    for r in diffs:
-        assert r["scale"] > 0.1, r
-        assert r["diff"] <= 1e-4, r
+                assert r["sphere"]["norm_err"] <= SPHERE_TOL, r

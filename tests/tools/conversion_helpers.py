@@ -111,7 +111,7 @@ def megatron_logits(checkpoints: list[str], tokens):
     from neon.model import build_model
     from neon.training import checkpointing
     from neon.training.config import from_dict
-    from tests.neon.test_mistral_parity import forward_logits
+    from tests.parity import forward_logits
 
     results = []
     for root in checkpoints:

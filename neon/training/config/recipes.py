@@ -11,7 +11,8 @@ A recipe value applies only where neither the YAML file nor a flag set the field
 precedence is: built-in defaults < feature recipe < YAML < command line. The resolved Config
 records each one it applied as origin "recipe:<feature>".
 
-This is the one place the recipes are collected (today only nGPT's, from neon/ngpt.py).
+The recipes come from the feature contract (`Feature.recipe`, neon/features/); this is the one
+place the run config reads them.
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Union
 
-from neon.ngpt import ngpt_optimizer_defaults
+from neon.features import FEATURES
 
 Recipe = Union[dict[str, Any], Callable[[Any], dict[str, Any]]]
 
 
 def feature_recipes() -> dict[str, Recipe]:
-    return {"ngpt": ngpt_optimizer_defaults()}  # weight decay 0, no warmup
+    """{feature: callable(Config) -> {"section.field": value}} for every registered feature."""
+    return {name: (lambda cfg, f=feature: _flat(f.recipe(cfg.model))) for name, feature in FEATURES.items()}
+
+
+def _flat(recipe: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {f"{section}.{name}": value for section, values in (recipe or {}).items() for name, value in values.items()}
 
 
 def is_on(model_section, feature: str) -> bool:

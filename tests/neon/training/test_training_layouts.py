@@ -25,7 +25,8 @@ from megatron.core.optimizer import OptimizerConfig
 from neon.model import build_model
 from neon.training.optim import build_optimizer
 from neon.training.step import build_model_chunks, train_step
-from tests.neon.test_mistral_parity import load_stage, reference_mistral, tiny_config
+from tests.neon.test_mistral_parity import reference_mistral, tiny_config
+from tests.parity import load_stage
 
 GLOBAL_BATCH, SEQ, STEPS = 4, 16, 3
 LOSS_RTOL, GRAD_NORM_RTOL = 2e-5, 4e-5  # see the module docstring

@@ -1,0 +1,63 @@
+"""DiffAttention (neon/diff_attention.py) under the feature contract."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import partial
+
+from neon.diff_attention import DiffCoreAttention, DiffSelfAttention, diff_layout
+from neon.features.base import Feature
+
+MODES = ("off", "matched", "expressive")
+
+
+class DiffAttentionFeature(Feature):
+    name = "diff_attention"
+    fields = ("diff_attention", "diff_lambda_init")
+    hf_fields = fields
+    hf_reference = ("NeonAttention.diff_lambda", "NeonAttention.forward")
+
+    def validate(self, config, fail) -> None:
+        heads = config.num_attention_heads
+        groups = config.num_query_groups or heads
+        tp = config.tensor_model_parallel_size
+        head_dim = config.kv_channels or config.hidden_size // heads
+        mode = config.diff_attention
+        if mode not in MODES:
+            fail("diff_attention", mode, "is not a DiffAttention layout", f"use one of {MODES}")
+        if mode == "matched" and heads % 2:
+            fail("num_attention_heads", heads, "must be even for diff_attention='matched' "
+                 "(two query heads form one differential head)", "use an even number of heads")
+        if mode == "matched" and groups % 2:
+            fail("num_query_groups", groups, "must be even for diff_attention='matched' (two "
+                 "key/value heads form one differential key/value head: K1, K2 and V of width 2d)",
+                 "use an even number of key/value heads, or diff_attention='expressive'")
+        if mode == "matched" and (groups // 2) % tp:
+            fail("num_query_groups", groups, f"gives {groups // 2} differential key/value heads, not "
+                 f"divisible by tensor_model_parallel_size={tp}",
+                 "use 2 * tp * k key/value heads, or diff_attention='expressive'")
+        if config.diff_lambda_init is not None and not 0.0 <= config.diff_lambda_init < 1.0:
+            fail("diff_lambda_init", config.diff_lambda_init, "must lie in [0, 1) (heads are scaled "
+                 "by 1 - lambda_init)", "use e.g. 0.8 or 0.5, or None for the per-layer schedule")
+        if mode != "off" and config.context_parallel_size > 1:
+            fail("context_parallel_size", config.context_parallel_size, "is not supported with "
+                 "DiffAttention", "set context_parallel_size=1")
+        if mode != "off" and head_dim % 2:
+            fail("kv_channels", head_dim, "must be even for rotary embeddings with DiffAttention",
+                 "use an even head size")
+
+    def layer_spec(self, spec, config, use_te):
+        attn = spec.submodules.self_attention
+        attn = replace(attn, module=DiffSelfAttention, submodules=replace(
+            attn.submodules, core_attention=partial(DiffCoreAttention, use_te=use_te)))
+        return replace(spec, submodules=replace(spec.submodules, self_attention=attn))
+
+    def hf_layer_tensors(self, config):
+        # the lambda vectors and the per-head norm scale, replicated over TP
+        return [(f"self_attn.{name}", f"self_attention.core_attention.{name}", None)
+                for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2", "subln.weight")]
+
+    def qkv_split(self, config):
+        lay = diff_layout(config)  # [Q1; Q2 of each head of the group] [K1; K2] [V]
+        return lay.groups, [lay.heads // lay.groups * 2 * lay.qk_dim, 2 * lay.qk_dim, lay.v_dim]
+    # flops_terms: today's count is the Mistral layer's (the GPU-path issue adds the second map)

@@ -1,0 +1,220 @@
+"""FlamingMoE (neon/flaming/) under the feature contract.
+
+HF weight mapping: HF `<block>.global_router` / `<block>.layer_router` are megatron's
+`<block>.global_bank.router` / `<block>.layer_bank.router` (<block>: HF `flaming` / megatron
+`flaming_moe` between attention and MLP, `mlp` in its place); function g of a bank of n is local
+function g - ep_rank * n / EP of expert-parallel rank g // (n / EP) (`layer_bank.experts.local_experts.j`,
+the model-level `flaming_global_functions.local_experts.j` on every pipeline stage); a SwiGLU
+function's linear_fc1 is [gate; up]. Functions and routers are replicated over TP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+
+import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from neon.features.base import Feature
+from neon.flaming import FlamingMoE, FlamingTransformerLayer, FlamingTransformerLayerSubmodules, attach_global_bank
+
+PLACEMENTS = ("off", "between", "mlp")
+KINDS = ("linear", "swiglu", "lowrank")
+ROUTERS = ("gumbel", "topk")
+DISPATCHERS = ("alltoall", "allgather")
+
+# FlamingMoE function parameters per kind: (HF names, joined along dim 0) -> megatron name
+FUNCTION_PARAMS = {
+    "linear": [(("proj.weight",), "linear.weight")],
+    "swiglu": [(("gate_proj.weight", "up_proj.weight"), "linear_fc1.weight"),
+               (("down_proj.weight",), "linear_fc2.weight")],
+    "lowrank": [(("in_proj.weight",), "linear_fc1.weight"), (("out_proj.weight",), "linear_fc2.weight")],
+}
+
+
+class FlamingMoEFeature(Feature):
+    name = "flaming_moe"
+    fields = ("flaming_moe", "flaming_global_functions", "flaming_layer_functions", "flaming_global_kind",
+              "flaming_layer_kind", "flaming_ffn_hidden_size", "flaming_lowrank_rank", "flaming_router",
+              "flaming_topk", "flaming_gumbel_temperature", "flaming_aux_loss_coeff", "flaming_z_loss_coeff",
+              "flaming_token_dispatcher", "flaming_identity", "flaming_init_seed", "flaming_io_functions",
+              "flaming_io_context_window", "flaming_io_store_swap")
+    hf_fields = ("flaming_moe", "flaming_global_functions", "flaming_layer_functions", "flaming_global_kind",
+                 "flaming_layer_kind", "flaming_ffn_hidden_size", "flaming_lowrank_rank", "flaming_router",
+                 "flaming_topk", "flaming_gumbel_temperature", "flaming_identity")
+    hf_reference = ("NeonFlamingMoE", "NeonFunction", "NeonModel.__init__")
+
+    def validate(self, config, fail) -> None:
+        if config.flaming_moe not in PLACEMENTS:
+            fail("flaming_moe", config.flaming_moe, "is not a FlamingMoE placement", f"use one of {PLACEMENTS}")
+        if config.flaming_moe == "off":
+            return
+        banks = {"flaming_global_functions": config.flaming_global_functions,
+                 "flaming_layer_functions": config.flaming_layer_functions}
+        for name, n in banks.items():
+            if n < 0:
+                fail(name, n, "must be >= 0", f"set {name} to a bank size (0 for no bank)")
+        if not any(banks.values()) and not config.flaming_io_functions:
+            fail("flaming_layer_functions", 0, "FlamingMoE is on but both banks are empty",
+                 "set flaming_global_functions and/or flaming_layer_functions > 0, or flaming_moe='off'")
+        ep = config.expert_model_parallel_size
+        banks["flaming_layer_functions"] += len(config.flaming_io_functions)  # IO functions join it
+        for name, n in banks.items():
+            if n and config.flaming_topk > n:
+                fail("flaming_topk", config.flaming_topk, f"exceeds {name}={n}",
+                     "choose k no larger than the smallest bank")
+            if n and n % ep:
+                fail(name, n, f"is not divisible by expert_model_parallel_size={ep}",
+                     "use a bank size that is a multiple of the expert-parallel size")
+        self._validate_values(config, fail)
+        self._validate_io(config, fail)
+
+    @staticmethod
+    def _validate_io(config, fail) -> None:
+        """IO functions: placement, window, and every source opened now (store files, callable
+        import), so a wrong or missing source fails at start naming it."""
+        if not config.flaming_io_functions:
+            return
+        if config.flaming_moe != "between":
+            fail("flaming_moe", config.flaming_moe, "IO functions are wired for the 'between' "
+                 "placement only", "set flaming_moe='between'")
+        if config.ngpt:
+            fail("ngpt", True, "IO functions are not wired with nGPT yet", "turn nGPT off")
+        if config.flaming_io_context_window < 1:
+            fail("flaming_io_context_window", config.flaming_io_context_window, "must be >= 1",
+                 "use the number of token ids each context row holds, e.g. 8")
+        from neon.config import NeonConfigError
+        from neon.flaming.io import IOSourceError, check_io_sources
+
+        try:
+            check_io_sources(config)
+        except IOSourceError as e:
+            raise NeonConfigError(f"flaming_io_functions: {e}") from None
+
+    @staticmethod
+    def _validate_values(config, fail) -> None:
+        for name in ("flaming_global_kind", "flaming_layer_kind"):
+            if getattr(config, name) not in KINDS:
+                fail(name, getattr(config, name), "is not a function kind", f"use one of {KINDS}")
+        if config.flaming_topk < 1:
+            fail("flaming_topk", config.flaming_topk, "must be >= 1", "route each token to k >= 1 functions")
+        if config.flaming_router not in ROUTERS:
+            fail("flaming_router", config.flaming_router, "is not a FlamingMoE router", f"use one of {ROUTERS}")
+        if config.flaming_gumbel_temperature <= 0:
+            fail("flaming_gumbel_temperature", config.flaming_gumbel_temperature, "must be > 0",
+                 "use a positive temperature such as 1.0")
+        if config.flaming_token_dispatcher not in DISPATCHERS:
+            fail("flaming_token_dispatcher", config.flaming_token_dispatcher,
+                 "is not a megatron-core token dispatcher FlamingMoE supports", f"use one of {DISPATCHERS}")
+        if config.flaming_lowrank_rank < 1:
+            fail("flaming_lowrank_rank", config.flaming_lowrank_rank, "must be >= 1", "use a rank r >= 1")
+        if config.flaming_ffn_hidden_size is not None and config.flaming_ffn_hidden_size < 1:
+            fail("flaming_ffn_hidden_size", config.flaming_ffn_hidden_size, "must be >= 1",
+                 "use a positive SwiGLU width or None for ffn_hidden_size")
+        for name in ("flaming_aux_loss_coeff", "flaming_z_loss_coeff"):
+            if getattr(config, name) < 0:
+                fail(name, getattr(config, name), "must be >= 0", f"set {name} to 0 (off) or a positive weight")
+        if config.add_bias_linear:
+            fail("add_bias_linear", True, "FlamingMoE functions are bias-free (megatron-core 0.16.1 "
+                 "experts fail with biases)", "set add_bias_linear=False")
+        etp = config.expert_tensor_parallel_size or config.tensor_model_parallel_size
+        if etp != 1:
+            fail("expert_tensor_parallel_size", etp, "FlamingMoE functions are not split by tensor "
+                 "parallelism", "set expert_tensor_parallel_size=1 (functions are sharded over EP; with "
+                 "tensor parallelism also start the process groups with expert TP 1)")
+
+    def configure(self, config):
+        after = {}
+        if config.num_moe_experts is None:
+            # megatron-core refuses expert parallelism without MoE MLPs; FlamingMoE's banks build
+            # their own MoE configs (neon/flaming/functions.py:bank_config), the model config
+            # keeps the EP size.
+            after["expert_model_parallel_size"] = config.expert_model_parallel_size
+            config.expert_model_parallel_size = 1
+        # megatron's finalize_model_grads sums the grads of parameters marked `pipeline_parallel`
+        # over the pipeline stages when the config says it has replicated (conditional)
+        # embedders: the global FlamingMoE bank is such a replica on every stage.
+        after["has_cond_embedder"] = config.flaming_global_functions > 0
+        return after
+
+    def layer_spec(self, spec, config, use_te):
+        sub = spec.submodules
+        if config.flaming_moe == "mlp":  # the block replaces the MLP (uses pre_mlp_layernorm)
+            return replace(spec, submodules=replace(sub, mlp=ModuleSpec(module=FlamingMoE)))
+        # 'between': its own pre-norm (the layer's norm class) and residual between attention and MLP
+        kept = {f.name: getattr(sub, f.name) for f in fields(sub)}
+        return replace(spec, module=FlamingTransformerLayer, submodules=FlamingTransformerLayerSubmodules(
+            **kept, pre_flaming_layernorm=sub.input_layernorm, flaming_moe=ModuleSpec(module=FlamingMoE),
+            flaming_bda=get_bias_dropout_add))
+
+    def attach(self, model, config, post_process):
+        attach_global_bank(model, config)  # the stage's replica of the global bank, if any
+
+    # --- HF weight mapping ----------------------------------------------------------------------
+    def hf_layer_tensors(self, config):
+        if config.flaming_moe == "between":
+            return [("pre_flaming_layernorm.weight", "pre_flaming_layernorm.weight", None)]
+        return []
+
+    def hf_dropped(self, config):
+        return ("mlp.",) if config.flaming_moe == "mlp" else ()  # the block takes the dense MLP's place
+
+    def layer_to_megatron(self, hf, config, src, dst, ep_rank, ep_size, out):
+        mg_blk, hf_blk = _block(config)
+        for bank in _banks(config):
+            out[f"{dst}{mg_blk}{bank}_bank.router.weight"] = hf[f"{src}{hf_blk}{bank}_router.weight"].clone()
+        if config.flaming_layer_functions:
+            _functions_to_megatron(hf, f"{src}{hf_blk}layer_functions.", f"{dst}{mg_blk}layer_bank.experts.",
+                                   config.flaming_layer_kind, config.flaming_layer_functions, ep_rank, ep_size, out)
+
+    def layer_to_hf(self, first, expert_shards, config, src, dst, out):
+        mg_blk, hf_blk = _block(config)
+        for bank in _banks(config):
+            out[f"{dst}{hf_blk}{bank}_router.weight"] = first[f"{src}{mg_blk}{bank}_bank.router.weight"]
+        if config.flaming_layer_functions:
+            _functions_to_hf(expert_shards, f"{src}{mg_blk}layer_bank.experts.", f"{dst}{hf_blk}layer_functions.",
+                             config.flaming_layer_kind, config.flaming_layer_functions, out)
+
+    def model_to_megatron(self, hf, config, ep_rank, ep_size, out):
+        if config.flaming_global_functions:  # a replica on every pipeline stage
+            _functions_to_megatron(hf, "model.flaming_global_functions.", "flaming_global_functions.",
+                                   config.flaming_global_kind, config.flaming_global_functions, ep_rank, ep_size, out)
+
+    def model_to_hf(self, expert_shards, config, out):
+        if config.flaming_global_functions:
+            _functions_to_hf(expert_shards, "flaming_global_functions.", "model.flaming_global_functions.",
+                             config.flaming_global_kind, config.flaming_global_functions, out)
+    # flops_terms: today's count leaves the function banks out (the GPU-path issue adds them)
+
+
+def _block(config) -> tuple[str, str]:
+    """(megatron, HF) prefix of the FlamingMoE block within a layer."""
+    return ("flaming_moe.", "flaming.") if config.flaming_moe == "between" else ("mlp.", "mlp.")
+
+
+def _banks(config) -> list[str]:
+    """The banks with functions: "global" and/or "layer"."""
+    return [bank for bank, n in (("global", config.flaming_global_functions),
+                                 ("layer", config.flaming_layer_functions)) if n]
+
+
+def _functions_to_megatron(hf: dict, hf_prefix: str, mg_prefix: str, kind: str, n: int,
+                           ep_rank: int, ep_size: int, out: dict) -> None:
+    local = n // ep_size
+    for j in range(local):
+        g = ep_rank * local + j
+        for hf_names, mg_name in FUNCTION_PARAMS[kind]:
+            out[f"{mg_prefix}local_experts.{j}.{mg_name}"] = torch.cat(
+                [hf[f"{hf_prefix}{g}.{h}"] for h in hf_names]).clone()
+
+
+def _functions_to_hf(expert_shards: list[dict], mg_prefix: str, hf_prefix: str, kind: str, n: int,
+                     out: dict) -> None:
+    local = n // len(expert_shards)
+    for r, sd in enumerate(expert_shards):
+        for j in range(local):
+            for hf_names, mg_name in FUNCTION_PARAMS[kind]:
+                parts = torch.chunk(sd[f"{mg_prefix}local_experts.{j}.{mg_name}"], len(hf_names))
+                for h, t in zip(hf_names, parts):
+                    out[f"{hf_prefix}{r * local + j}.{h}"] = t.clone()
