@@ -158,8 +158,9 @@ class Trainer:
         return "finished"
 
     def step(self) -> bool:
-        """One optimizer step over a global batch, then its log line. Returns whether any rank
-        was signalled. Raises TrainingDiverged on a non-finite loss or gradient norm. Collective."""
+        """One optimizer step over a global batch, then its log line (an iteration listed in
+        --iterations-to-skip only drops its batch). Returns whether any rank was signalled. Raises
+        TrainingDiverged on a non-finite loss or gradient norm. Collective."""
         t0, state, s = time.perf_counter(), self.state, self.cfg.schedule
         if state.iteration + 1 in s.iterations_to_skip:
             return self.skip_step()
@@ -221,20 +222,22 @@ class Trainer:
         save, good = last.parent, int(last.name.removeprefix("iter_"))
         start, why = good, f"its steps ran finite until iteration {n}"
         if good == n - 1:
-            earlier = [int(p.name.removeprefix("iter_")) for p in save.glob("iter_*")
-                       if (p / "metadata.json").is_file() and int(p.name.removeprefix("iter_")) < good]
+            kept = (p.name.removeprefix("iter_") for p in save.glob("iter_*") if (p / "metadata.json").is_file())
+            earlier = [int(i) for i in kept if i.isdigit() and int(i) < good]
             why = "its next step is the one that diverged, so resuming it unchanged diverges again"
             if earlier:
                 start = max(earlier)
                 why += f"; the advice starts from iteration {start}, the checkpoint before it"
         pick = "" if checkpointing.latest_iteration(save) == start else f" --ckpt-step {start}"
+        skips = ", ".join(str(i) for i in sorted({*s.iterations_to_skip, n}))
         return (f"Last good checkpoint: {last} (iteration {good}); {why}. To go on, rerun the same command with "
-                f"these flags added: --load {save}{pick} --iterations-to-skip '[{n}]' "
+                f"these flags added: --load {save}{pick} --iterations-to-skip '[{skips}]' "
                 f"--override-opt-param-scheduler {lower} (this skips iteration {n}'s batch and lowers the "
                 f"learning rate tenfold: without --override-opt-param-scheduler a resumed run keeps the "
                 f"checkpoint's schedule and ignores --lr). If it diverges again, lower the rate further or start "
-                f"from an earlier checkpoint (--ckpt-step); once the run has saved past iteration {n}, drop "
-                f"--ckpt-step. Also check the data, --lr-warmup-iters and --clip-grad.")
+                f"from an earlier checkpoint (--ckpt-step)"
+                + (f"; once the run has saved past iteration {n}, drop --ckpt-step" if pick else "")
+                + ". Also check the data, --lr-warmup-iters and --clip-grad.")
 
     def validate(self) -> None:
         """Evaluate and log the validation loss (nothing with eval_iters 0). Collective."""

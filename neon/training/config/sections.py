@@ -111,8 +111,8 @@ class ScheduleConfig:
     skip_train: bool = False
     """Do not train: load (--load), evaluate on the validation split, exit."""
     iterations_to_skip: list[int] = field(default_factory=list)
-    """Iterations (numbered as logged) whose global batch is consumed without forward, backward or
-    update: the iteration and data position advance, the LR schedule does not. A YAML list: '[1234]'."""
+    """A YAML list, '[1234, 1240]': iterations (as logged) whose batch is drawn and dropped, with no
+    forward, backward, update or LR step; the iteration and data position advance."""
 
 
 @dataclass
