@@ -7,11 +7,7 @@ prints the resolved configuration (each value's origin as a comment) and exits 0
 is built. SIGTERM or SIGUSR1 makes every rank finish its step, save a checkpoint to --save and
 exit with status 0; rerunning the same command with --load pointing at that directory resumes
 exactly.
-Exit status (of each worker; torchrun itself exits 1 when a worker fails): 0 finished or saved
-on a signal, 2 bad configuration, 3 the loss or gradient norm became NaN/inf: nothing of that
-step is saved, and the message names the last good checkpoint and the flags that resume past
-the diverged iteration (--iterations-to-skip, --override-opt-param-scheduler with a lower --lr;
-docs/training.md, "When the loss becomes NaN/inf").
+Exit status: 0 finished or saved on a signal, 2 bad configuration, 3 loss became NaN/inf.
 """
 
 from __future__ import annotations

@@ -31,9 +31,9 @@ from megatron.core.num_microbatches_calculator import (
 
 from megatron_plugins import cpu_runtime, distributed
 from neon.model import build_model
-from neon.training import checkpointing
 from neon.training.aux_losses import router_aux_losses
 from neon.training.checkpointer import Checkpointer
+from neon.training.checkpointing import latest_iteration
 from neon.training.config import Config, dump_yaml
 from neon.training.data import TrainingData
 from neon.training.evaluator import Evaluator
@@ -228,7 +228,7 @@ class Trainer:
             if earlier:
                 start = max(earlier)
                 why += f"; the advice starts from iteration {start}, the checkpoint before it"
-        pick = "" if checkpointing.latest_iteration(save) == start else f" --ckpt-step {start}"
+        pick = "" if latest_iteration(save) == start else f" --ckpt-step {start}"
         skips = ", ".join(str(i) for i in sorted({*s.iterations_to_skip, n}))
         return (f"Last good checkpoint: {last} (iteration {good}); {why}. To go on, rerun the same command with "
                 f"these flags added: --load {save}{pick} --iterations-to-skip '[{skips}]' "
