@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from neon.ngpt_optimizer import add_weight_normalization
 
@@ -39,30 +40,52 @@ def build_optimizer(chunks: list, opt_config: OptimizerConfig):
     return optimizer
 
 
+class Scheduler(OptimizerParamScheduler):
+    """megatron-core's scheduler, whose override also covers the parameter groups: each group's
+    max_lr / min_lr (which get_lr reads before the scheduler's own) come back from a checkpoint
+    with the optimizer's state, so with --override-opt-param-scheduler the values built from this
+    run's settings are put back before the schedule is restored."""
+
+    def __init__(self, optimizer, **kwargs):
+        super().__init__(optimizer, **kwargs)
+        self.built_group_lrs = [{k: g[k] for k in ("max_lr", "min_lr") if k in g} for g in optimizer.param_groups]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.override_opt_param_scheduler:
+            for group, built in zip(self.optimizer.param_groups, self.built_group_lrs):
+                group.update(built)
+        super().load_state_dict(state_dict)
+
+
 def build_scheduler(optimizer, *, lr: float, min_lr: float, warmup_init: float, warmup_iters: int,
                     decay_iters: int, decay_style: str, weight_decay: float,
-                    wsd_decay_iters: Optional[int] = None, wsd_decay_style: Optional[str] = None):
+                    wsd_decay_iters: Optional[int] = None, wsd_decay_style: Optional[str] = None,
+                    override: bool = False):
     """megatron-core's OptimizerParamScheduler stepping once per iteration (warmup, then
-    constant / linear / cosine / inverse-square-root / WSD decay to min_lr). A checkpoint's
-    scheduler state wins over these settings on load."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    constant / linear / cosine / inverse-square-root / WSD decay to min_lr).
 
-    return OptimizerParamScheduler(
+    On load the checkpoint's step count always wins. Its lr, min_lr, warmup and decay iterations,
+    decay style and weight decay win too, unless `override` (Megatron-LM's
+    --override-opt-param-scheduler): then these arguments do. lr_warmup_init and the WSD anneal
+    are not in the checkpoint: they always come from here."""
+    return Scheduler(
         optimizer, init_lr=warmup_init, max_lr=lr, min_lr=min_lr, lr_warmup_steps=warmup_iters,
         lr_decay_steps=decay_iters, lr_decay_style=decay_style, start_wd=weight_decay,
         end_wd=weight_decay, wd_incr_steps=decay_iters, wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True, override_opt_param_scheduler=False,
+        use_checkpoint_opt_param_scheduler=not override, override_opt_param_scheduler=override,
         wsd_decay_steps=wsd_decay_iters, lr_wsd_decay_style=wsd_decay_style)
 
 
 def scheduler_for(cfg, optimizer):
     """The scheduler of the run's `optimizer` (peak/min lr, weight decay) and `schedule`
-    (warmup, decay) sections."""
+    (warmup, decay) sections; `checkpointing.override_opt_param_scheduler` says whether they
+    override a loaded checkpoint's."""
     o, s = cfg.optimizer, cfg.schedule
     return build_scheduler(
         optimizer, lr=o.lr, min_lr=o.min_lr, warmup_init=s.lr_warmup_init, warmup_iters=s.lr_warmup_iters,
         decay_iters=s.lr_decay_iters or s.train_iters, decay_style=s.lr_decay_style,
-        weight_decay=o.weight_decay, wsd_decay_iters=s.lr_wsd_decay_iters, wsd_decay_style=s.lr_wsd_decay_style)
+        weight_decay=o.weight_decay, wsd_decay_iters=s.lr_wsd_decay_iters, wsd_decay_style=s.lr_wsd_decay_style,
+        override=cfg.checkpointing.override_opt_param_scheduler)
 
 
 def current_lr(optimizer) -> float:

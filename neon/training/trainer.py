@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from neon.model import build_model
 from neon.training import run_lock
 from neon.training.aux_losses import router_aux_losses
 from neon.training.checkpointer import Checkpointer
+from neon.training.checkpointing import latest_iteration
 from neon.training.config import Config, dump_yaml
 from neon.training.data import TrainingData
 from neon.training.evaluator import Evaluator
@@ -159,9 +161,12 @@ class Trainer:
         return "finished"
 
     def step(self) -> bool:
-        """One optimizer step over a global batch, then its log line. Returns whether any rank
-        was signalled. Raises TrainingDiverged on a non-finite loss or gradient norm. Collective."""
+        """One optimizer step over a global batch, then its log line (an iteration listed in
+        --iterations-to-skip only drops its batch). Returns whether any rank was signalled. Raises
+        TrainingDiverged on a non-finite loss or gradient norm. Collective."""
         t0, state, s = time.perf_counter(), self.state, self.cfg.schedule
+        if state.iteration + 1 in s.iterations_to_skip:
+            return self.skip_step()
         result = train_step(self.chunks, self.optimizer, self.train_batches, self.model_config,
                             num_microbatches=self.num_microbatches, seq_length=self.cfg.data.seq_length,
                             micro_batch_size=s.micro_batch_size)
@@ -174,11 +179,28 @@ class Trainer:
                                                          flags=(float(self.signals.received is not None),))
         step_time = time.perf_counter() - t0
         has_norm = result.grad_norm is not None
+        if os.environ.get("NEON_FAULT_NAN_AT") == str(state.iteration):
+            loss = math.nan  # fault injection for tests: this iteration's batch gives a NaN loss
         self.check_finite(loss, grad_norm, has_norm)
         state.train_loss = loss
         self.logger.train_step(iteration=state.iteration, loss=loss, grad_norm=grad_norm if has_norm else None,
                                lr=current_lr(self.optimizer), consumed_samples=state.consumed_samples,
                                step_time_s=step_time, skipped=result.skipped, aux=aux)
+        return bool(signalled)
+
+    def skip_step(self) -> bool:
+        """An iteration of --iterations-to-skip (as Megatron-LM's): every rank draws the global
+        batch from its data iterators and drops it; no forward, backward, update or scheduler step.
+        Returns whether any rank was signalled. Collective."""
+        state, s = self.state, self.cfg.schedule
+        for iterator in self.train_batches if isinstance(self.train_batches, list) else [self.train_batches]:
+            for _ in range(self.num_microbatches):
+                next(iterator)
+        state.iteration += 1
+        state.consumed_samples += s.global_batch_size
+        (signalled,) = from_reporting_rank([], flags=(float(self.signals.received is not None),))
+        self.logger.print(f" skipped iteration {state.iteration} (--iterations-to-skip): its {s.global_batch_size} "
+                          f"samples consumed, no forward, backward or update")
         return bool(signalled)
 
     def check_finite(self, loss: float, grad_norm: float, has_norm: bool) -> None:
@@ -188,9 +210,37 @@ class Trainer:
         what = "loss" if not math.isfinite(loss) else "gradient norm"
         raise TrainingDiverged(
             f"iteration {self.state.iteration}: the training {what} is not finite (loss {loss}, grad norm "
-            f"{grad_norm}); stopping without saving this state. Last good checkpoint: "
-            f"{self.state.last_checkpoint or 'none'}. Fix: lower --lr, lengthen --lr-warmup-iters, keep "
-            f"--clip-grad on, or check the data; then resume with --load.")
+            f"{grad_norm}); stopping without saving this state. {self.recovery_advice()}")
+
+    def recovery_advice(self) -> str:
+        """What to do after a non-finite step: the checkpoint to resume from and the exact flags
+        that resume past the diverged iteration with a tenth of the learning rate."""
+        n, last, o, s = self.state.iteration, self.state.last_checkpoint, self.cfg.optimizer, self.cfg.schedule
+        lower = f"--lr {o.lr / 10:g}" + (f" --min-lr {o.min_lr / 10:g}" if o.min_lr else "") + (
+            f" --lr-warmup-init {s.lr_warmup_init / 10:g}" if s.lr_warmup_init else "")
+        if last is None:
+            return (f"This run has no checkpoint in --save to resume from. Fix: rerun from the start with a lower "
+                    f"learning rate ({lower}), a longer --lr-warmup-iters or --clip-grad on, and --save-interval "
+                    f"to keep checkpoints.")
+        save, good = last.parent, int(last.name.removeprefix("iter_"))
+        start, why = good, f"its steps ran finite until iteration {n}"
+        if good == n - 1:
+            kept = (p.name.removeprefix("iter_") for p in save.glob("iter_*") if (p / "metadata.json").is_file())
+            earlier = [int(i) for i in kept if i.isdigit() and int(i) < good]
+            why = "its next step is the one that diverged, so resuming it unchanged diverges again"
+            if earlier:
+                start = max(earlier)
+                why += f"; the advice starts from iteration {start}, the checkpoint before it"
+        pick = "" if latest_iteration(save) == start else f" --ckpt-step {start}"
+        skips = ", ".join(str(i) for i in sorted({*s.iterations_to_skip, n}))
+        return (f"Last good checkpoint: {last} (iteration {good}); {why}. To go on, rerun the same command with "
+                f"these flags added: --load {save}{pick} --iterations-to-skip '[{skips}]' "
+                f"--override-opt-param-scheduler {lower} (this skips iteration {n}'s batch and lowers the "
+                f"learning rate tenfold: without --override-opt-param-scheduler a resumed run keeps the "
+                f"checkpoint's schedule and ignores --lr). If it diverges again, lower the rate further or start "
+                f"from an earlier checkpoint (--ckpt-step)"
+                + (f"; once the run has saved past iteration {n}, drop --ckpt-step" if pick else "")
+                + ". Also check the data, --lr-warmup-iters and --clip-grad.")
 
     def validate(self) -> None:
         """Evaluate and log the validation loss (nothing with eval_iters 0). Collective."""

@@ -110,6 +110,9 @@ class ScheduleConfig:
     """Save and exit cleanly once the iteration is a multiple of this."""
     skip_train: bool = False
     """Do not train: load (--load), evaluate on the validation split, exit."""
+    iterations_to_skip: list[int] = field(default_factory=list)
+    """A YAML list, '[1234, 1240]': iterations (as logged) whose batch is drawn and dropped, with no
+    forward, backward, update or LR step; the iteration and data position advance."""
 
 
 @dataclass
@@ -128,6 +131,9 @@ class CheckpointingConfig:
     """Load weights only, not optimizer and scheduler state."""
     no_load_rng: bool = False
     """Do not restore the RNG states."""
+    override_opt_param_scheduler: bool = False
+    """On resume, take lr, min_lr, warmup, decay and weight decay from this run's settings, not
+    the checkpoint's (which win otherwise, so a new --lr alone is ignored)."""
     exit_signal_handler: bool = True
     """On SIGTERM / SIGUSR1: finish the step, save, exit cleanly (Slurm's pre-emption warning)."""
 
