@@ -232,9 +232,9 @@ class Trainer:
                 start = max(earlier)
                 why += f"; the advice starts from iteration {start}, the checkpoint before it"
         pick = "" if latest_iteration(save) == start else f" --ckpt-step {start}"
-        skips = ", ".join(str(i) for i in sorted({*s.iterations_to_skip, n}))
+        skips = " ".join(str(i) for i in sorted({*s.iterations_to_skip, n}))
         return (f"Last good checkpoint: {last} (iteration {good}); {why}. To go on, rerun the same command with "
-                f"these flags added: --load {save}{pick} --iterations-to-skip '[{skips}]' "
+                f"these flags added: --load {save}{pick} --iterations-to-skip {skips} "
                 f"--override-opt-param-scheduler {lower} (this skips iteration {n}'s batch and lowers the "
                 f"learning rate tenfold: without --override-opt-param-scheduler a resumed run keeps the "
                 f"checkpoint's schedule and ignores --lr). If it diverges again, lower the rate further or start "

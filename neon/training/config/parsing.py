@@ -90,15 +90,38 @@ def _flag_value(dest: str, raw):
     """A flag's value as YAML would read it (`--lr 3e-4` -> 0.0003); booleans and lists as given;
     a text setting's value as typed (`--run-dir 1e3` is "1e3", `--wandb-exp-name no` is "no"),
     except `null` for one that may be unset."""
-    if isinstance(raw, (bool, list)):
-        return [str(t) for t in raw] if isinstance(raw, list) else raw
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, list):  # nargs="+": `--iterations-to-skip 3 7` (or one YAML list, '[3, 7]')
+        if dest == "data.data_path" or _item_type(dest) is str:
+            return [str(t) for t in raw]
+        items = [_yaml_or_text(t) for t in raw]
+        return items[0] if len(items) == 1 and isinstance(items[0], list) else items
     alternatives = typing.get_args(tp := annotation(*dest.split(".", 1))) or (tp,)
     if str in alternatives and set(alternatives) <= {str, type(None)}:
         return None if raw == "null" and type(None) in alternatives else raw
+    return _yaml_or_text(raw)
+
+
+def _yaml_or_text(raw: str):
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+
+
+def _list_annotation(tp) -> Optional[Any]:
+    """The list type inside an annotation (list[int], Optional[list[int]]), else None."""
+    for t in (tp, *typing.get_args(tp)):
+        if t is list or typing.get_origin(t) is list:
+            return t
+    return None
+
+
+def _item_type(dest: str):
+    lst = _list_annotation(annotation(*dest.split(".", 1)))
+    args = typing.get_args(lst) if lst is not None else ()
+    return args[0] if args else Any
 
 
 def _apply(cfg: Config, section: str, name: str, value, origin: str) -> None:
@@ -170,6 +193,10 @@ def _add_flag(group, section: str, name: str, help_text: str) -> None:
         group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
     elif section == "data" and name == "data_path":
         group.add_argument(*flags, dest=dest, nargs="+", metavar="[WEIGHT] PREFIX", help=help_text)
+    elif _list_annotation(tp) is not None:
+        item = typing.get_args(_list_annotation(tp))
+        group.add_argument(*flags, dest=dest, nargs="+", metavar=type_name(item[0]).upper() if item else "VALUE",
+                           help=help_text)
     else:
         choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
         group.add_argument(*flags, dest=dest, metavar=_metavar(tp), choices=choices, help=help_text)

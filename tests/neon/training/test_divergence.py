@@ -55,7 +55,7 @@ def test_absurd_learning_rate_stops_and_the_advice_with_a_sane_rate_finishes(cor
     message, advice = _stopped(launch(args), save, 3)
     assert f"Last good checkpoint: {save}/iter_0000002 (iteration 2); its next step is the one that diverged" \
         in message
-    assert advice == ["--load", str(save), "--ckpt-step", "1", "--iterations-to-skip", "[3]",
+    assert advice == ["--load", str(save), "--ckpt-step", "1", "--iterations-to-skip", "3",
                       "--override-opt-param-scheduler", "--lr", "1e+29", "--lr-warmup-init", "0.0003"]
     assert latest(save) == 2
 
@@ -85,7 +85,7 @@ def test_bad_batch_stops_and_the_printed_flags_skip_it_and_finish(corpus, tmp_pa
     monkeypatch.setenv("NEON_FAULT_NAN_AT", "4")  # stays armed for the resumed run
     message, advice = _stopped(launch(args), save, 4)
     assert f"Last good checkpoint: {save}/iter_0000003 (iteration 3)" in message
-    assert advice == ["--load", str(save), "--ckpt-step", "2", "--iterations-to-skip", "[4]",
+    assert advice == ["--load", str(save), "--ckpt-step", "2", "--iterations-to-skip", "4",
                       "--override-opt-param-scheduler", "--lr", "0.0003", "--min-lr", "3e-05"]
 
     # The flags exactly as printed: iteration 4's batch is skipped, so its fault never fires.

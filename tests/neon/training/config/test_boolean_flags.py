@@ -95,3 +95,4 @@ def test_resolve_takes_the_negations_over_a_yaml_file(corpus, tmp_path):
         True, True, True, False, False, False)
     assert cfg.origin("checkpointing.no_load_optim") == "config file"
     assert cfg.origin("model.ngpt") == "command line"
+
