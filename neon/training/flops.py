@@ -10,7 +10,8 @@ Causal attention has two conventions (`CAUSAL`):
 - "half": a query attends to the keys before it, on average s/2 of s (Megatron-LM's
   `num_floating_point_operations`, "causal mask (only half of the mask is non-zero)");
 - "full": every query against every key of the sequence, s (torchtitan's
-  `get_num_flop_per_token`, PaLM's appendix B: "we do not account for sparsity in causal attention").
+  `get_num_flop_per_token`: "we follow the convention and do not account for sparsity in causal
+  attention"; PaLM's appendix B formula 6 N + 12 L H Q T).
 With a sliding window w < s the keys are min(t, w) for the query at position t: on average
 w - w^2 / (2 s) ("half", which is s/2 at w = s) or w ("full").
 """
