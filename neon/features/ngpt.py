@@ -86,7 +86,4 @@ class NGPTFeature(Feature):
         # the weights live on the unit sphere: decay would only fight the normalisation (the
         # paper trains without it), and the paper's recipe has no learning-rate warmup
         return {"optimizer": {"weight_decay": 0.0}, "schedule": {"lr_warmup_iters": 0}}
-    # flops_terms: none. nGPT has the Mistral layer's matmuls; its extras (normalising q, k and
-    # the residual updates, the scalings s_qk, s_u, s_v, s_z, alpha) are elementwise, O(d_model)
-    # per token and layer like the RMSNorms they replace, left out as every MFU count leaves
-    # norms out (docs/training.md, "How MFU is counted")
+    # flops_terms: today's count is the Mistral layer's (norms and scalings are not matmuls)
