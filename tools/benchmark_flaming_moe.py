@@ -5,8 +5,10 @@ bank's functions): only the chosen function runs on each token.
 Dense (the prototype): every function runs on every token, then the outputs are weighted by
 the hard Gumbel selection, r = x + sum_i sel_i f_i(x) (one batched einsum over the bank).
 Both: one bank of bias-free Linear(d, d) functions (the prototype's kind), forward + backward
-in training mode, the same tokens. Printed: median step time per bank size and the ratio
-dense / dispatched measured in the same run.
+in training mode, the same tokens. Printed: median step time per bank size, the ratio
+dense / dispatched measured in the same run, and the dispatched block's TFLOP/s: model FLOPs from
+Neon's one count (neon.training.flops: the "flaming" term, router + top-1 function, x 2 x 3
+passes x tokens), which the dense formulation spends n times over on the functions.
 
     python tools/benchmark_flaming_moe.py --sizes 4 16 64 --hidden 256 --tokens 2048
 """
@@ -70,6 +72,7 @@ def main(argv=None) -> None:
     from megatron_plugins import cpu_runtime, distributed
     from neon.config import NeonConfig
     from neon.flaming import FlamingMoE
+    from neon.training.flops import flops_terms
 
     distributed.initialize(seed=0)
     device = cpu_runtime.device()
@@ -77,12 +80,13 @@ def main(argv=None) -> None:
     x = torch.randn(seq, args.tokens // seq, args.hidden, device=device)
     print(f"# FlamingMoE top-1, d={args.hidden}, {args.tokens} tokens, linear functions, {args.dispatcher}, "
           f"{args.threads} thread(s), {platform.processor() or platform.machine()}, torch {torch.__version__}")
-    modules = {}
+    modules, step_flops = {}, {}
     for n in args.sizes:
         cfg = NeonConfig(num_layers=1, hidden_size=args.hidden, num_attention_heads=2, vocab_size=128,
                          flaming_moe="mlp", flaming_layer_functions=n, flaming_layer_kind="linear",
                          flaming_router="gumbel", flaming_topk=1, flaming_token_dispatcher=args.dispatcher,
                          pipeline_dtype=torch.float32)
+        step_flops[n] = 2.0 * 3 * flops_terms(cfg, seq)["flaming"] * args.tokens
         modules[n] = (FlamingMoE(cfg, layer_number=1).to(device).train(),
                       _Flat(DenseFunctionBank(n, args.hidden).to(device).train(), args.hidden))
     # round-robin over sizes and formulations so that load changes on a shared machine hit all alike
@@ -94,12 +98,13 @@ def main(argv=None) -> None:
                 if r >= args.warmup:
                     times[(n, kind)].append(t)
         print(f"# round {r + 1}/{args.warmup + args.iters}", file=sys.stderr, flush=True)
-    print(f"{'bank':>5} {'dispatched ms':>14} {'dense ms':>10} {'dense/dispatched':>17}")
+    print(f"{'bank':>5} {'dispatched ms':>14} {'dense ms':>10} {'dense/dispatched':>17} {'TFLOP/s':>9}")
     rows = []
     for n in args.sizes:
         t_disp, t_dense = (statistics.median(times[(n, kind)]) for kind in (0, 1))
         rows.append((n, t_disp, t_dense))
-        print(f"{n:>5} {t_disp * 1e3:>14.1f} {t_dense * 1e3:>10.1f} {t_dense / t_disp:>16.2f}x", flush=True)
+        print(f"{n:>5} {t_disp * 1e3:>14.1f} {t_dense * 1e3:>10.1f} {t_dense / t_disp:>16.2f}x"
+              f" {step_flops[n] / t_disp / 1e12:>9.4f}", flush=True)
     first = rows[0]
     print(f"# growth from {first[0]} to {rows[-1][0]} functions: dispatched x{rows[-1][1] / first[1]:.2f}, "
           f"dense x{rows[-1][2] / first[2]:.2f}")

@@ -10,8 +10,9 @@ every variant is reported as a ratio to it. Variants alternate in rounds (base, 
 ...) so drift of a shared or throttling machine hits all of them alike; the median and the
 fastest step of each are reported (on a contended machine the fastest is the steadier figure).
 
-MFU (with --peak-tflops): model FLOPs of the step (3x the forward matmuls and attention products
-that the layer computes, causal attention counted at half) / time / peak.
+MFU (with --peak-tflops): model FLOPs of the step / time / peak, the FLOPs from Neon's one count
+(neon.training.flops: the per-layer terms, no logits; causal attention at half, as Megatron-LM
+counts it).
 
 Extend VARIANTS to benchmark a new feature: a name and the NeonConfig switches. nGPT variants
 time the normalized layers (no final norm); the weight normalisation after the optimizer step
@@ -34,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_plugins import cpu_runtime, distributed  # noqa: E402
 from neon.config import NeonConfig  # noqa: E402
 from neon.model import build_model  # noqa: E402
+from neon.training.flops import flops_terms  # noqa: E402
 
 
 @dataclass
@@ -95,20 +97,10 @@ def make_config(args, switches: dict) -> NeonConfig:
 
 
 def step_flops(cfg: NeonConfig, seq: int, batch: int) -> float:
-    """Model FLOPs of one forward+backward of the decoder block (3x forward)."""
-    D, d, F = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
-    H, G = cfg.num_attention_heads, cfg.num_query_groups
-    if cfg.diff_attention == "off":
-        qkv_rows, maps, d_qk, d_v, out_in = (H + 2 * G) * d, H, d, d, H * d
-    else:
-        from neon.diff_attention import diff_layout
-
-        lay = diff_layout(cfg)
-        qkv_rows, maps, d_qk, d_v = lay.qkv_rows, 2 * lay.heads, lay.qk_dim, lay.v_dim
-        out_in = lay.out_width
-    keys = seq / 2 if cfg.sliding_window is None else min(cfg.sliding_window, seq / 2)  # causal average
-    per_token = 2 * D * (qkv_rows + 3 * F) + 2 * out_in * D + 2 * maps * keys * (d_qk + d_v)
-    return 3 * per_token * seq * batch * cfg.num_layers
+    """Model FLOPs of one forward+backward of the decoder block: 2 x 3 passes x the per-layer
+    multiply-adds of Neon's count (causal attention at half) x layers x tokens."""
+    layer = sum(v for k, v in flops_terms(cfg, seq, causal="half").items() if k != "logits")
+    return 2.0 * 3 * layer * cfg.num_layers * seq * batch
 
 
 def sync(device):

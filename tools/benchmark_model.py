@@ -7,8 +7,9 @@ variant after another in one process, each reported against the base model of th
 Each variant builds the model with neon.model.build_model, wraps it in megatron DDP, builds
 megatron's Adam, and times `train_step` (forward, backward, gradient reduction, optimizer step)
 on random tokens after untimed warm-up steps. Reported per variant: median step time, tokens/s,
-TFLOP/s and MFU under both attention conventions (causal attention counted at half, and at
-full as Megatron-LM counts it), peak device memory, and every figure's ratio to `base`.
+TFLOP/s and MFU under both attention conventions (causal attention counted at half as
+Megatron-LM counts it, and at full as torchtitan and PaLM count it), peak device memory, and
+every figure's ratio to `base`.
 
 The 'gpu' preset has the widths of examples/configs/neon_1b.yaml (~1.1B parameters); the 'tiny'
 preset is the same code at sizes a 2-core CPU runs in seconds. A variant that fails (out of
@@ -36,7 +37,8 @@ from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 from megatron_plugins import cpu_runtime, distributed  # noqa: E402
 from neon.config import NeonConfig  # noqa: E402
 from neon.model import build_model  # noqa: E402
-from neon.training.metrics import peak_tflops, training_flops_per_token  # noqa: E402
+from neon.training.flops import training_flops_per_token  # noqa: E402
+from neon.training.metrics import peak_tflops  # noqa: E402
 from neon.training.optim import build_optimizer  # noqa: E402
 from neon.training.step import build_model_chunks, train_step  # noqa: E402
 
@@ -64,8 +66,9 @@ PRESETS = {
                  window=32, flaming=(4, 2, 32)),
 }
 BASELINE = "base"
-# what flops_per_token counts (MERGE: update with the FLOP contract)
-FLOPS_SOURCE = "neon.training.metrics.training_flops_per_token as of 2026-12-01: a plain Mistral's count"
+# what flops_per_token counts (docs/training.md, "How MFU is counted")
+FLOPS_SOURCE = ("neon.training.flops.training_flops_per_token: matmuls of every variant (both DiffAttention "
+                "maps, FlamingMoE routers and routed functions), causal attention at half and at full")
 
 
 def variants(preset: dict) -> list[Variant]:
@@ -116,12 +119,9 @@ def make_config(args, variant: Variant) -> NeonConfig:
 
 
 def flops_per_token(cfg: NeonConfig, seq: int, causal_half: bool) -> float:
-    """Model FLOPs per trained token: the ONE call of Neon's count (neon.training.metrics).
-
-    Today's count has no convention flag: every query is counted against min(seq, window) keys
-    (the full convention), and only that term depends on seq_length, so the half convention is
-    the same count over seq / 2. MERGE: pass the FLOP contract's convention flag here instead."""
-    return training_flops_per_token(cfg, seq // 2 if causal_half else seq)
+    """Model FLOPs per trained token: Neon's one count (neon.training.flops), causal attention
+    at half (Megatron-LM's convention) or at full (torchtitan's and PaLM's)."""
+    return training_flops_per_token(cfg, seq, causal="half" if causal_half else "full")
 
 
 def random_batches(args, device_gen: torch.Generator, count: int) -> list[dict]:

@@ -17,7 +17,7 @@ Hooks, by where they are called:
 | `hf_fields`, `hf_reference`           | state_dict_adapter.neon_hf_config, conversion import |
 | `hf_layer_tensors`, `hf_global_tensors`, `hf_dropped`, `qkv_split` | neon/state_dict_adapter.py |
 | `layer_to_megatron`, `layer_to_hf`, `model_to_megatron`, `model_to_hf` | neon/state_dict_adapter.py |
-| `flops_terms`                         | neon/training/metrics.py `training_flops_per_token`  |
+| `flops_terms`                         | neon/training/flops.py `training_flops_per_token`    |
 | `recipe`                              | `neon.features.recipes` (the run config's feature defaults) |
 
 Registry order is the order hooks run in: a later feature sees the layer spec (and the built
@@ -120,9 +120,11 @@ class Feature:
         """Inverse of model_to_megatron."""
 
     # --- metrics and training -----------------------------------------------------------------
-    def flops_terms(self, config, seq_length: int, terms: dict[str, float]) -> dict[str, float]:
-        """Multiply-adds per token of each term of training_flops_per_token ("attn_proj",
-        "attn_scores", "mlp" per layer; "logits" once), as the feature changes them."""
+    def flops_terms(self, config, keys: float, terms: dict[str, float]) -> dict[str, float]:
+        """Multiply-adds per token of each term of training_flops_per_token, as the feature
+        changes them: matmuls only; every term is per layer except "logits" (Mistral's:
+        "attn_proj", "attn_scores", "mlp"; a feature may add its own). `keys`: the keys one
+        query attends to on average, under the run's causal convention (neon/training/flops.py)."""
         return terms
 
     def recipe(self, config) -> dict[str, dict[str, Any]]:

@@ -60,4 +60,18 @@ class DiffAttentionFeature(Feature):
     def qkv_split(self, config):
         lay = diff_layout(config)  # [Q1; Q2 of each head of the group] [K1; K2] [V]
         return lay.groups, [lay.heads // lay.groups * 2 * lay.qk_dim, 2 * lay.qk_dim, lay.v_dim]
-    # flops_terms: today's count is the Mistral layer's (the GPU-path issue adds the second map)
+
+    def flops_terms(self, config, keys, terms):
+        """Both maps: 2 n heads of Q K^T (width d) and A V (width d_v) over `keys` keys, with the
+        layout's projections; 'v2' also W_lambda (d_model -> H). The lambdas of 'matched' and
+        'expressive' are four d-vectors per layer, not per token: no term."""
+        h = config.hidden_size
+        if config.diff_attention == "v2":
+            # 2H query heads of head_dim over the H_kv key/value heads; out W_o: H * head_dim -> h
+            heads, d = config.num_attention_heads, config.head_dim
+            groups = config.num_query_groups or heads
+            proj = h * (2 * heads * d + 2 * groups * d) + heads * d * h + h * heads
+            return {**terms, "attn_proj": proj, "attn_scores": keys * 2 * heads * 2 * d}
+        lay = diff_layout(config)
+        return {**terms, "attn_proj": h * lay.qkv_rows + lay.out_width * h,
+                "attn_scores": keys * 2 * lay.heads * (lay.qk_dim + lay.v_dim)}

@@ -185,7 +185,14 @@ class FlamingMoEFeature(Feature):
         if config.flaming_global_functions:
             _functions_to_hf(expert_shards, "flaming_global_functions.", "model.flaming_global_functions.",
                              config.flaming_global_kind, config.flaming_global_functions, out)
-    # flops_terms: today's count leaves the function banks out (the GPU-path issue adds them)
+
+    def flops_terms(self, config, keys, terms):
+        """The block's routers and routed functions (neon/flaming/flops.py) as the "flaming" term;
+        in the MLP's place ('mlp') the dense MLP's term goes."""
+        from neon.flaming.flops import flaming_macs
+
+        mlp = 0 if config.flaming_moe == "mlp" else terms["mlp"]
+        return {**terms, "mlp": mlp, "flaming": flaming_macs(config)}
 
 
 def _block(config) -> tuple[str, str]:

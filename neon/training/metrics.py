@@ -18,45 +18,13 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from neon.config import NeonConfig
-from neon.features import active
+from neon.training.flops import training_flops_per_token  # noqa: F401  (re-exported: the one count)
 
 if TYPE_CHECKING:
     from neon.training.config import LoggingConfig, ScheduleConfig
 
 # Dense BF16 peak TFLOP/s per device, for the MFU estimate.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
-
-
-def training_flops_per_token(config: NeonConfig, seq_length: int) -> float:
-    """Model FLOPs per trained token (forward + backward = 3 x forward; 4 x with full
-    recomputation). Matmuls count 2 FLOPs per multiply-add; attention scores cover the full
-    (or windowed) sequence as Megatron-LM counts them. The Mistral layer's terms, then each
-    active feature's `flops_terms` (neon/features/)."""
-    h = config.hidden_size
-    d = config.head_dim
-    q_heads, kv_heads = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
-    ctx = min(seq_length, config.sliding_window or seq_length)
-    mlp_mats = 3 if config.gated_linear_unit else 2
-    if config.num_moe_experts:
-        ffn = config.moe_ffn_hidden_size or config.ffn_hidden_size
-        mlp = config.moe_router_topk * mlp_mats * h * ffn + h * config.num_moe_experts
-        if config.moe_shared_expert_intermediate_size:
-            mlp += mlp_mats * h * config.moe_shared_expert_intermediate_size
-    else:
-        mlp = mlp_mats * h * config.ffn_hidden_size
-    terms = {  # multiply-adds per token: per layer, except "logits"
-        "attn_proj": h * q_heads * d + 2 * h * kv_heads * d + q_heads * d * h,
-        "attn_scores": 2 * ctx * q_heads * d,
-        "mlp": mlp,
-        "logits": h * config.vocab_size,
-    }
-    for feature in active(config):
-        terms = feature.flops_terms(config, seq_length, terms)
-    layer = terms["attn_proj"] + terms["attn_scores"] + terms["mlp"]
-    macs = config.num_layers * layer + terms["logits"]
-    passes = 4 if config.recompute_granularity == "full" else 3
-    return 2.0 * macs * passes
 
 
 def peak_tflops(configured: Optional[float]) -> Optional[float]:
@@ -93,15 +61,18 @@ class _Window:
 class MetricsLogger:
     """Built from the run's `logging` section (intervals, sinks, progress bar, peak TFLOP/s) and
     what a step's numbers need: `schedule` (train_iters, global_batch_size), the sequence length,
-    the model's FLOPs per token and the number of devices."""
+    the model's FLOPs per token (neon.training.flops, causal attention at half: `mfu`; and, if
+    given, at full: `mfu_full_attention`) and the number of devices."""
 
     def __init__(self, settings: LoggingConfig, schedule: ScheduleConfig, *, seq_length: int,
                  flops_per_token: float, num_devices: int, run_dir: Path, start_iteration: int = 0,
-                 run_config: Optional[dict] = None, enabled: bool = True, stream=None):
+                 run_config: Optional[dict] = None, enabled: bool = True, stream=None,
+                 flops_per_token_full_attention: Optional[float] = None):
         self.enabled = enabled
         self.train_iters, self.log_interval = schedule.train_iters, settings.log_interval
         self.gbs, self.seq = schedule.global_batch_size, seq_length
         self.flops_per_token, self.num_devices = flops_per_token, num_devices
+        self.flops_per_token_full = flops_per_token_full_attention
         self.peak = peak_tflops(settings.peak_tflops)
         self.window = _Window()
         self.stream = stream or sys.stdout
@@ -174,12 +145,17 @@ class MetricsLogger:
         tokens_per_s = self.gbs * self.seq / step_s
         tflops = tokens_per_s * self.flops_per_token / self.num_devices / 1e12
         mfu = tflops / self.peak if self.peak else None
+        full = {}  # the same step with causal attention counted at full (torchtitan's convention)
+        if self.flops_per_token_full is not None:
+            tflops_full = tokens_per_s * self.flops_per_token_full / self.num_devices / 1e12
+            full = {"tflops_per_device_full_attention": tflops_full,
+                    "mfu_full_attention": tflops_full / self.peak if self.peak else None}
         grad_norm_avg = w.grad_norm_sum / w.grad_norm_count if w.grad_norm_count else None
         record = {
             "kind": "train", "iteration": iteration, "consumed_samples": consumed_samples,
             "consumed_tokens": consumed_samples * self.seq, "lr": lr, "loss": w.loss_sum / w.steps,
             "grad_norm": grad_norm_avg, "step_time_s": step_s, "tokens_per_s": tokens_per_s,
-            "tflops_per_device": tflops, "mfu": mfu, "memory_gb": memory_gb(), "skipped": w.skipped,
+            "tflops_per_device": tflops, "mfu": mfu, **full, "memory_gb": memory_gb(), "skipped": w.skipped,
             **{k: v / w.steps for k, v in w.aux.items()}, "time": time.time(),
         }
         self._record(record)
@@ -196,6 +172,8 @@ class MetricsLogger:
             f"tokens/s: {tokens_per_s:.0f}",
             f"TFLOP/s/device: {tflops:.4g}",
             f"MFU: {100 * mfu:.1f}%" if mfu is not None else "MFU: n/a",
+            *([f"MFU (full attention): {100 * full['mfu_full_attention']:.1f}%"]
+              if full.get("mfu_full_attention") is not None else []),
             f"memory (GB): {record['memory_gb']:.2f}",
             f"number of skipped iterations: {w.skipped:3d}",
         ]

@@ -102,7 +102,9 @@ class Trainer:
         self.run_dir = self.open_run_dir()
         self.logger = MetricsLogger(
             cfg.logging, cfg.schedule, seq_length=cfg.data.seq_length,
-            flops_per_token=training_flops_per_token(self.model_config, cfg.data.seq_length),
+            flops_per_token=training_flops_per_token(self.model_config, cfg.data.seq_length, causal="half"),
+            flops_per_token_full_attention=training_flops_per_token(self.model_config, cfg.data.seq_length,
+                                                                    causal="full"),
             num_devices=dist.get_world_size(), run_dir=self.run_dir, start_iteration=self.state.iteration,
             run_config=cfg.to_dict(), enabled=self.rank0)
 

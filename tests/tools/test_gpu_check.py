@@ -43,6 +43,19 @@ def test_dry_run_writes_every_section(tmp_path):
         assert rec["tflops_causal_half"] <= rec["tflops_causal_full"], name
         assert abs(rec["loss"] - math.log(model["vocab"])) < 0.5, (name, rec["loss"])
     assert records["base"]["step_vs_base"] == 1.0
+    # the FLOPs behind its TFLOP/s are Neon's one count, at both conventions, for each variant
+    from neon.training.flops import training_flops_per_token
+
+    bench = load_tool("benchmark_model")
+    args = bench.parse_args(["--preset", model["preset"], *[f"--{k}={model[k]}" for k in (
+        "hidden", "layers", "heads", "groups", "ffn", "vocab", "seq", "batch", "window")]])
+    for variant in bench.variants(bench.PRESETS[model["preset"]]):
+        rec, cfg = records[variant.name], bench.make_config(args, variant)
+        for convention in ("half", "full"):
+            got = rec[f"tflops_causal_{convention}"] * 1e12 / rec["tokens_per_s"]
+            assert got == pytest.approx(training_flops_per_token(cfg, args.seq, causal=convention), rel=1e-9)
+    assert records["diff"]["tflops_causal_half"] / records["diff"]["tokens_per_s"] > (
+        records["base"]["tflops_causal_half"] / records["base"]["tokens_per_s"])  # the second map
     assert records["base-window"]["window"] == model["window"] < model["seq"]
     assert (tmp_path / "benchmark_model.txt").read_text().count("x ") >= 6  # the ratio table
 

@@ -1,0 +1,71 @@
+"""Multiply-adds per token of a FlamingMoE block, for Neon's FLOP count (neon/training/flops.py).
+
+Per layer, for each bank of n > 0 functions (the per-layer bank: F learned + m IO functions):
+
+    router                 d * n                          (logits = W_r x', every token)
+    routed functions       k * mean_f macs(f)             (top-k; the mean: uniform routing)
+
+    macs(linear)  = d * d
+    macs(swiglu)  = 3 * d * F_f                           (F_f = flaming_ffn_hidden_size or ffn)
+    macs(lowrank) = 2 * d * r
+    macs(store)   = [d * K] + k_s * K + k_s * V + V * d   ([W_q x if query='hidden'], the k_s
+                    rescored keys, the weighted sum of their values, W_out)
+    macs(callable)= V * d                                 (W_out; the call itself is not a matmul)
+
+V: the IO function's value width (value_width * embed_dim for token values). A bank that mixes
+learned and IO functions is counted at uniform routing, the load-balancing loss's target. The
+store's exact search (N * K per query) and the frozen n-gram encoder run on the CPU without
+gradients (neon/flaming/store.py), off the accelerator whose MFU this is, so they are left out.
+"""
+
+from __future__ import annotations
+
+from neon.flaming.block import BANKS, bank_kind, bank_size
+from neon.flaming.io import IOFunctionSpec, io_specs
+
+
+def function_macs(config, kind: str) -> float:
+    """Multiply-adds per routed token of one learned function of `kind`."""
+    d = config.hidden_size
+    if kind == "linear":
+        return d * d
+    if kind == "swiglu":
+        return 3 * d * (config.flaming_ffn_hidden_size or config.ffn_hidden_size)
+    if kind == "lowrank":
+        return 2 * d * config.flaming_lowrank_rank
+    raise ValueError(f"unknown FlamingMoE function kind {kind!r}")
+
+
+def io_function_macs(config, spec: IOFunctionSpec) -> float:
+    """Multiply-adds per routed token of one IO function's learned, on-device part."""
+    d = config.hidden_size
+    embed = spec.embed_dim or d
+    if spec.kind == "callable":
+        return (spec.width * embed if spec.returns == "tokens" else spec.width) * d
+    if spec.kind == "store":
+        from neon.flaming.store import open_store
+
+        meta = open_store(spec.source, where=spec.where()).meta  # meta.json only; sizes checked
+        key_dim = meta["key_dim"]
+        value = meta["value_width"] * (embed if meta["values"] == "tokens" else 1)
+        query = d * key_dim if spec.query == "hidden" else 0
+        return query + spec.topk * key_dim + spec.topk * value + value * d
+    return 0.0  # an IO kind this count does not know yet counts no matmuls
+
+
+def flaming_macs(config) -> float:
+    """Multiply-adds per token of one layer's FlamingMoE block (routers + routed functions)."""
+    total = 0.0
+    for bank in BANKS:
+        n = bank_size(config, bank)
+        if not n:
+            continue
+        costs = [function_macs(config, bank_kind(config, bank))] * (n - _io_count(config, bank))
+        if bank == "layer":
+            costs += [io_function_macs(config, spec) for spec in io_specs(config)]
+        total += config.hidden_size * n + config.flaming_topk * sum(costs) / n
+    return total
+
+
+def _io_count(config, bank: str) -> int:
+    return len(io_specs(config)) if bank == "layer" else 0
