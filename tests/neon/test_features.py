@@ -25,6 +25,8 @@ FLAMING = dict(flaming_global_functions=2, flaming_layer_functions=2)
 COMBOS = {
     "diff-matched": dict(diff_attention="matched"),
     "diff-expressive": dict(diff_attention="expressive"),
+    "diff-v2": dict(diff_attention="v2"),
+    "diff-v2+flaming-mlp": dict(diff_attention="v2", flaming_moe="mlp", **FLAMING),
     "flaming-between": dict(flaming_moe="between", **FLAMING, flaming_layer_kind="swiglu"),
     "flaming-mlp": dict(flaming_moe="mlp", **FLAMING, flaming_global_kind="lowrank"),
     "ngpt": dict(ngpt=True),

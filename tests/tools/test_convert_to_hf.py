@@ -26,6 +26,7 @@ LAUNCHES = {
         "base": {},
         "diff-matched": dict(diff_attention="matched", num_attention_heads=8, num_query_groups=4),
         "diff-expressive": dict(diff_attention="expressive", tie_word_embeddings=True),
+        "diff-v2": dict(diff_attention="v2"),
         "ngpt": dict(ngpt=True),
     }),
     "pp2-ep2": (dict(pp=2, ep=2), {
