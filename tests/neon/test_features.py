@@ -162,4 +162,6 @@ def test_layer_spec_attach_and_hf_mapping_cover_every_combination():
         assert r["logit_scale"] == (not r["final_norm"]) == combo.get("ngpt", False), name
         assert r["bank"] == ("flaming_moe" in combo), name
         assert (r["layer"] == "FlamingTransformerLayer") == (combo.get("flaming_moe") == "between"), name
-        assert (r["attention"] == "DiffSelfAttention") == ("diff_attention" in combo), name
+        mode = combo.get("diff_attention")
+        want = {None: "SelfAttention", "v2": "DiffV2SelfAttention"}.get(mode, "DiffSelfAttention")
+        assert r["attention"] == want, name
