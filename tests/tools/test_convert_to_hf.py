@@ -120,6 +120,24 @@ def test_exported_tokenizer_gives_sentencepiece_ids(exported, tiny_tokenizer):
         assert tok.decode(sp.encode(texts[1])) == texts[1]
 
 
+def test_diff_v2_export_imports_back_bit_identical(exported, tmp_path):
+    """DiffAttention V2 through both CLIs: the exported NeonForCausalLM imports at another layout
+    (TP=2, PP=1; it was trained at TP=2 x PP=2) and exports again with every tensor (W_lambda
+    included) and the layout setting unchanged."""
+    from tests.tools.test_convert_from_hf import assert_identical, tensors
+
+    dirs, _ = exported
+    hf_dir = dirs["diff-v2"][1]
+    done = run_tool("convert_from_hf", "--hf", hf_dir, "--save", tmp_path / "ckpt", "--tensor-model-parallel-size", 2)
+    assert done.returncode == 0, done.stderr[-4000:]
+    done = run_tool("convert_to_hf", "--load", tmp_path / "ckpt", "--save", tmp_path / "back")
+    assert done.returncode == 0, done.stderr[-4000:]
+    before, after = tensors(hf_dir), tensors(tmp_path / "back")
+    assert any(k.endswith("self_attn.lambda_proj.weight") for k in before)
+    assert_identical(before, after)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["diff_attention"] == "v2"
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 
