@@ -32,8 +32,10 @@ class NeonConfig(TransformerConfig):
 
     # --- Neon features: the fields each one owns (validated by neon/features/<feature>.py) --
     # --- DiffAttention (neon/diff_attention.py) ----------------------------------------------
-    diff_attention: Literal["off", "matched", "expressive"] = "off"
-    """DiffAttention layout: 'matched' keeps the Mistral parameter count, 'expressive' doubles Q/K."""
+    diff_attention: Literal["off", "matched", "expressive", "v2"] = "off"
+    """DiffAttention layout, one of 'off', 'matched', 'expressive', 'v2': 'matched' keeps the
+    Mistral parameter count, 'expressive' doubles Q/K, 'v2' (DiffAttention V2) doubles the query
+    heads over the same key/value heads (docs/diff_attention.md)."""
     diff_lambda_init: Optional[float] = None
     """A constant lambda_init; None uses 0.8 - 0.6 * exp(-0.3 * (l - 1)) for 1-based layer l."""
     # --- nGPT (neon/ngpt.py) -----------------------------------------------------------------

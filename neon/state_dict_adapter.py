@@ -12,6 +12,8 @@ Megatron layouts that differ from HF's:
   [K1; K2] [V] (HF q_proj/k_proj rows are already ordered (head, half), so the same regrouping
   serves every layout).
 - DiffAttention's lambda vectors and per-head norm scale are replicated on every TP rank.
+- DiffAttention V2's groups hold Mistral's [q heads; k; v] with twice the query heads, and its
+  W_lambda (`lambda_proj`) is split by rows (heads) like the query heads.
 - linear_fc1 is [gate; up] on every rank, each half sharded.
 - Row-parallel weights (linear_proj, linear_fc2) are split along the input dimension.
 - Embedding and output layer are split along the vocabulary.

@@ -6,16 +6,17 @@ from dataclasses import replace
 from functools import partial
 
 from neon.diff_attention import DiffCoreAttention, DiffSelfAttention, diff_layout
+from neon.diff_attention_v2 import DiffV2CoreAttention, DiffV2SelfAttention, diff_v2_layout
 from neon.features.base import Feature
 
-MODES = ("off", "matched", "expressive")
+MODES = ("off", "matched", "expressive", "v2")
 
 
 class DiffAttentionFeature(Feature):
     name = "diff_attention"
     fields = ("diff_attention", "diff_lambda_init")
     hf_fields = fields
-    hf_reference = ("NeonAttention.diff_lambda", "NeonAttention.forward")
+    hf_reference = ("NeonAttention.diff_lambda", "NeonAttention.diff_v2", "NeonAttention.forward")
 
     def validate(self, config, fail) -> None:
         heads = config.num_attention_heads
@@ -36,6 +37,8 @@ class DiffAttentionFeature(Feature):
             fail("num_query_groups", groups, f"gives {groups // 2} differential key/value heads, not "
                  f"divisible by tensor_model_parallel_size={tp}",
                  "use 2 * tp * k key/value heads, or diff_attention='expressive'")
+        if mode == "v2":
+            self.validate_v2(config, fail)
         if config.diff_lambda_init is not None and not 0.0 <= config.diff_lambda_init < 1.0:
             fail("diff_lambda_init", config.diff_lambda_init, "must lie in [0, 1) (heads are scaled "
                  "by 1 - lambda_init)", "use e.g. 0.8 or 0.5, or None for the per-layer schedule")
@@ -46,18 +49,37 @@ class DiffAttentionFeature(Feature):
             fail("kv_channels", head_dim, "must be even for rotary embeddings with DiffAttention",
                  "use an even head size")
 
+    @staticmethod
+    def validate_v2(config, fail) -> None:
+        """What the 'v2' layout has no place for: lambda_init, and nGPT (not built for v2)."""
+        if config.diff_lambda_init is not None:
+            fail("diff_lambda_init", config.diff_lambda_init, "has no meaning for diff_attention='v2' "
+                 "(lambda = sigmoid(W_lambda x) per token and head; there is no lambda_init)",
+                 "leave diff_lambda_init unset, or use diff_attention='matched' or 'expressive'")
+        if config.ngpt:
+            fail("ngpt", True, "is not built together with diff_attention='v2' (nGPT's s_qk and "
+                 "unit-norm weights are not defined for its doubled query heads and W_lambda)",
+                 "set ngpt=False, or use diff_attention='matched' or 'expressive' with nGPT")
+
     def layer_spec(self, spec, config, use_te):
+        v2 = config.diff_attention == "v2"
         attn = spec.submodules.self_attention
-        attn = replace(attn, module=DiffSelfAttention, submodules=replace(
-            attn.submodules, core_attention=partial(DiffCoreAttention, use_te=use_te)))
+        attn = replace(attn, module=DiffV2SelfAttention if v2 else DiffSelfAttention, submodules=replace(
+            attn.submodules, core_attention=partial(DiffV2CoreAttention if v2 else DiffCoreAttention,
+                                                    use_te=use_te)))
         return replace(spec, submodules=replace(spec.submodules, self_attention=attn))
 
     def hf_layer_tensors(self, config):
+        if config.diff_attention == "v2":  # W_lambda [H, hidden], rows split with the heads
+            return [("self_attn.lambda_proj.weight", "self_attention.linear_lambda.weight", 0)]
         # the lambda vectors and the per-head norm scale, replicated over TP
         return [(f"self_attn.{name}", f"self_attention.core_attention.{name}", None)
                 for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2", "subln.weight")]
 
     def qkv_split(self, config):
+        if config.diff_attention == "v2":  # [Q of the group's 2r query heads] [K] [V]
+            lay = diff_v2_layout(config)
+            return lay.groups, [2 * lay.heads_per_group * lay.head_dim, lay.head_dim, lay.head_dim]
         lay = diff_layout(config)  # [Q1; Q2 of each head of the group] [K1; K2] [V]
         return lay.groups, [lay.heads // lay.groups * 2 * lay.qk_dim, 2 * lay.qk_dim, lay.v_dim]
 

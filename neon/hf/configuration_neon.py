@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-DIFF_ATTENTION_MODES = ("off", "matched", "expressive")
+DIFF_ATTENTION_MODES = ("off", "matched", "expressive", "v2")
 FLAMING_PLACEMENTS = ("off", "between", "mlp")
 FLAMING_KINDS = ("linear", "swiglu", "lowrank")
 
@@ -43,7 +43,8 @@ class NeonHFConfig(PreTrainedConfig):
     # (this file travels with exported models and cannot import the registry;
     # tests/neon/test_features.py checks that the fields here are exactly the registry's)
     diff_attention: str = "off"
-    """'off', 'matched' (H/2 differential heads, V of width 2d) or 'expressive' (doubled Q/K)."""
+    """'off', 'matched' (H/2 differential heads, V of width 2d), 'expressive' (doubled Q/K) or 'v2'
+    (DiffAttention V2: 2H query heads, pairs subtracted with lambda = sigmoid(W_lambda x))."""
     diff_lambda_init: float | None = None
     """Constant lambda_init; None: 0.8 - 0.6 exp(-0.3 (l - 1)) for 1-based layer l."""
     ngpt: bool = False
@@ -73,6 +74,9 @@ class NeonHFConfig(PreTrainedConfig):
         if self.diff_attention == "matched" and self.num_key_value_heads % 2:
             raise ValueError(f"num_key_value_heads={self.num_key_value_heads}: diff_attention='matched' "
                              "pairs key/value heads, use an even number")
+        if self.diff_attention == "v2" and self.ngpt:
+            raise ValueError("diff_attention='v2' with ngpt=True is not built: use one of them, or nGPT "
+                             "with diff_attention='matched' or 'expressive'")
         if self.flaming_moe not in FLAMING_PLACEMENTS:
             raise ValueError(f"flaming_moe={self.flaming_moe!r}: use one of {FLAMING_PLACEMENTS}")
         for name in ("flaming_global_kind", "flaming_layer_kind"):

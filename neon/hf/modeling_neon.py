@@ -1,6 +1,7 @@
 """NeonForCausalLM: the plain single-process PyTorch reference of the Neon architecture.
 
-Written straight from the equations (Mistral; DiffAttention, Ye et al. 2024, arXiv 2410.05258),
+Written straight from the equations (Mistral; DiffAttention, Ye et al. 2024, arXiv 2410.05258,
+and its V2, Ye, Dong, Sun and Wei 2026),
 independently of the megatron implementation in neon/, which is tested against it. With every
 Neon feature off it computes what transformers' MistralForCausalLM computes, with the same
 parameter names. This file and configuration_neon.py are copied next to a saved model, so it
@@ -15,6 +16,11 @@ DiffAttention (per differential head, Q = [Q1; Q2], K = [K1; K2] along the head'
     head   = (1 - lambda_init) * RMSNorm_{d_v}((A_1 - lambda A_2) V)
 Layouts: 'matched' n = H/2, g = H_kv/2, d_v = 2d (Mistral's parameter shapes);
          'expressive' n = H, g = H_kv, Q and K doubled, d_v = d.
+
+DiffAttention V2 ('v2'; n = H output heads over g = H_kv key/value heads, all of width d):
+    O_j    = softmax(Q_j K^T / sqrt(d) + mask) V  for the 2n query heads j (head j reads key head
+             j // (2n / g): the pair 2h, 2h + 1 shares one key/value head)
+    head_h = O_2h - sigmoid(W_lambda x)_h O_2h+1     (no per-head norm, no lambda_init)
 
 FlamingMoE (Neon's own; x' the block's normalized input, per token and per bank B of n functions):
     logits = W_B x'                                   (each layer has its own router per bank)
@@ -120,14 +126,16 @@ class NeonAttention(nn.Module):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
         d, heads, kv_heads = config.head_dim, config.num_attention_heads, config.num_key_value_heads
-        self.diff = config.diff_attention != "off"
+        self.diff = config.diff_attention in ("matched", "expressive")  # V1: Q = [Q1; Q2] per head
+        self.v2 = config.diff_attention == "v2"
         if config.diff_attention == "matched":
             self.heads, self.kv_heads, self.qk_dim, self.v_dim = heads // 2, kv_heads // 2, d, 2 * d
-        else:  # 'off' and 'expressive'
+        else:  # 'off', 'expressive' and 'v2'
             self.heads, self.kv_heads, self.qk_dim, self.v_dim = heads, kv_heads, d, d
         halves = 2 if self.diff else 1  # Q = [Q1; Q2], K = [K1; K2] per head under DiffAttention
         D = config.hidden_size
-        self.q_proj = nn.Linear(D, self.heads * halves * self.qk_dim, bias=False)
+        q_heads = 2 * self.heads if self.v2 else self.heads * halves  # V2: query heads 2h, 2h + 1 per head h
+        self.q_proj = nn.Linear(D, q_heads * self.qk_dim, bias=False)
         self.k_proj = nn.Linear(D, self.kv_heads * halves * self.qk_dim, bias=False)
         self.v_proj = nn.Linear(D, self.kv_heads * self.v_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.v_dim, D, bias=False)
@@ -141,6 +149,8 @@ class NeonAttention(nn.Module):
             self.lambda_q2 = nn.Parameter(torch.zeros(self.qk_dim))
             self.lambda_k2 = nn.Parameter(torch.zeros(self.qk_dim))
             self.subln = NeonRMSNorm(self.v_dim, eps=1e-5)  # one scale shared by the heads
+        if self.v2:
+            self.lambda_proj = nn.Linear(D, self.heads, bias=False)  # W_lambda
 
     def transform_qk(self, q: torch.Tensor, k: torch.Tensor):
         """After RoPE. nGPT: q, k <- Norm(q) s_qk, Norm(k) s_qk per head. A key head serves
@@ -157,11 +167,16 @@ class NeonAttention(nn.Module):
         lq1, lk1, lq2, lk2 = (p.to(dt) for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2))
         return torch.exp(torch.dot(lq1, lk1)) - torch.exp(torch.dot(lq2, lk2)) + self.lambda_init
 
+    def diff_v2(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """head_h = O_2h - sigmoid(W_lambda x)_h O_2h+1: out [b, 2n, s, d], x [b, s, D] -> [b, n, s, d]."""
+        lam = torch.sigmoid(self.lambda_proj(x)).transpose(1, 2)[..., None]  # [b, n, s, 1]
+        return out[:, 0::2] - lam * out[:, 1::2]
+
     def forward(self, x, cos, sin, attention_mask, cache: Cache | None = None):
         b, s, _ = x.shape
         halves = 2 if self.diff else 1
         # heads in order (head, half): Q1_0, Q2_0, Q1_1, ... ; each half is rotated with true positions
-        q = self.q_proj(x).view(b, s, self.heads * halves, self.qk_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, s, -1, self.qk_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.kv_heads * halves, self.qk_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.kv_heads, self.v_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -170,7 +185,9 @@ class NeonAttention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)
         mask = causal_window_mask(attention_mask, b, s, k.size(2), self.config.sliding_window, q.dtype, q.device)
         if not self.diff:
-            out = weighted_values(attention_probs(q, k, self.scaling, mask), v)
+            out = weighted_values(attention_probs(q, k, self.scaling, mask), v)  # [b, q heads, s, d]
+            if self.v2:
+                out = self.diff_v2(out, x)
         else:
             t = k.size(2)
             q1, q2 = q.view(b, self.heads, 2, s, self.qk_dim).unbind(2)

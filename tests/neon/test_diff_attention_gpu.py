@@ -50,3 +50,32 @@ def test_fused_sdpa_equals_math_kernel(mode):
     for name, g, ref in zip(("q", "k", "v", "lambda_q1", "subln"), grads, ref_grads):
         rel = ((g - ref).abs().max() / ref.abs().max()).item()
         assert ref.abs().max() > 1e-3 and rel < 5e-2, (name, rel)
+
+
+def test_v2_fused_sdpa_equals_math_kernel():
+    """DiffAttention V2's core (one call over 2H query heads, then the pair difference) with the
+    V1 layouts' bounds: the same bf16 kernels and reductions, without the head norm."""
+    from neon.diff_attention_v2 import DiffV2CoreAttention
+
+    cfg = NeonConfig(**SIZES, diff_attention="v2", bf16=True, params_dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    core = DiffV2CoreAttention(cfg, 3, AttnMaskType.causal, "self").cuda()
+    lay, s, b = core.layout, 1024, 2
+    r = lay.heads_per_group
+    inputs = [torch.randn(s, b, 2 * lay.heads, lay.head_dim, device="cuda", dtype=torch.bfloat16),
+              torch.randn(s, b, lay.groups, lay.head_dim, device="cuda", dtype=torch.bfloat16),
+              torch.randn(s, b, lay.groups, lay.head_dim + r, device="cuda", dtype=torch.bfloat16)]
+    probe = torch.randn(s, b, lay.heads * lay.head_dim, device="cuda")
+    results = []
+    for backends in ([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], [SDPBackend.MATH]):
+        q, k, v = (t.detach().clone().requires_grad_() for t in inputs)
+        with sdpa_kernel(backends):
+            out = core(q, k, v)
+        (out.float() * probe).sum().backward()
+        results.append((out.detach().float(), [t.grad.detach().float() for t in (q, k, v)]))
+    (out, grads), (ref_out, ref_grads) = results
+    assert torch.isfinite(out).all() and ref_out.abs().max() > 0.1
+    torch.testing.assert_close(out, ref_out, rtol=2e-2, atol=2e-2)
+    for name, g, ref in zip(("q", "k", "v and lambda logits"), grads, ref_grads):
+        rel = ((g - ref).abs().max() / ref.abs().max()).item()
+        assert ref.abs().max() > 1e-3 and rel < 5e-2, (name, rel)

@@ -25,6 +25,8 @@ FLAMING = dict(flaming_global_functions=2, flaming_layer_functions=2)
 COMBOS = {
     "diff-matched": dict(diff_attention="matched"),
     "diff-expressive": dict(diff_attention="expressive"),
+    "diff-v2": dict(diff_attention="v2"),
+    "diff-v2+flaming-mlp": dict(diff_attention="v2", flaming_moe="mlp", **FLAMING),
     "flaming-between": dict(flaming_moe="between", **FLAMING, flaming_layer_kind="swiglu"),
     "flaming-mlp": dict(flaming_moe="mlp", **FLAMING, flaming_global_kind="lowrank"),
     "ngpt": dict(ngpt=True),
@@ -159,4 +161,6 @@ def test_layer_spec_attach_and_hf_mapping_cover_every_combination():
         assert r["logit_scale"] == (not r["final_norm"]) == combo.get("ngpt", False), name
         assert r["bank"] == ("flaming_moe" in combo), name
         assert (r["layer"] == "FlamingTransformerLayer") == (combo.get("flaming_moe") == "between"), name
-        assert (r["attention"] == "DiffSelfAttention") == ("diff_attention" in combo), name
+        mode = combo.get("diff_attention")
+        want = {None: "SelfAttention", "v2": "DiffV2SelfAttention"}.get(mode, "DiffSelfAttention")
+        assert r["attention"] == want, name

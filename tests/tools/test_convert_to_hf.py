@@ -26,6 +26,7 @@ LAUNCHES = {
         "base": {},
         "diff-matched": dict(diff_attention="matched", num_attention_heads=8, num_query_groups=4),
         "diff-expressive": dict(diff_attention="expressive", tie_word_embeddings=True),
+        "diff-v2": dict(diff_attention="v2"),
         "ngpt": dict(ngpt=True),
     }),
     "pp2-ep2": (dict(pp=2, ep=2), {
@@ -117,6 +118,24 @@ def test_exported_tokenizer_gives_sentencepiece_ids(exported, tiny_tokenizer):
         for text in texts:
             assert tok(text)["input_ids"] == sp.encode(text), repr(text)
         assert tok.decode(sp.encode(texts[1])) == texts[1]
+
+
+def test_diff_v2_export_imports_back_bit_identical(exported, tmp_path):
+    """DiffAttention V2 through both CLIs: the exported NeonForCausalLM imports at another layout
+    (TP=2, PP=1; it was trained at TP=2 x PP=2) and exports again with every tensor (W_lambda
+    included) and the layout setting unchanged."""
+    from tests.tools.test_convert_from_hf import assert_identical, tensors
+
+    dirs, _ = exported
+    hf_dir = dirs["diff-v2"][1]
+    done = run_tool("convert_from_hf", "--hf", hf_dir, "--save", tmp_path / "ckpt", "--tensor-model-parallel-size", 2)
+    assert done.returncode == 0, done.stderr[-4000:]
+    done = run_tool("convert_to_hf", "--load", tmp_path / "ckpt", "--save", tmp_path / "back")
+    assert done.returncode == 0, done.stderr[-4000:]
+    before, after = tensors(hf_dir), tensors(tmp_path / "back")
+    assert any(k.endswith("self_attn.lambda_proj.weight") for k in before)
+    assert_identical(before, after)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["diff_attention"] == "v2"
 
 
 # --- errors ------------------------------------------------------------------------------------
