@@ -65,7 +65,10 @@ def frozen_config(spec: IOFunctionSpec):
                             "source= at a local model directory (save_pretrained or "
                             "tools/convert_to_hf.py output).")
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     try:
         cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=True)
@@ -73,9 +76,12 @@ def frozen_config(spec: IOFunctionSpec):
         raise IOSourceError(f"{where}: transformers cannot read its config ({type(e).__name__}: "
                             f"{e}). Fix: point source= at a causal LM directory.") from None
     archs = list(getattr(cfg, "architectures", None) or [])
-    causal = (cfg.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-              and (not archs or any(a.endswith("ForCausalLM") for a in archs))) or \
-        "AutoModelForCausalLM" in (getattr(cfg, "auto_map", None) or {})
+    # an encoder family that can also be built as a decoder (BERT, RoBERTa, ...) is causal only
+    # with is_decoder=True; otherwise the type must have a causal-LM class
+    encoder_family = cfg.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    causal = ((cfg.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+               and (not encoder_family or getattr(cfg, "is_decoder", False)))
+              or "AutoModelForCausalLM" in (getattr(cfg, "auto_map", None) or {}))
     if not causal or getattr(cfg, "is_encoder_decoder", False):
         raise IOSourceError(f"{where}: {cfg.model_type!r} ({archs or 'no architectures'}) is not a "
                             "causal LM (AutoModelForCausalLM cannot load it causally; a bidirectional "
