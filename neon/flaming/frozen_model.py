@@ -327,3 +327,17 @@ class ModelFunction(IOFunction):
                 f"{str(recorded.get('sha256'))[:12]}...), this one is {now['path']!r} (layer "
                 f"{now['layer']}, sha256 {now['sha256'][:12]}...). Fix: configure the original model "
                 "and layer, or set flaming_io_store_swap=True to use one of the same hidden size.")
+
+
+def frozen_model_report(chunks, step_time_s: float) -> dict:
+    """This rank's frozen models in the last step, for the training log: their share of the step
+    time and their weights' memory (GB); restarts the time count. Empty without `model` functions."""
+    models = {id(f): f for c in chunks for m in c.modules()
+              for f in (getattr(m, "frozen_models", None) or {}).values()}.values()
+    if not models:
+        return {}
+    seconds = sum(f.seconds for f in models)
+    for f in models:
+        f.seconds = 0.0
+    return {"frozen_model_time_share": seconds / max(step_time_s, 1e-9),
+            "frozen_model_memory_gb": sum(f.memory_bytes() for f in models) / 1e9}

@@ -24,6 +24,7 @@ from neon.flaming.frozen_model import (
     Retokenizer,
     append_frozen_states,
     build_frozen_models,
+    frozen_model_report,
     pack_states,
     unpack_states,
 )
@@ -165,6 +166,7 @@ def check_frozen(frozen: str) -> dict:
         w = model.decoder.layers[0].flaming_moe.layer_bank.experts.local_experts[1].out_proj.weight
         out_before = w.detach().clone() if out_before is None else out_before
     trained_proj = not torch.equal(out_before, w.detach())
+    report = [frozen_model_report([model], 1.0) for _ in range(2)]  # the second: count restarted
     hooks_in_training = len(fired)
     # positive control: the same hooks fire when the model runs with gradients
     fm.model.requires_grad_(True)
@@ -175,6 +177,7 @@ def check_frozen(frozen: str) -> dict:
     frozen_ids = {id(p) for p in fm.model.parameters()}
     return dict(
         identical=all(torch.equal(before[k], v) for k, v in fm.model.state_dict().items()),
+        report=report, weights_gb=sum(p.numel() * 4 for p in fm.model.parameters()) / 1e9,
         trained_proj=trained_proj, hooks=hooks_in_training, control=control, calls=fm.calls,
         in_optimizer=any(id(p) in frozen_ids for g in opt.param_groups for p in g["params"]),
         in_state=[k for k in model.state_dict() if "embed_tokens" in k or "self_attn.q_proj" in k],
@@ -190,6 +193,9 @@ def test_frozen_model_is_never_trained(tmp_path):
     assert r["control"] > 0, "the backward hooks never fire: the check cannot fail"
     assert r["calls"] == 3, "the frozen model must run once per micro-batch (3 steps x 1)"
     assert not r["in_optimizer"] and not r["in_state"]
+    first, second = r["report"]
+    assert 0 < first["frozen_model_time_share"] and second["frozen_model_time_share"] == 0
+    assert first["frozen_model_memory_gb"] == r["weights_gb"]
     assert len(r["recorded"]) == 2  # one per layer
     rec = r["recorded"][0]
     assert rec["io_source"]["path"] == os.path.abspath(frozen) and len(rec["io_source"]["sha256"]) == 64
