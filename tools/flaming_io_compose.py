@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, min(4, os.cpu_count() or 1)))
     init_single_process()
     r = run(args.steps_a, args.steps, args.names, args.unseen, args.seed)
     for k, v in r.items():

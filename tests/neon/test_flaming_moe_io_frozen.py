@@ -305,3 +305,55 @@ def test_retokenization_gives_the_last_frozen_token_ending_by_t(tmp_path):
     for t, j in enumerate(src):
         want = ref[j] if j >= 0 else torch.zeros(H)
         assert torch.allclose(got[t], want, atol=64 * EPS32 * max(1.0, ref.abs().max().item())), t
+
+
+# --- through megatron's schedules: recompute and the pipeline ------------------------------------
+
+
+def train_with_model_function(frozen: str, recompute: bool) -> dict:
+    from megatron.core.optimizer import OptimizerConfig
+
+    from neon.model import build_model
+    from neon.training.optim import build_optimizer
+    from neon.training.step import build_model_chunks, train_step
+    from tests.neon.test_flaming_moe_io_model import MB, MICROBATCHES, STEPS, batches, deterministic_init
+
+    extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
+    cfg = NeonConfig(num_layers=2, hidden_size=D, num_attention_heads=2, ffn_hidden_size=24, vocab_size=V,
+                     max_position_embeddings=16, flaming_moe="between", flaming_layer_functions=1,
+                     flaming_router="topk", flaming_topk=2, flaming_io_context_window=W,
+                     flaming_io_functions=[f"name=anchor,kind=model,source={frozen},layer={LAYER}"],
+                     pipeline_dtype=torch.float32,
+                     pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(), **extra)
+    chunks = build_model_chunks(cfg, build_model)
+    deterministic_init(chunks[0].module)
+    opt = build_optimizer(chunks, OptimizerConfig(optimizer="sgd", lr=0.5, weight_decay=0.0, bf16=False))
+    data = batches(STEPS * MICROBATCHES)
+    losses, norms = [], []
+    for _ in range(STEPS):
+        r = train_step(chunks, opt, data, cfg, num_microbatches=MICROBATCHES, seq_length=8, micro_batch_size=MB)
+        losses.append(r.loss)
+        norms.append(r.grad_norm)
+    (fm,) = [f for m in chunks[0].modules() for f in (getattr(m, "frozen_models", None) or {}).values()]
+    last = parallel_state.is_pipeline_last_stage()
+    return dict(losses=losses if last else None, norms=norms, calls=fm.calls, expected_calls=STEPS * MICROBATCHES)
+
+
+def check_schedules(frozen: str):
+    return {rc: train_with_model_function(frozen, rc) for rc in (False, True)}
+
+
+@pytest.mark.slow
+def test_model_function_under_recompute_and_pipeline(tmp_path):
+    frozen = write_frozen(str(tmp_path / "frozen"))
+    (pp1,) = run_distributed(check_schedules, 1, kwargs={"frozen": frozen}, timeout=300)
+    pp2 = run_distributed(check_schedules, 2, pp=2, kwargs={"frozen": frozen}, timeout=300)
+    ref = pp1[False]
+    assert ref["losses"][-1] < ref["losses"][0], "training did not lower the loss"
+    # fp32, the runs differ only in the order of sums (as in test_flaming_moe_io_model.py)
+    tol = 64 * EPS32 * max(ref["losses"])
+    for name, run in (("pp1 recompute", pp1[True]), ("pp2", pp2[1][False]), ("pp2 recompute", pp2[1][True])):
+        assert max(abs(a - b) for a, b in zip(run["losses"], ref["losses"])) <= tol, (name, run["losses"])
+        assert max(abs(a - b) / b for a, b in zip(run["norms"], ref["norms"])) <= 64 * EPS32, (name, run["norms"])
+    for run in [*pp1.values(), *(r for stage in pp2 for r in stage.values())]:
+        assert run["calls"] == run["expected_calls"], "the frozen model must run once per micro-batch and stage"
