@@ -15,7 +15,8 @@ Reports the answer-token loss (nats, mean over the 2 code tokens of each evaluat
   B + untrained A   the same, with an A of the same shape never trained (random states)
   B alone           B trained the same steps without the IO function
   A itself          the frozen model's own answer loss on the evaluation facts (what it knows)
-and the mean training step time of B with A against B alone.
+and the mean training step time of B with A against B alone, and A's share of B + A's step
+(FrozenModel.seconds: A's forward passes, re-tokenization included).
 Pass: B + trained A <= 0.5 x B alone and <= 0.5 x B + untrained A.
 """
 
@@ -85,7 +86,8 @@ def config_b(frozen: str | None):
 
 
 def train_b(cfg, facts, steps: int, seed: int, batch_size: int = 16, lr: float = 3e-3):
-    """Model B trained on `facts`; returns (model, mean step seconds after the first 5 steps)."""
+    """Model B trained on `facts`; returns (model, mean step seconds after the first 5 steps,
+    the frozen model's share of the training time)."""
     from neon.model import build_model
 
     torch.manual_seed(seed)
@@ -103,7 +105,8 @@ def train_b(cfg, facts, steps: int, seed: int, batch_size: int = 16, lr: float =
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t0)
-    return model.eval(), sum(times[5:]) / max(1, len(times) - 5)
+    frozen = sum(f.seconds for f in getattr(model, "frozen_models", {}).values())
+    return model.eval(), sum(times[5:]) / max(1, len(times) - 5), frozen / sum(times)
 
 
 def run(steps_a: int = 600, steps: int = 300, names: int = 200, unseen: int = 50, seed: int = 0,
@@ -115,12 +118,13 @@ def run(steps_a: int = 600, steps: int = 300, names: int = 200, unseen: int = 50
     trained = model_a(os.path.join(workdir, "a_trained"), facts, steps_a, seed)
     untrained = model_a(os.path.join(workdir, "a_untrained"), facts, 0, seed)
     eval_seqs = batch(held_out, 64, torch.Generator().manual_seed(seed + 1))
-    b_a, t_a = train_b(config_b(trained), f1, steps, seed)
-    b_u, _ = train_b(config_b(untrained), f1, steps, seed)
-    b, t_b = train_b(config_b(None), f1, steps, seed)
+    b_a, t_a, share = train_b(config_b(trained), f1, steps, seed)
+    b_u, _, _ = train_b(config_b(untrained), f1, steps, seed)
+    b, t_b, _ = train_b(config_b(None), f1, steps, seed)
     return {"B + trained A": answer_loss(b_a, eval_seqs), "B + untrained A": answer_loss(b_u, eval_seqs),
             "B alone": answer_loss(b, eval_seqs), "A itself": a_answer_loss(trained, eval_seqs),
-            "chance": math.log(CODE_TOKENS), "step s, B + A": t_a, "step s, B alone": t_b}
+            "chance": math.log(CODE_TOKENS), "step s, B + A": t_a, "step s, B alone": t_b,
+            "A's share of B + A's step": share}
 
 
 def passed(r: dict) -> bool:
@@ -140,7 +144,7 @@ def main(argv=None) -> int:
     init_single_process()
     r = run(args.steps_a, args.steps, args.names, args.unseen, args.seed)
     for k, v in r.items():
-        print(f"{k:>16}: {v:.4f}" + ("" if k.startswith("step") else " nats"))
+        print(f"{k:>16}: {v:.4f}" + ("" if k.startswith(("step", "A's")) else " nats"))
     ratio = r["B + trained A"] / min(r["B alone"], r["B + untrained A"])
     overhead = r["step s, B + A"] / r["step s, B alone"] - 1
     print(f"step-time overhead of A: {100 * overhead:+.0f}%")
