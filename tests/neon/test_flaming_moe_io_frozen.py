@@ -233,6 +233,9 @@ def test_changed_model_at_resume_is_refused(tmp_path):
     with pytest.raises(IOSourceError, match="trained with the frozen model"):
         fn(b).load_state_dict(state)
     fn(b, flaming_io_store_swap=True).load_state_dict(state)  # a swap, asked for (same hidden size)
+    wider = write_frozen(str(tmp_path / "wider"), hidden=32)  # the projection no longer fits
+    with pytest.raises(IOSourceError, match="trained with the frozen model"):
+        fn(wider, flaming_io_store_swap=True).load_state_dict(state)
 
 
 def test_bad_model_sources_fail_at_start(tmp_path):
