@@ -12,7 +12,7 @@ from tests.neon.training.runs import check, launch, metrics, tiny_args
 def test_pretrain_with_a_frozen_model_function(corpus, tmp_path):
     frozen = write_frozen(str(tmp_path / "frozen"), vocab=512)  # >= Neon's padded vocabulary
     save = tmp_path / "run"
-    # a list setting goes in the YAML file (the flag parser reads list[str] flags as one string)
+    # the list setting through the --config YAML file (on this branch a list flag is read as one string)
     entry = f"name=anchor,kind=model,source={frozen},layer=-1"
     (tmp_path / "io.yaml").write_text(f"model:\n  flaming_io_functions:\n    - {entry}\n")
     # no checkpoint: distributed checkpoints of banks with IO functions are not implemented yet
