@@ -19,7 +19,9 @@ Config: `flaming_io_functions`, one string per function, comma-separated key=val
     "name=facts,kind=store,source=/data/facts_store,query=context,topk=4"
     "name=add,kind=callable,source=my_tools.arith:add,returns=tokens,width=4"
 
-`name` and `kind` ('store' | 'callable') and `source` are required; IO functions join the
+    "name=anchor,kind=model,source=/models/small_lm,layer=-1"      (neon/flaming/frozen_model.py)
+
+`name` and `kind` ('store' | 'callable' | 'model') and `source` are required; IO functions join the
 per-layer bank after its `flaming_layer_functions` learned ones (bank index F, F+1, ...).
 """
 
@@ -31,7 +33,7 @@ from typing import Optional
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-IO_KINDS = ("store", "callable")
+IO_KINDS = ("store", "callable", "model")
 QUERY_KINDS = ("context", "hidden")
 RETURN_KINDS = ("tokens", "vectors")
 CONTEXT_FIXED_COLUMNS = 2  # position, sequence; then the W ids
@@ -52,12 +54,14 @@ class IOFunctionSpec:
     returns: str = "tokens"  # callable: 'tokens' (ids, own embedding) or 'vectors'
     width: int = 1           # callable: ids (or vector entries) it returns per token
     embed_dim: int = 0       # own embedding width of returned/stored tokens (0: hidden size)
+    layer: int = -1          # model: the frozen model's hidden state (0 = embeddings, -1 = last)
+    tokenizer: str = ""      # model: Neon's sentencepiece model, to re-tokenize for another vocabulary
 
     def where(self) -> str:
         return f"IO function {self.name!r} ({self.kind} {self.source!r})"
 
 
-_INT_FIELDS = {"topk", "width", "embed_dim"}
+_INT_FIELDS = {"topk", "width", "embed_dim", "layer"}
 _FLOAT_FIELDS = {"temperature"}
 
 
@@ -131,6 +135,12 @@ def token_context(input_ids: torch.Tensor, window: int,
     return ctx.transpose(0, 1).contiguous()
 
 
+def base_context(context: torch.Tensor, window: int) -> torch.Tensor:
+    """[T, C] -> [T, 2 + W]: the context without the packed frozen-model states that `model`
+    functions append (neon/flaming/frozen_model.py)."""
+    return context[:, :CONTEXT_FIXED_COLUMNS + window]
+
+
 def context_ids(context: torch.Tensor) -> torch.Tensor:
     """[T, 2 + W] -> the ids window [T, W] (last column: the routed token itself)."""
     return context[:, CONTEXT_FIXED_COLUMNS:]
@@ -196,6 +206,10 @@ def build_io_function(config, spec: IOFunctionSpec) -> IOFunction:
         from neon.flaming.store import StoreFunction
 
         return StoreFunction(config, spec)
+    if spec.kind == "model":
+        from neon.flaming.frozen_model import ModelFunction
+
+        return ModelFunction(config, spec)
     from neon.flaming.callables import CallableFunction
 
     return CallableFunction(config, spec)
@@ -209,6 +223,11 @@ def check_io_sources(config) -> None:
             from neon.flaming.store import open_store
 
             open_store(spec.source, where=spec.where())
+        elif spec.kind == "model":
+            from neon.flaming.frozen_model import frozen_config, retokenizer
+
+            frozen_config(spec)
+            retokenizer(spec, config)
         else:
             from neon.flaming.callables import resolve_callable
 

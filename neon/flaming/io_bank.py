@@ -16,7 +16,7 @@ import torch
 
 from megatron_plugins.context_dispatch import context_dispatcher
 from neon.flaming.functions import FunctionBankExperts
-from neon.flaming.io import build_io_function, io_specs
+from neon.flaming.io import base_context, build_io_function, io_specs
 
 
 class MixedFunctionExperts(FunctionBankExperts):
@@ -40,11 +40,13 @@ class MixedFunctionExperts(FunctionBankExperts):
     def forward(self, tokens, tokens_per_expert, probs, context=None):
         """tokens [T, d], tokens_per_expert [local], probs [T], context [T, C] -> ([T, d], None)."""
         counts = tokens_per_expert.tolist()
+        window = self.config.flaming_io_context_window
         outs = []
         for expert, x, p, c in zip(self.local_experts, torch.split(tokens, counts),
                                    torch.split(probs, counts), torch.split(context, counts)):
-            if getattr(expert, "is_io", False):
-                y, _ = expert(x, p, context=c)
+            if getattr(expert, "is_io", False):  # a `model` function reads its packed states
+                own = c if expert.spec.kind == "model" else base_context(c, window)
+                y, _ = expert(x, p, context=own)
             else:
                 y, _ = expert(x, p)
             outs.append(y)

@@ -4,16 +4,25 @@ Every pipeline stage receives the input ids (Neon's forward_step passes the batc
 stage), so each stage builds the same context [s, b, 2 + W] (neon/flaming/io.py) in its own
 forward pass and hands it to its TransformerBlock as megatron's `context` argument: a forward
 argument, recomputed with the layers under activation recompute, never state kept between steps.
+
+With `model` IO functions the stage also holds the frozen models (`self.frozen_models`, a plain
+dict: not submodules, so not in the optimizer or the state dict); each runs once per micro-batch
+here and its states are appended to the context (neon/flaming/frozen_model.py).
 """
 
 from __future__ import annotations
 
 from megatron.core.models.gpt import GPTModel
 
+from neon.flaming.frozen_model import append_frozen_states, build_frozen_models
 from neon.flaming.io import token_context
 
 
 class IOGPTModel(GPTModel):
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self.frozen_models = build_frozen_models(config)  # {source: FrozenModel}, unregistered
+
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
                 inference_context=None, packed_seq_params=None, extra_block_kwargs=None, *args,
                 **kwargs):
@@ -21,6 +30,7 @@ class IOGPTModel(GPTModel):
             raise RuntimeError("a model with FlamingMoE IO functions needs the input ids on every "
                                "pipeline stage (they give the token context)")
         ctx = token_context(input_ids, self.config.flaming_io_context_window, position_ids)
+        ctx = append_frozen_states(ctx, input_ids, self.config, self.frozen_models)
         extra_block_kwargs = {**(extra_block_kwargs or {}), "context": ctx}
         return super().forward(input_ids, position_ids, attention_mask, decoder_input, labels,
                                inference_context, packed_seq_params, extra_block_kwargs, *args,

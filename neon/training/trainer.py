@@ -30,6 +30,7 @@ from megatron.core.num_microbatches_calculator import (
 )
 
 from megatron_plugins import cpu_runtime, distributed
+from neon.flaming.frozen_model import frozen_model_report
 from neon.model import build_model
 from neon.training import run_lock
 from neon.training.aux_losses import router_aux_losses
@@ -180,6 +181,7 @@ class Trainer:
         signalled, loss, grad_norm = from_reporting_rank([result.loss, result.grad_norm],
                                                          flags=(float(self.signals.received is not None),))
         step_time = time.perf_counter() - t0
+        aux.update(frozen_model_report(self.chunks, step_time))  # FlamingMoE `model` functions
         has_norm = result.grad_norm is not None
         if os.environ.get("NEON_FAULT_NAN_AT") == str(state.iteration):
             loss = math.nan  # fault injection for tests: this iteration's batch gives a NaN loss
