@@ -50,6 +50,10 @@ def io_function_macs(config, spec: IOFunctionSpec) -> float:
         value = meta["value_width"] * (embed if meta["values"] == "tokens" else 1)
         query = d * key_dim if spec.query == "hidden" else 0
         return query + spec.topk * key_dim + spec.topk * value + value * d
+    if spec.kind == "model":  # the learned projection of the frozen model's state; the frozen
+        from neon.flaming.frozen_model import frozen_config  # forward runs once per micro-batch
+
+        return frozen_config(spec).hidden_size * d
     return 0.0  # an IO kind this count does not know yet counts no matmuls
 
 
