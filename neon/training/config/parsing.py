@@ -170,6 +170,8 @@ def _add_flag(group, section: str, name: str, help_text: str) -> None:
         group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
     elif section == "data" and name == "data_path":
         group.add_argument(*flags, dest=dest, nargs="+", metavar="[WEIGHT] PREFIX", help=help_text)
+    elif tp == list[str]:  # one argument per entry (an entry may hold commas: flaming_io_functions)
+        group.add_argument(*flags, dest=dest, nargs="*", metavar="ENTRY", help=help_text)
     else:
         choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
         group.add_argument(*flags, dest=dest, metavar=_metavar(tp), choices=choices, help=help_text)
