@@ -84,7 +84,7 @@ def test_another_store_at_load_is_refused_unless_swapped(corpus, trained, tmp_pa
     tmp, store, save, _ = trained
     other = build_store(tmp_path / "other", seed=1)
     args = io_args(corpus, other, tmp_path / "io.yaml", load=save, save=tmp_path / "s", train_iters=N + 1)
-    text = check(launch(args, timeout=300), code=4)
+    text = check(launch(args, nproc=0, timeout=300), code=4)  # plain python: torchrun reports 1
     assert "IO function 'facts'" in text and "differs from the checkpoint's store" in text, text[-3000:]
     assert "flaming_io_store_swap" in text and "Traceback" not in text
     assert latest(tmp_path / "s") is None
@@ -106,7 +106,7 @@ def test_bad_source_fails_clearly_and_writes_no_checkpoint(corpus, tmp_path, bad
         spec = CALLABLE.replace("sum_last_two", bad)
     save = tmp_path / "ckpt"
     text = check(launch(io_args(corpus, store, tmp_path / "io.yaml", callable_spec=spec, save=save,
-                                save_interval=1), timeout=300), code=2)
+                                save_interval=1), nproc=0, timeout=300), code=2)
     assert "Traceback" not in text, text[-3000:]
     expected = {"truncated": ["IO function 'facts'", "keys.f32", "truncated", "Fix: rebuild the store"],
                 "unimportable": ["IO function 'add'", "cannot import module 'no_such_module'", "Fix:"],
