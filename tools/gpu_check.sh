@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared run for a lent GPU machine (under 5 minutes in one call), in three sections:
+# The one prepared run for a lent GPU machine (under 7 minutes in one call), in four sections:
 #   tests      the GPU-marked tests (pytest -m gpu)                        -> gpu_tests.xml
 #   model      training step of whole ~1B Neon models, bf16, every variant
 #              and once with sliding_window 1024 (tools/benchmark_model.py) -> benchmark_model.{txt,json}
