@@ -115,3 +115,15 @@ def test_bad_source_fails_clearly_and_writes_no_checkpoint(corpus, tmp_path, bad
     for part in expected[bad]:
         assert part in text, (part, text[-3000:])
     assert latest(save) is None and not list(save.glob("iter_*")) and not list(save.glob(".tmp_iter_*"))
+
+
+def test_io_run_at_ep2_pp2_trains_and_saves(corpus, tmp_path):
+    """4 processes: EP=2 (the bank [2 learned, store, callable] split 2 + 2: the IO functions on EP
+    rank 1) x PP=2 (one layer per stage); 2 steps, a distributed checkpoint of that layout."""
+    store = build_store(tmp_path / "store", seed=0)
+    save = tmp_path / "ckpt"
+    check(launch(io_args(corpus, store, tmp_path / "io.yaml", expert_model_parallel_size=2,
+                         pipeline_model_parallel_size=2, train_iters=2, eval_interval=2, save=save),
+                 nproc=4, timeout=400))
+    assert sorted(metrics(save)) == [1, 2] and latest(save) == 2
+    assert all(r["loss"] > 0 for r in metrics(save).values())
