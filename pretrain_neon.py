@@ -10,7 +10,8 @@ exactly.
 Exit status (every ending leaves the previous checkpoint loadable; docs/training.md):
   0    finished, or saved and stopped on SIGTERM/SIGUSR1, --exit-interval or --skip-train
   1    unexpected error (a bug or a failing machine): traceback, then the latest checkpoint
-  2    bad configuration or input, before anything is built
+  2    bad configuration or input, before anything is built (or a FlamingMoE IO function
+       failed when called: the function and the training step are named)
   3    loss or gradient norm became NaN/inf (that step is not saved)
   4    the checkpoint to load is damaged (file named), of another architecture, or missing
   5    --save / the run directory is in use by another live run

@@ -220,6 +220,10 @@ UNIT_NORM_DIM = [
     # FlamingMoE functions (neon/flaming): SwiGLU and low-rank use linear_fc1/fc2 above (rows of
     # [gate; up] and A, columns of W_down and B); a linear d -> d function by its output columns.
     (re.compile(r"\.local_experts\.\d+\.linear\.weight$"), 0),       # W_f    [d, d]
+    # FlamingMoE IO functions (neon/flaming/io.py): W_out by its columns in d_model space, a
+    # store's learned query W_q by its rows (own value embeddings and sources stay as they are)
+    (re.compile(r"\.local_experts\.\d+\.out_proj\.weight$"), 0),    # W_out  [d, value_dim]
+    (re.compile(r"\.local_experts\.\d+\.query_proj\.weight$"), 1),  # W_q    [K, d]
 ]
 NORM_DIM_ATTR = "ngpt_unit_norm_dim"
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The one prepared run for a lent GPU machine (under 5 minutes in one call), in three sections:
+# The one prepared run for a lent GPU machine (under 7 minutes in one call), in four sections:
 #   tests      the GPU-marked tests (pytest -m gpu)                        -> gpu_tests.xml
 #   model      training step of whole ~1B Neon models, bf16, every variant
 #              and once with sliding_window 1024 (tools/benchmark_model.py) -> benchmark_model.{txt,json}
 #   attention  Neon's windowed kernel against SDPA with a mask, seq 4096
 #              and 8192, window 1024 (tools/benchmark_attention.py)         -> benchmark_attention.{txt,json}
+#   io         a FlamingMoE store IO function's step against store size 1e4-1e6 (its search runs
+#              on the host CPU by design; tools/benchmark_flaming_io.py)  -> benchmark_flaming_io.txt
 # That machine has no network, a Python 3.12 with its own CUDA torch and Triton, and no
 # Transformer Engine; megatron-core travels as a wheel in .whl/ (git-ignored).
 #
@@ -13,16 +15,16 @@
 #   one section again:                      bash tools/gpu_check.sh --only model
 #   here, on the CPU (tiny sizes, same code): bash tools/gpu_check.sh --dry-run
 #
-# Each section runs under its own timeout (TESTS_TIMEOUT, MODEL_TIMEOUT, ATTENTION_TIMEOUT
+# Each section runs under its own timeout (TESTS_TIMEOUT, MODEL_TIMEOUT, ATTENTION_TIMEOUT, IO_TIMEOUT
 # seconds) and writes its files to $OUT as soon as it finishes; gpu_check.log holds everything
-# and gpu.txt the card (7 files, under the device tool's 8). Exit status 0 only when every
+# and gpu.txt the card (8 files, the device tool's limit). Exit status 0 only when every
 # section run succeeds. PEAK_TFLOPS overrides the card's dense bf16 peak; MODEL_ARGS and
 # ATTENTION_ARGS add benchmark options (e.g. MODEL_ARGS="--layers 8").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WHEELS=(megatron-core==0.16.1)
-SECTIONS=(tests model attention)
+SECTIONS=(tests model attention io)
 PYTHON=${PYTHON:-python3}
 
 usage() {
@@ -62,7 +64,8 @@ export PYTHONUNBUFFERED=1
 
 if ((dry_run)); then
     # the CPU: this checkout's Python and megatron-core, tiny sizes, short timeouts
-    : "${TESTS_TIMEOUT:=120}" "${MODEL_TIMEOUT:=240}" "${ATTENTION_TIMEOUT:=240}"
+    : "${TESTS_TIMEOUT:=120}" "${MODEL_TIMEOUT:=240}" "${ATTENTION_TIMEOUT:=240}" "${IO_TIMEOUT:=120}"
+    io_opts=(--entries 1000 --tokens 16 --hidden 32 --key-dim 16 --vocab 256 --repeats 1)
     preset=tiny
     model_opts=(--steps 2 --warmup 1)
     attention_opts=()
@@ -70,7 +73,8 @@ if ((dry_run)); then
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     log "dry run on the CPU (tiny sizes) with $PYTHON, results in $OUT"
 else
-    : "${TESTS_TIMEOUT:=110}" "${MODEL_TIMEOUT:=150}" "${ATTENTION_TIMEOUT:=80}"
+    : "${TESTS_TIMEOUT:=110}" "${MODEL_TIMEOUT:=150}" "${ATTENTION_TIMEOUT:=80}" "${IO_TIMEOUT:=45}"
+    io_opts=(--entries 10000 100000 1000000 --tokens 1024 --repeats 2 --work-dir /tmp)
     preset=gpu
     model_opts=(--steps 5 --warmup 2)
     attention_opts=()
@@ -121,11 +125,16 @@ section_attention() {
         "${attention_opts[@]}" --json "$OUT/benchmark_attention.json" | tee "$OUT/benchmark_attention.txt"
 }
 
+section_io() {
+    timeout "$IO_TIMEOUT" "$PYTHON" tools/benchmark_flaming_io.py "${io_opts[@]}" | tee "$OUT/benchmark_flaming_io.txt"
+}
+
 run_section() {
     case "$1" in
         tests) section_tests ;;
         model) section_model ;;
         attention) section_attention ;;
+        io) section_io ;;
     esac
 }
 

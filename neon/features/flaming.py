@@ -79,8 +79,6 @@ class FlamingMoEFeature(Feature):
         if config.flaming_moe != "between":
             fail("flaming_moe", config.flaming_moe, "IO functions are wired for the 'between' "
                  "placement only", "set flaming_moe='between'")
-        if config.ngpt:
-            fail("ngpt", True, "IO functions are not wired with nGPT yet", "turn nGPT off")
         if config.flaming_io_context_window < 1:
             fail("flaming_io_context_window", config.flaming_io_context_window, "must be >= 1",
                  "use the number of token ids each context row holds, e.g. 8")

@@ -18,6 +18,7 @@ and W_out are learned:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import numpy as np
@@ -27,7 +28,17 @@ from neon.flaming.io import IOFunction, IOFunctionSpec, IOSourceError
 
 
 class IOFunctionError(RuntimeError):
-    """An IO function failed while running; the message names it and the call."""
+    """An IO function failed while running; the message names it and the call (and, raised
+    through `at_training_step`, the training step)."""
+
+
+@contextlib.contextmanager
+def at_training_step(step: int):
+    """Name the training step in an IO function's error raised inside (the Trainer's step)."""
+    try:
+        yield
+    except IOFunctionError as e:
+        raise IOFunctionError(f"training step {step}: {e}") from None
 
 
 def resolve_callable(spec: IOFunctionSpec):

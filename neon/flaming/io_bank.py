@@ -13,6 +13,8 @@ the same order as their hidden states:
 from __future__ import annotations
 
 import torch
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from megatron_plugins.context_dispatch import context_dispatcher
 from neon.flaming.functions import FunctionBankExperts
@@ -26,6 +28,7 @@ class MixedFunctionExperts(FunctionBankExperts):
                  num_learned: int = 0):
         super().__init__(num_local_experts, config, kind=kind, pg_collection=pg_collection)
         specs = io_specs(config)
+        self.num_learned = num_learned
         for i in range(num_local_experts):
             g = self.first_function + i
             if g >= num_learned:  # an IO function replaces the placeholder learned one
@@ -57,9 +60,30 @@ class MixedFunctionExperts(FunctionBankExperts):
         return out + 0.0 * tokens.sum(dim=-1, keepdim=True).to(out.dtype), None
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        raise NotImplementedError(
-            "distributed checkpoints of banks with IO functions are not implemented yet: their "
-            "learned parts need their own keys (the expert axis assumes equal functions)")
+        """Checkpoint keys: learned function g < F on megatron's expert axis of size F
+        (`<prefix>experts.<param>`, sharded over EP like any bank); IO function `name` under its
+        own key `<prefix>io_functions.<name>.<param>` (one function, held by one EP rank), its
+        source identity (path, size, content hash) in its `_extra_state`: recorded, not copied.
+        Replicas: over the expert-data-parallel group, as megatron's SequentialMLP."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        singleton = (metadata or {}).get("singleton_local_shards", False)
+        out = {}
+        for i, expert in enumerate(self.local_experts):
+            g, local_prefix = self.first_function + i, f"{prefix}local_experts.{i}."
+            offsets = sharded_offsets
+            if getattr(expert, "is_io", False):
+                sharded_prefix = f"{prefix}io_functions.{expert.spec.name}."
+            elif singleton:
+                sharded_prefix = f"{prefix}experts.{g}."
+            else:
+                sharded_prefix = f"{prefix}experts."
+                offsets = (*sharded_offsets, (len(sharded_offsets), g, self.num_learned))
+            sd = expert.sharded_state_dict(local_prefix, offsets, metadata)
+            replace_prefix_for_sharding(sd, local_prefix, sharded_prefix)
+            for sh in sd.values():  # replicated over expert-DP (modulo EP), as megatron's experts
+                sh.replica_id = (*sh.replica_id[:2], self.dp_group.rank())
+            out.update(sd)
+        return out
 
 
 def use_context_dispatcher(bank, pg_collection) -> None:

@@ -39,6 +39,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
+from neon.flaming.io import IOSourceError
 from neon.training import checksums, model_match
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -290,7 +291,10 @@ def load(root: str | os.PathLike, chunks, optimizer, scheduler, *, load_optimize
                               f"build of the model. Fix:{_earlier_hint(root, iteration, ' ')}; if that fails "
                               f"too, report it with the run's config.yaml.") from None
     for key, chunk in zip(_model_keys(chunks), chunks):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        try:
+            _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        except IOSourceError as e:  # a FlamingMoE IO source other than the recorded one
+            raise CheckpointError(f"{path}: {e}") from None
     if load_optimizer:
         _keep_adam_step_on_load(optimizer)
         optimizer.load_state_dict(loaded["optimizer"])

@@ -14,6 +14,7 @@ import traceback
 from typing import Optional
 
 from megatron_plugins.distributed import PortInUse
+from neon.flaming.callables import IOFunctionError
 from neon.training import checkpointing
 from neon.training.run_lock import RunDirectoryInUse
 
@@ -21,7 +22,9 @@ STATUSES = """\
     0    finished, or saved and stopped on SIGTERM/SIGUSR1, --exit-interval or --skip-train
     1    an unexpected error (a bug or a failing machine): Python's traceback, then a paragraph
          naming the latest checkpoint, which is intact
-    2    bad configuration or input (settings, data files, tokenizer), before anything is built
+    2    bad configuration or input (settings, data files, tokenizer, an IO function's source),
+         before anything is built; or a FlamingMoE IO function failed when called (it raised or
+         returned the wrong shape: the function and the training step are named, nothing saved)
     3    the loss or gradient norm became NaN/inf (that step is not saved)
     4    the checkpoint to load cannot be used: damaged (the file is named), another model
          architecture (the settings are named), or missing
@@ -32,7 +35,7 @@ STATUSES = """\
 
 OK, CRASHED, BAD_CONFIG, DIVERGED, BAD_CHECKPOINT, DIRECTORY_IN_USE, PORT_IN_USE, INTERRUPTED = 0, 1, 2, 3, 4, 5, 6, 130
 EXPECTED = {checkpointing.CheckpointError: BAD_CHECKPOINT, RunDirectoryInUse: DIRECTORY_IN_USE,
-            PortInUse: PORT_IN_USE}
+            PortInUse: PORT_IN_USE, IOFunctionError: BAD_CONFIG}
 
 
 def _latest(save_dir: Optional[str]) -> str:

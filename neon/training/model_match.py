@@ -55,8 +55,16 @@ MAY_DIFFER = frozenset({
     "max_position_embeddings", "hidden_dropout", "attention_dropout", "bias_activation_fusion",
     "masked_softmax_fusion", "bias_dropout_fusion", "apply_rope_fusion", "persist_layer_norm",
     "gradient_accumulation_fusion", "flaming_aux_loss_coeff", "flaming_z_loss_coeff",
-    "flaming_token_dispatcher", "flaming_gumbel_temperature", "flaming_init_seed",
+    "flaming_token_dispatcher", "flaming_gumbel_temperature", "flaming_init_seed", "flaming_io_store_swap",
 })
+# compared without their `source=`: each IO function's checkpoint state records its source
+# identity (path, size, content hash) and checks it at load, where flaming_io_store_swap may allow another
+SOURCES_CHECKED_AT_LOAD = frozenset({"flaming_io_functions"})
+
+
+def _without_sources(entries) -> list[str]:
+    return [",".join(p for p in str(e).split(",") if not p.strip().startswith("source="))
+            for e in entries or ()]
 
 
 def _defaults() -> dict:
@@ -92,9 +100,10 @@ def differences(saved: dict, current: dict, with_optimizer: bool = True) -> list
     for name in architecture_fields(with_optimizer):
         if name not in current:
             continue
-        before = saved.get(name, defaults.get(name))
-        if not _same(before, current[name]):
-            out.append((name, before, current[name]))
+        before, now = saved.get(name, defaults.get(name)), current[name]
+        strip = _without_sources if name in SOURCES_CHECKED_AT_LOAD else (lambda v: v)
+        if not _same(strip(before), strip(now)):
+            out.append((name, before, now))
     return out
 
 

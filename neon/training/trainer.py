@@ -30,6 +30,7 @@ from megatron.core.num_microbatches_calculator import (
 )
 
 from megatron_plugins import cpu_runtime, distributed
+from neon.flaming.callables import at_training_step
 from neon.flaming.frozen_model import frozen_model_report
 from neon.model import build_model
 from neon.training import run_lock
@@ -170,9 +171,10 @@ class Trainer:
         t0, state, s = time.perf_counter(), self.state, self.cfg.schedule
         if state.iteration + 1 in s.iterations_to_skip:
             return self.skip_step()
-        result = train_step(self.chunks, self.optimizer, self.train_batches, self.model_config,
-                            num_microbatches=self.num_microbatches, seq_length=self.cfg.data.seq_length,
-                            micro_batch_size=s.micro_batch_size)
+        with at_training_step(state.iteration + 1):  # an IO function's error names the step
+            result = train_step(self.chunks, self.optimizer, self.train_batches, self.model_config,
+                                num_microbatches=self.num_microbatches, seq_length=self.cfg.data.seq_length,
+                                micro_batch_size=s.micro_batch_size)
         if not result.skipped:
             self.scheduler.step(increment=1)
         state.iteration += 1

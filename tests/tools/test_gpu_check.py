@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -67,11 +68,15 @@ def test_dry_run_writes_every_section(tmp_path):
         assert kernels["sdpa-mask", seq]["fwd_s_vs_base"] == 1.0
         assert kernels["flex", seq]["fwd_bwd_s"] is None and kernels["neon", seq]["fwd_bwd_s"] > 0
 
+    # io: one timed row for the dry run's store size and token count
+    io = (tmp_path / "benchmark_flaming_io.txt").read_text()
+    assert re.search(r"^\s+1000\s+16\s+[\d.]+\s", io, re.M), io
+
 
 def test_unknown_section_is_refused_before_any_work(tmp_path):
     r = run_check(tmp_path, "--dry-run", "--only", "modle", timeout=30)
     assert r.returncode == 2
-    assert "--only modle is not a section; choose one of: tests model attention" in r.stderr
+    assert "--only modle is not a section; choose one of: tests model attention io" in r.stderr
     assert not any(tmp_path.iterdir())
 
 

@@ -49,6 +49,8 @@ def _choice(where: str, value, choices: tuple):
 
 def _sequence(where: str, value, tp):
     args = typing.get_args(tp)
+    if isinstance(value, str) and tp == list[str]:  # YAML `key: one entry` is a one-entry list
+        value = [value]
     if isinstance(value, (list, tuple)):
         if typing.get_origin(tp) is tuple:
             if len(value) == len(args):

@@ -1,0 +1,129 @@
+"""FlamingMoE IO functions through pretrain_neon.py (real torchrun, gloo, test corpus): the IO
+list from a YAML file and from flags, distributed checkpoints of a bank [learned, store,
+callable] (learned parts sharded, sources recorded and checked at load, a swap only when asked
+for), an exact resume, and every bad source ending with a clear error and no checkpoint."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch.distributed.checkpoint import FileSystemReader
+
+from neon.flaming.encoder import describe
+from neon.flaming.store_build import write_store
+from tests.neon.training.corpus import make_corpus
+from tests.neon.training.runs import check, latest, launch, metrics, tiny_args
+
+pytestmark = pytest.mark.slow
+VOCAB = 256  # the test corpus's tokenizer (a multiple of 128: not padded)
+N = 6
+CALLABLE = "name=add,kind=callable,source=tests.neon.io_callables:sum_last_two,width=2"
+
+
+def build_store(path: Path, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    records = [rng.integers(0, VOCAB, 24).tolist() for _ in range(8)]
+    write_store(str(path), describe("random:5", 3, 8, VOCAB), records)
+    return str(path)
+
+
+def io_args(corpus, store: str, yaml_file: Path, callable_spec: str = CALLABLE, **overrides) -> list[str]:
+    """The store function from the YAML file's model section, then the flag's list (flags win:
+    both entries given as two arguments of --flaming-io-functions)."""
+    yaml_file.write_text("model:\n  flaming_io_functions: name=facts,kind=store,source=/not/used\n")
+    values = dict(num_layers=2, train_iters=N, eval_interval=N, flaming_moe="between", flaming_layer_functions=2,
+                  flaming_topk=1, flaming_io_context_window=4,
+                  flaming_router="topk")  # Gumbel: see the note in docs/flaming_moe.md (resume)
+    values.update(overrides)
+    return ["--config", str(yaml_file), *tiny_args(*corpus, **values), "--flaming-io-functions",
+            f"name=facts,kind=store,source={store},query=context,topk=2", callable_spec]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """N steps in one go, checkpoints at N/2 and N."""
+    tmp = tmp_path_factory.mktemp("io_run")
+    store = build_store(tmp / "store", seed=0)
+    save = tmp / "ckpt"
+    out = check(launch(io_args(corpus, store, tmp / "io.yaml", save=save, save_interval=N // 2), timeout=300))
+    return tmp, store, save, out
+
+
+def test_io_run_saves_sources_and_resumes_exactly(corpus, trained, tmp_path):
+    tmp, store, save, out = trained
+    assert latest(save) == N and (save / f"iter_{N // 2:07d}" / "metadata.json").is_file()
+    config = (save / "config.yaml").read_text()
+    assert f"source={store}" in config and "name=add,kind=callable" in config  # the flag's list won
+    # the checkpoint holds the learned functions on the expert axis, the IO functions' learned
+    # parts under their own keys and each source's identity in the function's _extra_state
+    keys = set(FileSystemReader(str(save / f"iter_{N:07d}")).read_metadata().state_dict_metadata)
+    layer = "decoder.layers.flaming_moe.layer_bank.experts."
+    assert f"{layer}experts.linear.weight" in keys, sorted(keys)[:40]
+    for name, param in (("facts", "value_embedding.weight"), ("facts", "out_proj.weight"),
+                        ("add", "embedding.weight"), ("add", "out_proj.weight")):
+        assert f"{layer}io_functions.{name}.{param}" in keys, sorted(k for k in keys if "io_" in k)
+    for name in ("facts", "add"):  # one per layer (the layer axis)
+        assert sum(k.startswith(f"{layer}io_functions.{name}._extra_state/") for k in keys) == 2
+
+    # resume from N/2 into another directory: iterations N/2+1 .. N as in the uninterrupted run
+    resumed = tmp_path / "resumed"
+    check(launch(io_args(corpus, store, tmp_path / "io.yaml", load=save, ckpt_step=N // 2, save=resumed),
+                 timeout=300))
+    ref, got = metrics(save), metrics(resumed)
+    assert sorted(got) == list(range(N // 2 + 1, N + 1))
+    for it in got:
+        assert got[it]["loss"] == ref[it]["loss"], (it, got[it]["loss"], ref[it]["loss"])
+
+
+def test_another_store_at_load_is_refused_unless_swapped(corpus, trained, tmp_path):
+    tmp, store, save, _ = trained
+    other = build_store(tmp_path / "other", seed=1)
+    args = io_args(corpus, other, tmp_path / "io.yaml", load=save, save=tmp_path / "s", train_iters=N + 1)
+    text = check(launch(args, nproc=0, timeout=300), code=4)  # plain python: torchrun reports 1
+    assert "IO function 'facts'" in text and "differs from the checkpoint's store" in text, text[-3000:]
+    assert "flaming_io_store_swap" in text and "Traceback" not in text
+    assert latest(tmp_path / "s") is None
+    # asked for: the other store is attached to the trained weights and training goes on
+    check(launch([*args, "--flaming-io-store-swap"], timeout=300))
+    assert sorted(metrics(tmp_path / "s")) == [N + 1] and latest(tmp_path / "s") == N + 1
+
+
+@pytest.mark.parametrize("bad", ["truncated", "unimportable", "wrong_shape", "raises"])
+def test_bad_source_fails_clearly_and_writes_no_checkpoint(corpus, tmp_path, bad):
+    store = build_store(tmp_path / "store", seed=0)
+    spec = CALLABLE
+    if bad == "truncated":
+        keys = Path(store) / "keys.f32"
+        keys.write_bytes(keys.read_bytes()[:-8])
+    elif bad == "unimportable":
+        spec = CALLABLE.replace("tests.neon.io_callables:sum_last_two", "no_such_module:f")
+    else:
+        spec = CALLABLE.replace("sum_last_two", bad)
+    save = tmp_path / "ckpt"
+    text = check(launch(io_args(corpus, store, tmp_path / "io.yaml", callable_spec=spec, save=save,
+                                save_interval=1), nproc=0, timeout=300), code=2)
+    assert "Traceback" not in text, text[-3000:]
+    expected = {"truncated": ["IO function 'facts'", "keys.f32", "truncated", "Fix: rebuild the store"],
+                "unimportable": ["IO function 'add'", "cannot import module 'no_such_module'", "Fix:"],
+                "wrong_shape": ["training step 1", "IO function 'add'", "returned shape", "Fix:"],
+                "raises": ["training step 1", "IO function 'add'", "raised KeyError", "service unavailable"]}
+    for part in expected[bad]:
+        assert part in text, (part, text[-3000:])
+    assert latest(save) is None and not list(save.glob("iter_*")) and not list(save.glob(".tmp_iter_*"))
+
+
+def test_io_run_at_ep2_pp2_trains_and_saves(corpus, tmp_path):
+    """4 processes: EP=2 (the bank [2 learned, store, callable] split 2 + 2: the IO functions on EP
+    rank 1) x PP=2 (one layer per stage); 2 steps, a distributed checkpoint of that layout."""
+    store = build_store(tmp_path / "store", seed=0)
+    save = tmp_path / "ckpt"
+    check(launch(io_args(corpus, store, tmp_path / "io.yaml", expert_model_parallel_size=2,
+                         pipeline_model_parallel_size=2, train_iters=2, eval_interval=2, save=save),
+                 nproc=4, timeout=400))
+    assert sorted(metrics(save)) == [1, 2] and latest(save) == 2
+    assert all(r["loss"] > 0 for r in metrics(save).values())

@@ -1,0 +1,21 @@
+"""tools/benchmark_flaming_io.py through its CLI on a tiny store: one line per (entries, tokens)
+with a positive step time, and the store it writes opens as a valid store (sizes and hash)."""
+
+import re
+
+from neon.flaming.store import content_hash, open_store
+from tests.data_helpers import load_tool
+
+
+def test_benchmark_prints_a_time_per_store_size_and_token_count(capsys, tmp_path):
+    tool = load_tool("benchmark_flaming_io")
+    store = tmp_path / "s"
+    tool.write_random_store(str(store), 300, 8, 2, 64)
+    opened = open_store(str(store), verify=True)
+    assert opened.entries == 300 and opened.meta["content_sha256"] == content_hash(str(store))
+    assert tool.main(["--entries", "100", "300", "--tokens", "4", "16", "--hidden", "16", "--key-dim", "8",
+                      "--value-width", "2", "--topk", "2", "--vocab", "64", "--repeats", "1",
+                      "--work-dir", str(tmp_path)]) == 0
+    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+([\d.]+)\s", capsys.readouterr().out, re.M)
+    assert [(int(n), int(t)) for n, t, _ in rows] == [(100, 4), (100, 16), (300, 4), (300, 16)]
+    assert all(float(s) > 0 for _, _, s in rows)
