@@ -59,7 +59,7 @@ MAY_DIFFER = frozenset({
 })
 
 
-def _defaults() -> dict:
+def defaults() -> dict:
     out = {}
     for f in dataclasses.fields(NeonConfig):
         if f.default is not dataclasses.MISSING:
@@ -76,7 +76,7 @@ def architecture_fields(with_optimizer: bool = True) -> list[str]:
     return [n for n in fields if n not in MAY_DIFFER]
 
 
-def _same(a, b) -> bool:
+def same(a, b) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return list(a) == list(b)
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
@@ -87,13 +87,13 @@ def _same(a, b) -> bool:
 
 def differences(saved: dict, current: dict, with_optimizer: bool = True) -> list[tuple[str, object, object]]:
     """(setting, checkpoint's value, this run's value) for every setting that must match and differs."""
-    defaults = _defaults()
+    defaults_ = defaults()
     out = []
     for name in architecture_fields(with_optimizer):
         if name not in current:
             continue
-        before = saved.get(name, defaults.get(name))
-        if not _same(before, current[name]):
+        before = saved.get(name, defaults_.get(name))
+        if not same(before, current[name]):
             out.append((name, before, current[name]))
     return out
 
