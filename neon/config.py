@@ -41,6 +41,11 @@ class NeonConfig(TransformerConfig):
     # --- nGPT (neon/ngpt.py) -----------------------------------------------------------------
     ngpt: bool = False
     """nGPT: hidden states and weights on the unit hypersphere."""
+    ngpt_alpha_sz_scale: Literal["inv_sqrt_d", "inv_d"] = "inv_sqrt_d"
+    """The stored scale of alpha_A, alpha_M (and FlamingMoE's alpha_F) and s_z, which sets how far
+    Adam moves them per step: 'inv_sqrt_d' (1/sqrt(d_model), the paper's, and every checkpoint's
+    before this setting existed) or 'inv_d' (1/d_model: sqrt(d_model) times the step, nGPT's recipe
+    for new runs, docs/ngpt.md). s_qk stays at 1/sqrt(d_model), s_u and s_v at 1."""
 
     # --- FlamingMoE (neon/flaming/): banks of functions routed per token -------------------
     flaming_moe: Literal["off", "between", "mlp"] = "off"

@@ -10,8 +10,9 @@ Every hidden state and every weight vector that lives in d_model space sits on t
     logits:     z = E_out h,  z <- z s_z                  (one s_z entry per vocabulary item)
 
 Each scaling vector s is stored at the value `scale` and used as s * (init / scale), which sets its
-effective Adam learning rate (the paper's trick): alpha_A, alpha_M init 0.05 scale 1/sqrt(d_model);
-s_qk init 1 scale 1/sqrt(d_model); s_u, s_v init 1 scale 1; s_z init 1 scale 1/sqrt(d_model).
+effective Adam learning rate (the paper's trick): alpha_A, alpha_M init 0.05 and s_z init 1, both at
+scale 1/sqrt(d_model) (ngpt_alpha_sz_scale 'inv_sqrt_d', the paper's) or 1/d_model ('inv_d', the
+recipe); s_qk init 1 scale 1/sqrt(d_model); s_u, s_v init 1 scale 1.
 
 The pieces plug into the Neon layer spec (`ngpt_layer_spec`), never a fork of megatron code:
 - the residual update is the layer's bias-dropout-add slot (`NormalizedResidual`), the norms
@@ -49,8 +50,9 @@ ALPHA_INIT = 0.05
 def scaling_constants(config: NeonConfig) -> dict:
     """name -> (init, scale): the vector is stored at `scale`, used as stored * init / scale."""
     base = config.hidden_size ** -0.5
-    return {"alpha": (ALPHA_INIT, base), "s_qk": (1.0, base), "s_u": (1.0, 1.0),
-            "s_v": (1.0, 1.0), "s_z": (1.0, base)}
+    moved = 1.0 / config.hidden_size if config.ngpt_alpha_sz_scale == "inv_d" else base  # alpha, s_z
+    return {"alpha": (ALPHA_INIT, moved), "s_qk": (1.0, base), "s_u": (1.0, 1.0),
+            "s_v": (1.0, 1.0), "s_z": (1.0, moved)}
 
 
 def unit_norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -18,7 +18,7 @@ NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "pre_flami
 
 class NGPTFeature(Feature):
     name = "ngpt"
-    fields = ("ngpt",)
+    fields = ("ngpt", "ngpt_alpha_sz_scale")
     hf_fields = fields
     hf_reference = ("NeonDecoderLayer.residual", "NeonAttention.transform_qk", "NeonMLP.forward",
                     "NeonForCausalLM.scale_logits", "NeonForCausalLM.normalize_ngpt_weights")
@@ -83,7 +83,13 @@ class NGPTFeature(Feature):
         return NORMS
 
     def recipe(self, config):
-        # the weights live on the unit sphere: decay would only fight the normalisation (the
-        # paper trains without it), and the paper's recipe has no learning-rate warmup
-        return {"optimizer": {"weight_decay": 0.0}, "schedule": {"lr_warmup_iters": 0}}
+        # - the weights live on the unit sphere: decay would only fight the normalisation (the
+        #   paper trains without it), and the paper's recipe has no learning-rate warmup;
+        # - alpha and s_z stored at 1/d_model: sqrt(d_model) times the paper's Adam step, so they
+        #   reach the values nGPT needs (s_z ~10-20, alpha ~0.3) at a base model's lr (docs/ngpt.md);
+        # - lr 1e-2 (min_lr 1e-3) where no lr was given: nGPT's best rate at d=128, 3x the
+        #   base's (docs/ablations.md). min_lr follows lr (neon/training/config/recipes.py).
+        return {"model": {"ngpt_alpha_sz_scale": "inv_d"},
+                "optimizer": {"weight_decay": 0.0, "lr": 1e-2, "min_lr": 1e-3},
+                "schedule": {"lr_warmup_iters": 0}}
     # flops_terms: today's count is the Mistral layer's (norms and scalings are not matmuls)

@@ -13,6 +13,7 @@ from transformers import PreTrainedConfig
 DIFF_ATTENTION_MODES = ("off", "matched", "expressive", "v2")
 FLAMING_PLACEMENTS = ("off", "between", "mlp")
 FLAMING_KINDS = ("linear", "swiglu", "lowrank")
+NGPT_ALPHA_SZ_SCALES = ("inv_sqrt_d", "inv_d")
 
 
 class NeonHFConfig(PreTrainedConfig):
@@ -49,6 +50,9 @@ class NeonHFConfig(PreTrainedConfig):
     """Constant lambda_init; None: 0.8 - 0.6 exp(-0.3 (l - 1)) for 1-based layer l."""
     ngpt: bool = False
     """nGPT (normalized transformer): added by the nGPT work; seams are marked in modeling_neon.py."""
+    ngpt_alpha_sz_scale: str = "inv_sqrt_d"
+    """Stored scale of nGPT's alpha and s_z: 'inv_sqrt_d' (1/sqrt(D); models exported before this
+    field existed) or 'inv_d' (1/D)."""
     flaming_moe: str = "off"
     """FlamingMoE placement: 'off', 'between' (attention and MLP, own pre-norm) or 'mlp' (replaces it)."""
     flaming_global_functions: int = 0
@@ -77,6 +81,8 @@ class NeonHFConfig(PreTrainedConfig):
         if self.diff_attention == "v2" and self.ngpt:
             raise ValueError("diff_attention='v2' with ngpt=True is not built: use one of them, or nGPT "
                              "with diff_attention='matched' or 'expressive'")
+        if self.ngpt_alpha_sz_scale not in NGPT_ALPHA_SZ_SCALES:
+            raise ValueError(f"ngpt_alpha_sz_scale={self.ngpt_alpha_sz_scale!r}: use one of {NGPT_ALPHA_SZ_SCALES}")
         if self.flaming_moe not in FLAMING_PLACEMENTS:
             raise ValueError(f"flaming_moe={self.flaming_moe!r}: use one of {FLAMING_PLACEMENTS}")
         for name in ("flaming_global_kind", "flaming_layer_kind"):

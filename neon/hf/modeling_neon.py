@@ -34,7 +34,7 @@ nGPT (Loshchilov et al. 2024, arXiv 2410.01131), Norm(x) = x / ||x||_2, no RMSNo
     h <- Norm(h + |alpha_A| (Norm(ATTN(h)) - h)),  h <- Norm(h + |alpha_M| (Norm(MLP(h)) - h))
     q, k <- Norm(q) s_qk, Norm(k) s_qk per head after RoPE; softmax scale sqrt(d)
     MLP: u <- u s_u, v <- v s_v sqrt(D), down(u * SiLU(v));  logits z <- z s_z
-Each scaling vector is stored at `scale` and used as stored * init / scale (NGPT_SCALING).
+Each scaling vector is stored at `scale` and used as stored * init / scale (ngpt_scaling).
 `NeonForCausalLM.normalize_ngpt_weights()` puts every weight vector in D-space back on the unit
 sphere (rows of q/k/v/gate/up/embeddings/lm_head, columns of o/down): call it after every
 optimizer step when training this reference.
@@ -55,18 +55,20 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_neon import NeonHFConfig
 
 
-def ngpt_scaling(hidden_size: int) -> dict:
-    """name -> (init, scale) of nGPT's scaling vectors."""
-    base = hidden_size ** -0.5
-    return {"alpha": (0.05, base), "s_qk": (1.0, base), "s_u": (1.0, 1.0), "s_v": (1.0, 1.0), "s_z": (1.0, base)}
+def ngpt_scaling(config) -> dict:
+    """name -> (init, scale) of nGPT's scaling vectors; alpha and s_z at 1/sqrt(D) or 1/D
+    (config.ngpt_alpha_sz_scale 'inv_sqrt_d' / 'inv_d')."""
+    base = config.hidden_size ** -0.5
+    moved = 1.0 / config.hidden_size if config.ngpt_alpha_sz_scale == "inv_d" else base
+    return {"alpha": (0.05, moved), "s_qk": (1.0, base), "s_u": (1.0, 1.0), "s_v": (1.0, 1.0), "s_z": (1.0, moved)}
 
 
 def ngpt_vector(config, name: str, size: int) -> nn.Parameter:
-    return nn.Parameter(torch.full((size,), ngpt_scaling(config.hidden_size)[name][1]))
+    return nn.Parameter(torch.full((size,), ngpt_scaling(config)[name][1]))
 
 
 def ngpt_effective(config, name: str, stored: torch.Tensor) -> torch.Tensor:
-    init, scale = ngpt_scaling(config.hidden_size)[name]
+    init, scale = ngpt_scaling(config)[name]
     return stored * (init / scale)
 
 
@@ -350,7 +352,7 @@ class NeonPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if self.config.ngpt:  # scaling vectors at their stored "scale" value
-            scales = ngpt_scaling(self.config.hidden_size)
+            scales = ngpt_scaling(self.config)
             for name, key in (("s_qk", "s_qk"), ("s_u", "s_u"), ("s_v", "s_v"), ("s_z", "s_z"),
                               ("attn_alpha", "alpha"), ("mlp_alpha", "alpha")):
                 p = module._parameters.get(name)

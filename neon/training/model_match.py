@@ -67,7 +67,7 @@ def _without_sources(entries) -> list[str]:
             for e in entries or ()]
 
 
-def _defaults() -> dict:
+def defaults() -> dict:
     out = {}
     for f in dataclasses.fields(NeonConfig):
         if f.default is not dataclasses.MISSING:
@@ -84,7 +84,7 @@ def architecture_fields(with_optimizer: bool = True) -> list[str]:
     return [n for n in fields if n not in MAY_DIFFER]
 
 
-def _same(a, b) -> bool:
+def same(a, b) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return list(a) == list(b)
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
@@ -95,14 +95,14 @@ def _same(a, b) -> bool:
 
 def differences(saved: dict, current: dict, with_optimizer: bool = True) -> list[tuple[str, object, object]]:
     """(setting, checkpoint's value, this run's value) for every setting that must match and differs."""
-    defaults = _defaults()
+    defaults_ = defaults()
     out = []
     for name in architecture_fields(with_optimizer):
         if name not in current:
             continue
-        before, now = saved.get(name, defaults.get(name)), current[name]
+        before, now = saved.get(name, defaults_.get(name)), current[name]
         strip = _without_sources if name in SOURCES_CHECKED_AT_LOAD else (lambda v: v)
-        if not _same(strip(before), strip(now)):
+        if not same(strip(before), strip(now)):
             out.append((name, before, now))
     return out
 

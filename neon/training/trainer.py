@@ -33,7 +33,7 @@ from megatron_plugins import cpu_runtime, distributed
 from neon.flaming.callables import at_training_step
 from neon.flaming.frozen_model import frozen_model_report
 from neon.model import build_model
-from neon.training import run_lock
+from neon.training import recipe_resume, run_lock
 from neon.training.aux_losses import router_aux_losses
 from neon.training.checkpointer import Checkpointer
 from neon.training.checkpointing import latest_iteration
@@ -89,6 +89,9 @@ class Trainer:
         self.num_microbatches = start_parallel(cfg)
         self.rank0 = dist.get_rank() == 0
         self.lock = run_lock.acquire([cfg.checkpointing.save, run_dir_of(cfg)])  # one run per directory
+        adopted = recipe_resume.adopt_checkpoint_settings(cfg)  # before anything is built from cfg.model
+        if adopted and self.rank0:
+            print("resuming: recipe settings that the checkpoint fixes:\n" + "\n".join(adopted), flush=True)
         self.model_config = cfg.neon_config()
         self.chunks, self.optimizer, self.scheduler = self.build_model()
         self.checkpointer = Checkpointer(cfg.checkpointing, chunks=self.chunks, optimizer=self.optimizer,

@@ -112,7 +112,9 @@ def test_recipes_name_real_run_config_fields():
     assert recipes(section) == []
     section.ngpt = True
     assert recipes(section) == got
-    assert dict(got)["ngpt"] == {"optimizer": {"weight_decay": 0.0}, "schedule": {"lr_warmup_iters": 0}}
+    assert dict(got)["ngpt"] == {"model": {"ngpt_alpha_sz_scale": "inv_d"},
+                                 "optimizer": {"weight_decay": 0.0, "lr": 1e-2, "min_lr": 1e-3},
+                                 "schedule": {"lr_warmup_iters": 0}}
 
 
 def test_flops_count_every_combination():

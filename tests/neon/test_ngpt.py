@@ -291,8 +291,34 @@ def test_config_rejects_what_ngpt_cannot_build(bad, setting):
 
 
 def test_optimizer_defaults_are_the_recipe():
-    assert FEATURES["ngpt"].recipe(NeonConfig(**TINY)) == {"optimizer": {"weight_decay": 0.0},
-                                                           "schedule": {"lr_warmup_iters": 0}}
+    assert FEATURES["ngpt"].recipe(NeonConfig(**TINY)) == {
+        "model": {"ngpt_alpha_sz_scale": "inv_d"},
+        "optimizer": {"weight_decay": 0.0, "lr": 1e-2, "min_lr": 1e-3}, "schedule": {"lr_warmup_iters": 0}}
+
+
+def built_scaling_vectors(scale: str) -> dict:
+    """A fresh model's stored alpha_A, s_z and s_qk, and the effective alpha and s_z (one process)."""
+    from neon.ngpt import _effective
+
+    cfg = tiny_config(ngpt_alpha_sz_scale=scale)
+    params = dict(build_model(cfg).named_parameters())
+    alpha, s_z = params["decoder.layers.0.self_attn_bda.alpha"], params["logit_scale.s_z"]
+    return {"alpha": alpha.detach(), "s_z": s_z.detach(),
+            "s_qk": params["decoder.layers.0.self_attention.core_attention.s_qk"].detach(),
+            "alpha_eff": _effective(cfg, "alpha", alpha).detach(), "s_z_eff": _effective(cfg, "s_z", s_z).detach()}
+
+
+@pytest.mark.parametrize("scale, stored", [("inv_sqrt_d", BASE), ("inv_d", 1 / TINY["hidden_size"])])
+def test_alpha_and_s_z_are_stored_at_their_scale_and_used_at_their_init(scale, stored):
+    """alpha, s_z stored at 1/sqrt(d) (the default) or 1/d (the recipe), used as stored * init / scale:
+    a freshly built model's effective alpha is 0.05 and s_z is 1 either way; s_qk stays at 1/sqrt(d)."""
+    got = run_distributed(built_scaling_vectors, 1, kwargs={"scale": scale})[0]
+    assert torch.all(got["alpha"] == torch.tensor(stored, dtype=torch.float32))
+    assert torch.all(got["s_z"] == torch.tensor(stored, dtype=torch.float32))
+    assert torch.all(got["s_qk"] == torch.tensor(BASE, dtype=torch.float32))
+    # one fp32 rounding of the stored value and one of init / scale and of the product
+    assert torch.allclose(got["alpha_eff"], torch.tensor(0.05), rtol=3 * U, atol=0)
+    assert torch.allclose(got["s_z_eff"], torch.tensor(1.0), rtol=3 * U, atol=0)
 
 
 def test_ngpt_init_std_is_one_over_sqrt_d_model():

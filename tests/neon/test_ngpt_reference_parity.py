@@ -21,8 +21,9 @@ BATCH, SEQ = 2, 16
 ADAM = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.0)
 
 
-def ngpt_config(diff: str, sequence_parallel: bool = False) -> NeonConfig:
-    return parallel_config(**TINY, ngpt=True, diff_attention=diff, sequence_parallel=sequence_parallel)
+def ngpt_config(diff: str, sequence_parallel: bool = False, scale: str = "inv_sqrt_d") -> NeonConfig:
+    return parallel_config(**TINY, ngpt=True, diff_attention=diff, sequence_parallel=sequence_parallel,
+                           ngpt_alpha_sz_scale=scale)
 
 
 def reference_model(cfg: NeonConfig, seed: int = 0) -> NeonForCausalLM:
@@ -42,16 +43,20 @@ def check_against_ngpt_reference(cases):
     tokens = torch.randint(0, TINY["vocab_size"], (BATCH, SEQ), generator=gen)
     labels = torch.randint(0, TINY["vocab_size"], (BATCH, SEQ), generator=gen)
     results = []
-    for diff, sp in cases:
-        cfg = ngpt_config(diff, sp)
+    for diff, sp, scale in cases:
+        cfg = ngpt_config(diff, sp, scale)
         results.append(check_against_reference(cfg, reference_model(cfg), tokens, labels, ADAM))
     return results
 
 
+# (diff_attention, sequence_parallel, ngpt_alpha_sz_scale): 'inv_sqrt_d' is the paper's (the
+# default), 'inv_d' the recipe's; the stored vectors are mapped as they are, so a side that read
+# the other scale would use alpha and s_z sqrt(64) = 8 times off
 LAYOUTS = {
-    "tp1": (1, {}, [("off", False), ("matched", False), ("expressive", False)]),
-    "tp2-sp": (2, {"tp": 2}, [("off", True), ("matched", True)]),
-    "pp2": (2, {"pp": 2}, [("off", False), ("matched", False)]),
+    "tp1": (1, {}, [("off", False, "inv_sqrt_d"), ("matched", False, "inv_sqrt_d"),
+                    ("expressive", False, "inv_sqrt_d"), ("off", False, "inv_d")]),
+    "tp2-sp": (2, {"tp": 2}, [("off", True, "inv_sqrt_d"), ("matched", True, "inv_d")]),
+    "pp2": (2, {"pp": 2}, [("off", False, "inv_sqrt_d"), ("matched", False, "inv_sqrt_d")]),
 }
 
 
@@ -61,9 +66,9 @@ def test_megatron_ngpt_matches_reference(layout):
     world, parallel, cases = LAYOUTS[layout]
     ranks = run_distributed(check_against_ngpt_reference, world, **parallel, kwargs={"cases": cases},
                             timeout=400)
-    for i, (diff, sp) in enumerate(cases):
+    for i, (diff, sp, scale) in enumerate(cases):
         per_rank = [r[i] for r in ranks]
-        what = f"{layout} ngpt diff={diff} sp={sp}"
+        what = f"{layout} ngpt diff={diff} sp={sp} scale={scale}"
         names = {n for r in per_rank for n in r["names"]}
         assert {"lm_head.s_z", "model.layers.0.attn_alpha", "model.layers.3.mlp.s_v"} <= names, what
         assert not any("norm.weight" in n and "subln" not in n for n in names), what

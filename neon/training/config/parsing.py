@@ -26,7 +26,7 @@ import yaml
 from neon.config import NeonConfig
 from neon.training.config import data_checks
 from neon.training.config.model_section import MODEL_FIELDS, ModelSection
-from neon.training.config.recipes import feature_recipes, is_on
+from neon.training.config.recipes import applies, feature_recipes, is_on
 from neon.training.config.sections import SECTIONS, Config, ConfigError, validate
 from neon.training.config.serialization import load_yaml
 from neon.training.config.values import coerce, is_bool, type_name
@@ -141,7 +141,7 @@ def _apply_recipes(cfg: Config) -> None:
         if not is_on(cfg.model, feature):
             continue
         for key, value in (recipe(cfg) if callable(recipe) else recipe).items():
-            if cfg.origin(key) == "default":
+            if applies(cfg, key):
                 _apply(cfg, *key.split(".", 1), value, f"recipe:{feature}")
 
 

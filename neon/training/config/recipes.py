@@ -8,8 +8,10 @@
               defaults, the YAML file and the flags
 
 A recipe value applies only where neither the YAML file nor a flag set the field, so the
-precedence is: built-in defaults < feature recipe < YAML < command line. The resolved Config
-records each one it applied as origin "recipe:<feature>".
+precedence is: built-in defaults < feature recipe < YAML < command line. A field of FOLLOWS
+applies only together with the field it follows: a recipe's min_lr is for its own lr, so where
+the YAML file or a flag set lr, the recipe leaves min_lr too. The resolved Config records each
+value it applied as origin "recipe:<feature>".
 
 The recipes come from the feature contract (`Feature.recipe`, neon/features/); this is the one
 place the run config reads them.
@@ -23,6 +25,7 @@ from typing import Any, Union
 from neon.features import FEATURES
 
 Recipe = Union[dict[str, Any], Callable[[Any], dict[str, Any]]]
+FOLLOWS = {"optimizer.min_lr": "optimizer.lr"}
 
 
 def feature_recipes() -> dict[str, Recipe]:
@@ -32,6 +35,13 @@ def feature_recipes() -> dict[str, Recipe]:
 
 def _flat(recipe: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {f"{section}.{name}": value for section, values in (recipe or {}).items() for name, value in values.items()}
+
+
+def applies(cfg, key: str) -> bool:
+    """May a recipe set `key` ("section.field") in this Config? Only where neither the YAML file
+    nor a flag set it, nor, for a key of FOLLOWS, the key it follows (a recipe may have)."""
+    followed = cfg.origin(FOLLOWS.get(key, key))
+    return cfg.origin(key) == "default" and (followed == "default" or followed.startswith("recipe:"))
 
 
 def is_on(model_section, feature: str) -> bool:

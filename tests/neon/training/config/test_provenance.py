@@ -30,7 +30,9 @@ def test_each_layer_wins_over_the_one_below_and_is_recorded(corpus, tmp_path):
         "schedule.lr_warmup_iters": (3, "config file"),       # YAML over nGPT's recipe (0)
         "model.vocab_size": (288, "tokenizer"),               # 256 pieces padded to a multiple of 96
         "schedule.seed": (1234, "default"),
-        "optimizer.lr": (3e-4, "default"),
+        "optimizer.lr": (1e-2, "recipe:ngpt"),                # no lr given: nGPT's
+        "optimizer.min_lr": (1e-3, "recipe:ngpt"),
+        "model.ngpt_alpha_sz_scale": ("inv_d", "recipe:ngpt"),
     }
     got = {key: (getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]), cfg.origin(key)) for key in expected}
     assert got == expected
@@ -42,6 +44,16 @@ def test_a_flag_wins_over_the_recipe_and_the_recipe_waits_for_its_feature(corpus
     assert (cfg.schedule.lr_warmup_iters, cfg.origin("schedule.lr_warmup_iters")) == (2, "command line")
     plain = _resolve(corpus, tmp_path, {})
     assert (plain.optimizer.weight_decay, plain.origin("optimizer.weight_decay")) == (0.1, "default")
+
+
+def test_a_recipe_min_lr_goes_with_its_lr(corpus, tmp_path):
+    """Where the user chose the lr, nGPT's min_lr (meant for its own lr 1e-2) stays out too."""
+    cfg = _resolve(corpus, tmp_path, {"optimizer": {"lr": 3e-3}}, "--ngpt")
+    assert (cfg.optimizer.lr, cfg.origin("optimizer.lr")) == (3e-3, "config file")
+    assert (cfg.optimizer.min_lr, cfg.origin("optimizer.min_lr")) == (3e-5, "default")
+    own = _resolve(corpus, tmp_path, {}, "--ngpt", "--min-lr", "2e-3")
+    assert (own.optimizer.lr, own.origin("optimizer.lr")) == (1e-2, "recipe:ngpt")
+    assert (own.optimizer.min_lr, own.origin("optimizer.min_lr")) == (2e-3, "command line")
 
 
 def test_config_yaml_shows_origins_and_loads_back_unchanged(corpus, tmp_path):
