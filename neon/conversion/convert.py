@@ -47,7 +47,14 @@ def unsupported_settings(config: NeonConfig) -> list[str]:
             if hasattr(config, name) and getattr(config, name) != want]
 
 
-def hf_config_for(config: NeonConfig, dtype: torch.dtype, token_ids: dict):
+def io_sources(model) -> dict:
+    """{IO function name: the identity of its source} (store: path, entries, key_dim, content
+    sha256; callable: module:function; model: path, layer, sha256 of its config and weights), as
+    the loaded checkpoint checked them; the HF model checks them again when it is loaded."""
+    return {m.spec.name: m.source_identity() for m in model.modules() if getattr(m, "is_io", False)}
+
+
+def hf_config_for(config: NeonConfig, dtype: torch.dtype, token_ids: dict, sources: Optional[dict] = None):
     """(transformers config, model class) of the exported model."""
     if is_plain_mistral(config):
         from transformers import MistralConfig, MistralForCausalLM
@@ -58,7 +65,7 @@ def hf_config_for(config: NeonConfig, dtype: torch.dtype, token_ids: dict):
     else:
         from neon.hf import NeonForCausalLM
 
-        hf_config = neon_hf_config(config, **token_ids)
+        hf_config = neon_hf_config(config, **token_ids, **({"flaming_io_sources": sources} if sources else {}))
         hf_config.architectures = ["NeonForCausalLM"]
         hf_config.auto_map = {"AutoConfig": "configuration_neon.NeonHFConfig",
                               "AutoModelForCausalLM": "modeling_neon.NeonForCausalLM"}
@@ -151,7 +158,7 @@ def export_to_hf(load: str | os.PathLike, save: str | os.PathLike, iteration: Op
             plan[name] = t
     plan = {k: plan[k] for k in sorted(plan, key=_hf_order)}
     dtype = next(model.parameters()).dtype
-    hf_config, cls = hf_config_for(config, dtype, token_ids)
+    hf_config, cls = hf_config_for(config, dtype, token_ids, io_sources(model))
     check_against_hf_model(plan, hf_config, cls)
     if sum(t.numel() for t in plan.values()) != params:
         raise ConversionError(f"unknown architecture: the model has {params} parameters, the converted tensors "

@@ -6,6 +6,9 @@ HF weight mapping: HF `<block>.global_router` / `<block>.layer_router` are megat
 function g - ep_rank * n / EP of expert-parallel rank g // (n / EP) (`layer_bank.experts.local_experts.j`,
 the model-level `flaming_global_functions.local_experts.j` on every pipeline stage); a SwiGLU
 function's linear_fc1 is [gate; up]. Functions and routers are replicated over TP.
+IO functions (the per-layer bank's entries F, F + 1, ...): HF `<block>.io_functions.<name>.<param>`
+is megatron's `<block>.layer_bank.experts.local_experts.j.<param>` of the EP rank holding entry
+g = F + i (query_proj, value_embedding / embedding, out_proj: `io_param_names`).
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ class FlamingMoEFeature(Feature):
               "flaming_io_context_window", "flaming_io_store_swap")
     hf_fields = ("flaming_moe", "flaming_global_functions", "flaming_layer_functions", "flaming_global_kind",
                  "flaming_layer_kind", "flaming_ffn_hidden_size", "flaming_lowrank_rank", "flaming_router",
-                 "flaming_topk", "flaming_gumbel_temperature", "flaming_identity")
-    hf_reference = ("NeonFlamingMoE", "NeonFunction", "NeonModel.__init__")
+                 "flaming_topk", "flaming_gumbel_temperature", "flaming_identity", "flaming_io_functions",
+                 "flaming_io_context_window", "flaming_io_store_swap")
+    hf_reference = ("NeonFlamingMoE", "NeonFunction", "NeonModel.__init__", "NeonModel.io_inputs")
 
     def validate(self, config, fail) -> None:
         if config.flaming_moe not in PLACEMENTS:
@@ -162,17 +166,32 @@ class FlamingMoEFeature(Feature):
         mg_blk, hf_blk = _block(config)
         for bank in _banks(config):
             out[f"{dst}{mg_blk}{bank}_bank.router.weight"] = hf[f"{src}{hf_blk}{bank}_router.weight"].clone()
+        total = _layer_bank_size(config)
         if config.flaming_layer_functions:
             _functions_to_megatron(hf, f"{src}{hf_blk}layer_functions.", f"{dst}{mg_blk}layer_bank.experts.",
-                                   config.flaming_layer_kind, config.flaming_layer_functions, ep_rank, ep_size, out)
+                                   config.flaming_layer_kind, config.flaming_layer_functions, ep_rank, ep_size, out,
+                                   total=total)
+        local = total // ep_size
+        for g, (name, params) in enumerate(io_param_names(config), start=config.flaming_layer_functions):
+            if g // local == ep_rank:
+                for p in params:
+                    out[f"{dst}{mg_blk}layer_bank.experts.local_experts.{g % local}.{p}"] = \
+                        hf[f"{src}{hf_blk}io_functions.{name}.{p}"].clone()
 
     def layer_to_hf(self, first, expert_shards, config, src, dst, out):
         mg_blk, hf_blk = _block(config)
         for bank in _banks(config):
             out[f"{dst}{hf_blk}{bank}_router.weight"] = first[f"{src}{mg_blk}{bank}_bank.router.weight"]
+        total = _layer_bank_size(config)
         if config.flaming_layer_functions:
             _functions_to_hf(expert_shards, f"{src}{mg_blk}layer_bank.experts.", f"{dst}{hf_blk}layer_functions.",
-                             config.flaming_layer_kind, config.flaming_layer_functions, out)
+                             config.flaming_layer_kind, config.flaming_layer_functions, out, total=total)
+        local = total // len(expert_shards)
+        for g, (name, params) in enumerate(io_param_names(config), start=config.flaming_layer_functions):
+            shard = expert_shards[g // local]
+            for p in params:
+                out[f"{dst}{hf_blk}io_functions.{name}.{p}"] = \
+                    shard[f"{src}{mg_blk}layer_bank.experts.local_experts.{g % local}.{p}"]
 
     def model_to_megatron(self, hf, config, ep_rank, ep_size, out):
         if config.flaming_global_functions:  # a replica on every pipeline stage
@@ -198,27 +217,56 @@ def _block(config) -> tuple[str, str]:
     return ("flaming_moe.", "flaming.") if config.flaming_moe == "between" else ("mlp.", "mlp.")
 
 
+def _layer_bank_size(config) -> int:
+    """The per-layer bank's entries: F learned functions, then the IO functions."""
+    return config.flaming_layer_functions + len(config.flaming_io_functions or ())
+
+
 def _banks(config) -> list[str]:
     """The banks with functions: "global" and/or "layer"."""
     return [bank for bank, n in (("global", config.flaming_global_functions),
-                                 ("layer", config.flaming_layer_functions)) if n]
+                                 ("layer", _layer_bank_size(config))) if n]
+
+
+def io_param_names(config) -> list[tuple[str, list[str]]]:
+    """[(name, its parameter names)] of the IO functions in bank order (neon/flaming/store.py,
+    callables.py, frozen_model.py): a store's query_proj (query=hidden) and value_embedding
+    (token values), a callable's embedding (returns=tokens), and every function's out_proj."""
+    from neon.flaming.io import io_specs
+    from neon.flaming.store import open_store
+
+    out = []
+    for spec in io_specs(config):
+        params = []
+        if spec.kind == "store":
+            params += ["query_proj.weight"] if spec.query == "hidden" else []
+            params += ["value_embedding.weight"] if open_store(spec.source).meta["values"] == "tokens" else []
+        elif spec.kind == "callable" and spec.returns == "tokens":
+            params.append("embedding.weight")
+        out.append((spec.name, [*params, "out_proj.weight"]))
+    return out
 
 
 def _functions_to_megatron(hf: dict, hf_prefix: str, mg_prefix: str, kind: str, n: int,
-                           ep_rank: int, ep_size: int, out: dict) -> None:
-    local = n // ep_size
+                           ep_rank: int, ep_size: int, out: dict, total: int | None = None) -> None:
+    """Learned functions 0..n-1 of a bank of `total` entries (default n) held n / EP per rank."""
+    local = (total or n) // ep_size
     for j in range(local):
         g = ep_rank * local + j
+        if g >= n:
+            break
         for hf_names, mg_name in FUNCTION_PARAMS[kind]:
             out[f"{mg_prefix}local_experts.{j}.{mg_name}"] = torch.cat(
                 [hf[f"{hf_prefix}{g}.{h}"] for h in hf_names]).clone()
 
 
 def _functions_to_hf(expert_shards: list[dict], mg_prefix: str, hf_prefix: str, kind: str, n: int,
-                     out: dict) -> None:
-    local = n // len(expert_shards)
+                     out: dict, total: int | None = None) -> None:
+    local = (total or n) // len(expert_shards)
     for r, sd in enumerate(expert_shards):
         for j in range(local):
+            if r * local + j >= n:
+                break
             for hf_names, mg_name in FUNCTION_PARAMS[kind]:
                 parts = torch.chunk(sd[f"{mg_prefix}local_experts.{j}.{mg_name}"], len(hf_names))
                 for h, t in zip(hf_names, parts):

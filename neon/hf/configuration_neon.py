@@ -8,6 +8,8 @@ to a saved model (with modeling_neon.py) so `AutoConfig`/`AutoModelForCausalLM` 
 
 from __future__ import annotations
 
+from dataclasses import field
+
 from transformers import PreTrainedConfig
 
 DIFF_ATTENTION_MODES = ("off", "matched", "expressive", "v2")
@@ -67,6 +69,17 @@ class NeonHFConfig(PreTrainedConfig):
     flaming_topk: int = 1
     flaming_gumbel_temperature: float = 1.0
     flaming_identity: bool = True
+    flaming_io_functions: list[str] = field(default_factory=list)
+    """IO functions of the per-layer bank (io_neon.py), Neon's strings with their sources:
+    'name=facts,kind=store,source=/data/store,...', 'kind=callable,source=module:function',
+    'kind=model,source=/models/a,layer=-1'."""
+    flaming_io_context_window: int = 8
+    """W: the token ids (the token and the W - 1 before it) in each IO context row."""
+    flaming_io_store_swap: bool = False
+    """Accept a store / frozen model other than the one recorded in flaming_io_sources."""
+    # written by tools/convert_to_hf.py (not a Neon setting): name -> the identity of the source
+    # the model was trained with (store: entries, key_dim, content sha256; model: sha256, layer)
+    flaming_io_sources: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -88,6 +101,8 @@ class NeonHFConfig(PreTrainedConfig):
         for name in ("flaming_global_kind", "flaming_layer_kind"):
             if getattr(self, name) not in FLAMING_KINDS:
                 raise ValueError(f"{name}={getattr(self, name)!r}: use one of {FLAMING_KINDS}")
+        if self.flaming_io_functions and self.flaming_moe != "between":
+            raise ValueError(f"flaming_io_functions need flaming_moe='between', not {self.flaming_moe!r}")
         if self.flaming_router not in ("gumbel", "topk"):
             raise ValueError(f"flaming_router={self.flaming_router!r}: use 'gumbel' or 'topk'")
         return super().__post_init__(**kwargs)

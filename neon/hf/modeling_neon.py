@@ -29,6 +29,12 @@ FlamingMoE (Neon's own; x' the block's normalized input, per token and per bank 
     'topk':   p = softmax(logits); chosen = top-k(p), weight p
     r = x' + sum_B sum_{i chosen} weight_i f_i(x')    ('between': h <- h + r; 'mlp': r replaces the MLP)
 The global bank's functions belong to the model and serve every layer; each layer owns its own bank.
+IO functions (io_neon.py, flaming_io_functions) join the per-layer bank after its F learned ones
+(router outputs F, F + 1, ...) and also read each routed token's context
+    c_t = (position_t, batch row, id_{t-W+1} .. id_t)     (W = flaming_io_context_window, -1 before the start)
+    g(x'_t, c_t) = W_out read(q(x'_t, c_t), c_t)          (store top-k read, a callable, a frozen LM's state)
+The context and the frozen models' states are built once per forward (`NeonModel.io_inputs`);
+under generation the last W - 1 ids and each frozen model's KV cache are kept on the cache.
 
 nGPT (Loshchilov et al. 2024, arXiv 2410.01131), Norm(x) = x / ||x||_2, no RMSNorm layers:
     h <- Norm(h + |alpha_A| (Norm(ATTN(h)) - h)),  h <- Norm(h + |alpha_M| (Norm(MLP(h)) - h))
@@ -53,6 +59,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_neon import NeonHFConfig
+from .io_neon import FrozenModels, IOCacheState, build_io_function, io_specs, token_context
 
 
 def ngpt_scaling(config) -> dict:
@@ -261,9 +268,12 @@ class NeonFlamingMoE(nn.Module):
         super().__init__()
         self.config = config
         D, G, n = config.hidden_size, config.flaming_global_functions, config.flaming_layer_functions
+        specs = io_specs(config)  # IO functions: per-layer bank entries n, n + 1, ...
         self.global_router = nn.Linear(D, G, bias=False) if G else None
-        self.layer_router = nn.Linear(D, n, bias=False) if n else None
+        self.layer_router = nn.Linear(D, n + len(specs), bias=False) if n + len(specs) else None
         self.layer_functions = nn.ModuleList([NeonFunction(config, config.flaming_layer_kind) for _ in range(n)])
+        if specs:
+            self.io_functions = nn.ModuleDict({s.name: build_io_function(config, s) for s in specs})
         self._global: tuple = ()  # the model's global functions (not a child: stored once, in the model)
 
     def route(self, router: nn.Linear, x: torch.Tensor):
@@ -282,16 +292,23 @@ class NeonFlamingMoE(nn.Module):
         return torch.where(chosen, (y - y.detach()) + 1.0, torch.zeros_like(y)), chosen
 
     @staticmethod
-    def apply_functions(functions, weights, chosen, x):
-        """sum_i weight_i f_i(x) over the chosen functions only (tokens gathered per function)."""
+    def apply_functions(functions, weights, chosen, x, io=None):
+        """sum_i weight_i f_i(x) over the chosen functions only (tokens gathered per function).
+        IO functions also get their tokens' context rows and frozen states: io = (context [T, C],
+        {(source, layer): [T, H]})."""
         out = torch.zeros_like(x)
         for i, f in enumerate(functions):
             rows = chosen[:, i].nonzero().squeeze(-1)
             if rows.numel():
-                out = out.index_add(0, rows, (weights[rows, i, None] * f(x[rows])).to(x.dtype))
+                if isinstance(f, NeonFunction):
+                    y = f(x[rows])
+                else:
+                    context, states = io
+                    y = f(x[rows], context[rows], {k: v[rows] for k, v in states.items()})
+                out = out.index_add(0, rows, (weights[rows, i, None] * y).to(x.dtype))
         return out
 
-    def forward(self, x):
+    def forward(self, x, io=None):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         out = x if self.config.flaming_identity else torch.zeros_like(x)
@@ -299,10 +316,11 @@ class NeonFlamingMoE(nn.Module):
         if self.global_router is not None:
             banks.append((self.global_router, self._global[0]))
         if self.layer_router is not None:
-            banks.append((self.layer_router, self.layer_functions))
+            io_fns = list(self.io_functions.values()) if hasattr(self, "io_functions") else []
+            banks.append((self.layer_router, [*self.layer_functions, *io_fns]))
         for router, functions in banks:
             weights, chosen = self.route(router, x)
-            out = out + self.apply_functions(functions, weights, chosen, x)
+            out = out + self.apply_functions(functions, weights, chosen, x, io)
         return out.view(shape)
 
 
@@ -335,10 +353,10 @@ class NeonDecoderLayer(nn.Module):
         alpha = ngpt_effective(self.config, "alpha", getattr(self, f"{which}_alpha")).abs()
         return unit_norm(h + alpha * (unit_norm(update) - h))
 
-    def forward(self, h, cos, sin, attention_mask, cache=None):
+    def forward(self, h, cos, sin, attention_mask, cache=None, io=None):
         h = self.residual(h, self.self_attn(self.input_layernorm(h), cos, sin, attention_mask, cache), "attn")
         if self.flaming is not None:
-            h = self.residual(h, self.flaming(self.pre_flaming_layernorm(h)), "flaming")
+            h = self.residual(h, self.flaming(self.pre_flaming_layernorm(h), io), "flaming")
         return self.residual(h, self.mlp(self.post_attention_layernorm(h)), "mlp")
 
 
@@ -392,7 +410,33 @@ class NeonModel(NeonPreTrainedModel):
             for layer in self.layers:
                 block = layer.flaming if layer.flaming is not None else layer.mlp
                 block._global = (self.flaming_global_functions,)
+        self.io_specs = io_specs(config) if config.flaming_moe != "off" else []
+        self.frozen_models = FrozenModels(self.io_specs)  # not a submodule: no weights of ours
         self.post_init()
+
+    def io_inputs(self, input_ids, position_ids, attention_mask, cache, seen: int, like: torch.Tensor):
+        """(context [b * s, 2 + W], frozen states {(source, layer): [b * s, H]}) of the s new tokens.
+        With a cache, the ids before them and the frozen models' caches come from its `neon_io` state."""
+        if input_ids is None:
+            raise ValueError("a model with FlamingMoE IO functions needs input_ids (they give the token context)")
+        b, s = input_ids.shape
+        ids = input_ids.long()
+        if attention_mask is not None:  # padding is not part of any sequence
+            ids = ids.masked_fill(attention_mask[:, -s:] == 0, -1)
+        state = getattr(cache, "neon_io", None) if cache is not None else None
+        if cache is not None and (state is None or seen == 0):
+            if seen:
+                raise ValueError("the cache holds earlier tokens but no FlamingMoE IO state: build it by calling "
+                                 "this model with use_cache=True from the first token")
+            state = cache.neon_io = IOCacheState(ids.new_full((b, self.config.flaming_io_context_window - 1), -1))
+        history = state.history if state is not None else ids.new_full(
+            (b, self.config.flaming_io_context_window - 1), -1)
+        context = token_context(ids, history, position_ids)  # [b, s, 2 + W]
+        if state is not None:
+            joined = torch.cat([history, ids], dim=1)
+            state.history = joined[:, joined.shape[1] - history.shape[1]:]
+        states = self.frozen_models.states(input_ids, attention_mask, state, like)
+        return context.reshape(b * s, -1), states
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
                 inputs_embeds=None, use_cache: bool | None = None, past_key_values: Cache | None = None,
@@ -406,8 +450,9 @@ class NeonModel(NeonPreTrainedModel):
         if position_ids is None:
             position_ids = (torch.arange(s, device=h.device) + seen)[None].expand(b, s)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
+        io = self.io_inputs(input_ids, position_ids, attention_mask, cache, seen, h) if self.io_specs else None
         for layer in self.layers:
-            h = layer(h, cos, sin, attention_mask, cache)
+            h = layer(h, cos, sin, attention_mask, cache, io)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache if use_cache else None)
 
 
