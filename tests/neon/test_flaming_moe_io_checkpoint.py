@@ -20,10 +20,10 @@ N = 6
 CALLABLE = "name=add,kind=callable,source=tests.neon.io_callables:sum_last_two,width=2"
 
 
-def build_store(path: Path, seed: int) -> str:
+def build_store(path: Path, seed: int, vocab: int = VOCAB) -> str:
     rng = np.random.default_rng(seed)
-    records = [rng.integers(0, VOCAB, 24).tolist() for _ in range(8)]
-    write_store(str(path), describe("random:5", 3, 8, VOCAB), records)
+    records = [rng.integers(0, vocab, 24).tolist() for _ in range(8)]
+    write_store(str(path), describe("random:5", 3, 8, vocab), records)
     return str(path)
 
 

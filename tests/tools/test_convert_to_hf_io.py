@@ -1,0 +1,145 @@
+"""tools/convert_to_hf.py with FlamingMoE IO functions: a tiny model whose per-layer bank mixes
+learned functions with a store (context query), a store (hidden query), a callable and a frozen
+causal LM (`model`) trains a few steps (pretrain_neon.py's training function, torchrun) and is
+exported through the command line. transformers loads it with trust_remote_code and computes
+megatron's logits (each IO function moves them: the check can fail); greedy generation with and
+without the KV cache gives the same tokens and logits, the frozen model reading only the new token
+through its own cache; bad or changed sources fail at load naming the function and the source."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tests.neon.test_flaming_moe_io_checkpoint import CALLABLE, build_store
+from tests.neon.test_flaming_moe_io_frozen import write_frozen
+from tests.tools.conversion_helpers import pretrain_args, run_tool, train_with_reference
+
+pytestmark = pytest.mark.slow
+VOCAB = 512  # the tiny tokenizer's, not padded
+TOKENS = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(3))
+IO_NAMES = ("facts", "facts_h", "add", "anchor")
+# megatron and the HF reference compute the same function with other kernels and sum orders; a
+# reduction of n terms moves by at most n * 2^-24 of its terms' magnitude (Higham's gamma_n).
+# R = 4 layers x (12 reductions of attention, MLP and the FlamingMoE block + 4 of the IO functions:
+# query, scores, weighted read, W_out) + the head, n <= 128 (the IO reads' width): R * n * 2^-24
+# = 5e-4 of the logits' scale in the worst case. The frozen model's states are the same
+# transformers call on both sides (bit-identical). A wrong mapping or context moves logits by ~1e-1.
+IO_EXPORT_ROUNDING = (4 * 16 + 1) * 128 * 2.0 ** -24
+# cached vs uncached generation: the same R, plus the frozen model's own cached vs full pass
+# (2 layers x 6 reductions + its norm, n <= 32), carried into W_out relative to its states' scale.
+IO_CACHE_ROUNDING = (4 * 16 + 1 + 2 * 6 + 1) * 128 * 2.0 ** -24
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_tokenizer, tiny_dataset):
+    work = tmp_path_factory.mktemp("export_io")
+    store = build_store(work / "store", seed=0, vocab=VOCAB)
+    frozen = write_frozen(str(work / "frozen"), vocab=VOCAB)
+    io = [f"name=facts,kind=store,source={store},query=context,topk=2",
+          f"name=facts_h,kind=store,source={store},query=hidden,topk=2,temperature=0.5",
+          CALLABLE, f"name=anchor,kind=model,source={frozen},layer=1"]
+    ckpt, hf = work / "ckpt", work / "hf"
+    args = pretrain_args(ckpt, str(tiny_tokenizer), tiny_dataset[0], flaming_moe="between",
+                         flaming_layer_functions=2, flaming_router="topk", flaming_topk=2,
+                         flaming_io_context_window=4, init_method_std=0.3)  # IO terms of the order of x'
+    [reference] = train_with_reference(work / "launch", [[*args, "--flaming-io-functions", *io]], TOKENS, nproc=1)
+    done = run_tool("convert_to_hf", "--load", ckpt, "--save", hf, "--quiet")
+    assert done.returncode == 0, done.stderr[-4000:]
+    return dict(hf=hf, reference=reference, io=io, store=store, frozen=frozen, work=work)
+
+
+def load(hf_dir, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32,
+                                                **kwargs).eval()
+
+
+def test_exported_io_model_matches_megatron(exported):
+    hf_dir = exported["hf"]
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["flaming_io_functions"] == exported["io"] and config["flaming_io_context_window"] == 4
+    sources = config["flaming_io_sources"]
+    assert sources["facts"]["content_sha256"] and sources["anchor"]["sha256"] and sources["add"]["source"]
+    assert (hf_dir / "io_neon.py").is_file() and (hf_dir / "modeling_neon.py").is_file()
+    model = load(hf_dir)
+    want = exported["reference"]
+    bound = IO_EXPORT_ROUNDING * max(1.0, want.abs().max().item())
+    with torch.no_grad():
+        logits = model(TOKENS).logits
+        assert want.abs().max() > 0.1
+        diff = (logits - want).abs().max().item()
+        assert diff <= bound, (diff, bound)
+        for name in IO_NAMES:  # every IO function is routed and moves the logits past 10x the bound
+            weights = [layer.flaming.io_functions[name].out_proj.weight for layer in model.model.layers]
+            kept = [w.clone() for w in weights]
+            for w in weights:
+                w.zero_()
+            moved = (model(TOKENS).logits - want).abs().max().item()
+            for w, k in zip(weights, kept):
+                w.copy_(k)
+            assert moved > 10 * bound, (name, moved, bound)
+
+
+def test_generate_with_and_without_cache_agree(exported):
+    model = load(exported["hf"])
+    frozen = []
+    prompt = TOKENS[:, :6]
+    with torch.no_grad():
+        model(prompt[:, :1])  # loads the frozen model
+        [lm] = model.model.frozen_models.models.values()
+        lm.register_forward_pre_hook(lambda m, a, kw: frozen.append(kw["input_ids"].shape[1]), with_kwargs=True)
+        runs = {cache: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10,
+                                      do_sample=False, use_cache=cache, pad_token_id=0, output_logits=True,
+                                      return_dict_in_generate=True) for cache in (True, False)}
+    cached, uncached = runs[True], runs[False]
+    assert cached.sequences.shape == (2, 16) and torch.equal(cached.sequences, uncached.sequences)
+    assert len(set(cached.sequences[:, 6:].flatten().tolist())) > 3, "degenerate generation"
+    a, b = torch.stack(cached.logits), torch.stack(uncached.logits)
+    assert (a - b).abs().max().item() <= IO_CACHE_ROUNDING * max(1.0, b.abs().max().item())
+    # the cached run fed its frozen model the prompt, then one new token per step (its own KV
+    # cache); the uncached run the whole sequence each step
+    assert frozen == [6, *[1] * 9, *range(6, 16)], frozen
+
+
+def _with_io(hf_dir, tmp_path, replace: dict):
+    """A copy of the export whose config.json has the IO strings' sources replaced."""
+    out = tmp_path / "hf"
+    shutil.copytree(hf_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    for old, new in replace.items():
+        config["flaming_io_functions"] = [s.replace(old, new) for s in config["flaming_io_functions"]]
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("bad", ["missing_store", "other_store", "unimportable", "missing_model", "retokenize"])
+def test_bad_source_at_load_names_it(exported, tmp_path, bad):
+    from transformers import AutoConfig
+
+    store, frozen = exported["store"], exported["frozen"]
+    other = build_store(tmp_path / "other", seed=1, vocab=VOCAB)
+    replace = {"missing_store": {store: str(tmp_path / "nowhere")},
+               "other_store": {store: other},
+               "unimportable": {"tests.neon.io_callables": "no_such_module"},
+               "missing_model": {frozen: str(tmp_path / "no_model")},
+               "retokenize": {"layer=1": f"layer=1,tokenizer={other}/meta.json"}}[bad]
+    hf_dir = _with_io(exported["hf"], tmp_path, replace)
+    expected = {"missing_store": ["'facts'", "does not exist", str(tmp_path / "nowhere")],
+                "other_store": ["'facts'", "differs from the source", "flaming_io_store_swap=True"],
+                "unimportable": ["'add'", "cannot import module 'no_such_module'"],
+                "missing_model": ["'anchor'", "not a directory with a config.json"],
+                "retokenize": ["'anchor'", "re-tokenization", "not built"]}[bad]
+    with pytest.raises(ValueError) as err:
+        load(hf_dir)
+    for part in expected:
+        assert part in str(err.value), (part, str(err.value))
+    if bad == "other_store":  # asked for, another store is attached without retraining
+        config = AutoConfig.from_pretrained(hf_dir, trust_remote_code=True, flaming_io_store_swap=True)
+        model = load(hf_dir, config=config)
+        with torch.no_grad():
+            assert model(TOKENS).logits.isfinite().all()
