@@ -143,3 +143,43 @@ def test_bad_source_at_load_names_it(exported, tmp_path, bad):
         model = load(hf_dir, config=config)
         with torch.no_grad():
             assert model(TOKENS).logits.isfinite().all()
+
+
+def test_io_export_imports_back_bit_identical(exported, tmp_path):
+    """Through both CLIs: the exported IO model imports as a Neon checkpoint (its IO strings and
+    window in model.yaml) and exports again with every tensor (W_q, own embeddings, W_out) unchanged."""
+    import yaml
+
+    from tests.tools.test_convert_from_hf import assert_identical, tensors
+
+    hf_dir = exported["hf"]
+    done = run_tool("convert_from_hf", "--hf", hf_dir, "--save", tmp_path / "ckpt")
+    assert done.returncode == 0, done.stderr[-4000:]
+    settings = yaml.safe_load((tmp_path / "ckpt" / "model.yaml").read_text())["model"]
+    assert settings["flaming_io_functions"] == exported["io"] and settings["flaming_io_context_window"] == 4
+    done = run_tool("convert_to_hf", "--load", tmp_path / "ckpt", "--save", tmp_path / "back", "--quiet")
+    assert done.returncode == 0, done.stderr[-4000:]
+    before = tensors(hf_dir)
+    assert sum(".io_functions." in k for k in before) == 4 * 8  # 4 layers: facts 2, facts_h 3, add 2, anchor 1
+    assert_identical(before, tensors(tmp_path / "back"))
+
+
+def test_io_mapping_splits_the_bank_over_expert_parallel_ranks(exported):
+    """At EP=2 the bank [2 learned, facts, facts_h, add, anchor] is 3 + 3 entries per rank (the IO
+    functions on both): HF -> the two ranks' state dicts -> HF gives every tensor back."""
+    from neon.config import NeonConfig
+    from neon.state_dict_adapter import hf_to_megatron, megatron_to_hf
+    from tests.tools.test_convert_from_hf import assert_identical, tensors
+
+    hf = tensors(exported["hf"])
+    hf_config = json.loads((exported["hf"] / "config.json").read_text())
+    config = NeonConfig(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+                        vocab_size=VOCAB, max_position_embeddings=64, flaming_moe="between", flaming_layer_functions=2,
+                        flaming_router="topk", flaming_topk=2, flaming_io_functions=hf_config["flaming_io_functions"],
+                        flaming_io_context_window=4, expert_model_parallel_size=2)
+    ranks = [hf_to_megatron(hf, config, ep_rank=r, ep_size=2) for r in range(2)]
+    layer = "decoder.layers.0.flaming_moe.layer_bank.experts.local_experts."
+    assert f"{layer}2.value_embedding.weight" in ranks[0] and f"{layer}0.query_proj.weight" in ranks[1]
+    assert f"{layer}2.out_proj.weight" in ranks[1] and f"{layer}1.linear.weight" in ranks[0]
+    back = megatron_to_hf([ranks[0]], config, expert_shards=ranks)
+    assert_identical(hf, back)
