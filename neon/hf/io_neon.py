@@ -124,6 +124,12 @@ class IOCacheState:
         self.history = history  # [b, W - 1]
         self.frozen_caches: dict = {}  # source -> the frozen model's Cache
 
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Rows follow beam search's choice (NeonForCausalLM._reorder_cache)."""
+        self.history = self.history[beam_idx.to(self.history.device)]
+        for cache in self.frozen_caches.values():
+            cache.reorder_cache(beam_idx)
+
 
 # --- store -------------------------------------------------------------------------------------
 

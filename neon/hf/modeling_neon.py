@@ -472,6 +472,15 @@ class NeonForCausalLM(NeonPreTrainedModel, GenerationMixin):
         if config.ngpt and self.lm_head.weight.device.type != "meta":
             self.normalize_ngpt_weights()  # nGPT starts on the sphere
 
+    def _reorder_cache(self, cache: Cache, beam_idx: torch.LongTensor) -> Cache:
+        """Beam search: the attention cache and, with IO functions, the ids window and the frozen
+        models' caches follow the surviving beams."""
+        cache.reorder_cache(beam_idx)
+        state = getattr(cache, "neon_io", None)
+        if state is not None:
+            state.reorder(beam_idx)
+        return cache
+
     def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """nGPT: z <- z * s_z."""
         return logits * ngpt_effective(self.config, "s_z", self.lm_head.s_z) if self.config.ngpt else logits

@@ -104,6 +104,11 @@ def test_generate_with_and_without_cache_agree(exported):
     # the cached run fed its frozen model the prompt, then one new token per step (its own KV
     # cache); the uncached run the whole sequence each step
     assert frozen == [6, *[1] * 9, *range(6, 16)], frozen
+    with torch.no_grad():  # beam search reorders the ids window and the frozen cache with the beams
+        beams = {cache: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
+                                       num_beams=3, do_sample=False, use_cache=cache, pad_token_id=0)
+                 for cache in (True, False)}
+    assert torch.equal(beams[True], beams[False])
 
 
 def _with_io(hf_dir, tmp_path, replace: dict):
