@@ -2,7 +2,7 @@
 
 Mistral's fields plus the Neon switches. With every switch off it describes a Mistral model and
 `NeonForCausalLM` computes exactly what `MistralForCausalLM` computes. This file is copied next
-to a saved model (with modeling_neon.py) so `AutoConfig`/`AutoModelForCausalLM` load it with
+to a saved model (with modeling_neon.py and io_neon.py) so `AutoConfig`/`AutoModelForCausalLM` load it with
 `trust_remote_code=True`: it imports nothing from the neon package.
 """
 

@@ -4,7 +4,7 @@ Written straight from the equations (Mistral; DiffAttention, Ye et al. 2024, arX
 and its V2, Ye, Dong, Sun and Wei 2026),
 independently of the megatron implementation in neon/, which is tested against it. With every
 Neon feature off it computes what transformers' MistralForCausalLM computes, with the same
-parameter names. This file and configuration_neon.py are copied next to a saved model, so it
+parameter names. This file, configuration_neon.py and io_neon.py are copied next to a saved model, so it
 imports nothing from the neon package.
 
 Shapes: b batch, s new tokens, t cached + new tokens, D hidden size, n heads, g key/value heads,
