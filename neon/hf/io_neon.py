@@ -88,7 +88,10 @@ def parse_io_spec(text: str) -> IOSpec:
             raise IOSourceError(f"flaming_io_functions entry {text!r}: unknown key {key!r}. Fix: use keys "
                                 f"from {sorted(types)}.")
         kind = types[key]
-        values[key] = int(value) if kind == "int" else float(value) if kind == "float" else value.strip()
+        try:
+            values[key] = int(value) if kind == "int" else float(value) if kind == "float" else value.strip()
+        except ValueError:
+            raise IOSourceError(f"flaming_io_functions entry {text!r}: {key}={value!r} is not a number.") from None
     for key in ("name", "kind", "source"):
         if not values.get(key):
             raise IOSourceError(f"flaming_io_functions entry {text!r} has no {key}. Fix: add '{key}=...'.")
@@ -112,7 +115,7 @@ def token_context(ids: torch.Tensor, history: torch.Tensor, positions: torch.Ten
     window = history.shape[1] + 1
     windows = torch.cat([history, ids], dim=1).unfold(1, window, 1)  # [b, s, W]
     rows = torch.arange(b, device=ids.device)[:, None].expand(b, s)
-    return torch.cat([positions.long()[..., None], rows[..., None], windows], dim=-1)
+    return torch.cat([positions.long().expand(b, s)[..., None], rows[..., None], windows], dim=-1)
 
 
 class IOCacheState:
