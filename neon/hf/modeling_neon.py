@@ -490,7 +490,9 @@ class NeonForCausalLM(NeonPreTrainedModel, GenerationMixin):
                      "v_proj.weight": 1, "gate_proj.weight": 1, "up_proj.weight": 1, "o_proj.weight": 0,
                      "down_proj.weight": 0,
                      # FlamingMoE functions: low-rank A rows, B columns; linear d -> d by output columns
-                     "in_proj.weight": 1, "out_proj.weight": 0, ".proj.weight": 0}
+                     "in_proj.weight": 1, "out_proj.weight": 0, ".proj.weight": 0,
+                     # IO functions: W_out columns (out_proj above), a store's W_q rows (neon/ngpt.py)
+                     "query_proj.weight": 1}
 
     @torch.no_grad()
     def normalize_ngpt_weights(self) -> None:
