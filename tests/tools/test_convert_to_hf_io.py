@@ -16,12 +16,13 @@ import torch
 
 from tests.neon.test_flaming_moe_io_checkpoint import CALLABLE, build_store
 from tests.neon.test_flaming_moe_io_frozen import write_frozen
-from tests.tools.conversion_helpers import pretrain_args, run_tool, train_with_reference
+from tests.tools.conversion_helpers import pretrain_args, run_tool, run_tool_many, train_with_reference
 
 pytestmark = pytest.mark.slow
 VOCAB = 512  # the tiny tokenizer's, not padded
 TOKENS = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(3))
 IO_NAMES = ("facts", "facts_h", "add", "anchor")
+VARIANTS = {"base": {}, "ngpt": dict(ngpt=True)}  # nGPT: the IO outputs join through the normalized update
 # megatron and the HF reference compute the same function with other kernels and sum orders; a
 # reduction of n terms moves by at most n * 2^-24 of its terms' magnitude (Higham's gamma_n).
 # R = 4 layers x (12 reductions of attention, MLP and the FlamingMoE block + 4 of the IO functions:
@@ -42,14 +43,18 @@ def exported(tmp_path_factory, tiny_tokenizer, tiny_dataset):
     io = [f"name=facts,kind=store,source={store},query=context,topk=2",
           f"name=facts_h,kind=store,source={store},query=hidden,topk=2,temperature=0.5",
           CALLABLE, f"name=anchor,kind=model,source={frozen},layer=1"]
-    ckpt, hf = work / "ckpt", work / "hf"
-    args = pretrain_args(ckpt, str(tiny_tokenizer), tiny_dataset[0], flaming_moe="between",
-                         flaming_layer_functions=2, flaming_router="topk", flaming_topk=2,
-                         flaming_io_context_window=4, init_method_std=0.3)  # IO terms of the order of x'
-    [reference] = train_with_reference(work / "launch", [[*args, "--flaming-io-functions", *io]], TOKENS, nproc=1)
-    done = run_tool("convert_to_hf", "--load", ckpt, "--save", hf, "--quiet")
-    assert done.returncode == 0, done.stderr[-4000:]
-    return dict(hf=hf, reference=reference, io=io, store=store, frozen=frozen, work=work)
+    runs = {}
+    for variant, extra in VARIANTS.items():
+        args = pretrain_args(work / f"ckpt-{variant}", str(tiny_tokenizer), tiny_dataset[0], flaming_moe="between",
+                             flaming_layer_functions=2, flaming_router="topk", flaming_topk=2,
+                             flaming_io_context_window=4, init_method_std=0.3, **extra)  # IO terms ~ x'
+        runs[variant] = [*args, "--flaming-io-functions", *io]
+    reference = train_with_reference(work / "launch", list(runs.values()), TOKENS, nproc=1)
+    codes, log = run_tool_many("convert_to_hf", [["--load", work / f"ckpt-{v}", "--save", work / f"hf-{v}", "--quiet"]
+                                                 for v in VARIANTS])
+    assert codes == [0] * len(VARIANTS), log[-4000:]
+    return dict(hf=work / "hf-base", hf_dirs={v: work / f"hf-{v}" for v in VARIANTS},
+                reference=dict(zip(VARIANTS, reference)), io=io, store=store, frozen=frozen, work=work)
 
 
 def load(hf_dir, **kwargs):
@@ -59,22 +64,23 @@ def load(hf_dir, **kwargs):
                                                 **kwargs).eval()
 
 
-def test_exported_io_model_matches_megatron(exported):
-    hf_dir = exported["hf"]
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_exported_io_model_matches_megatron(exported, variant):
+    hf_dir = exported["hf_dirs"][variant]
     config = json.loads((hf_dir / "config.json").read_text())
     assert config["flaming_io_functions"] == exported["io"] and config["flaming_io_context_window"] == 4
     sources = config["flaming_io_sources"]
     assert sources["facts"]["content_sha256"] and sources["anchor"]["sha256"] and sources["add"]["source"]
     assert (hf_dir / "io_neon.py").is_file() and (hf_dir / "modeling_neon.py").is_file()
     model = load(hf_dir)
-    want = exported["reference"]
+    want = exported["reference"][variant]
     bound = IO_EXPORT_ROUNDING * max(1.0, want.abs().max().item())
     with torch.no_grad():
         logits = model(TOKENS).logits
         assert want.abs().max() > 0.1
         diff = (logits - want).abs().max().item()
         assert diff <= bound, (diff, bound)
-        for name in IO_NAMES:  # every IO function is routed and moves the logits past 10x the bound
+        for name in IO_NAMES:  # each is routed and moves the logits past twice the bound: dropping it fails
             weights = [layer.flaming.io_functions[name].out_proj.weight for layer in model.model.layers]
             kept = [w.clone() for w in weights]
             for w in weights:
@@ -82,7 +88,7 @@ def test_exported_io_model_matches_megatron(exported):
             moved = (model(TOKENS).logits - want).abs().max().item()
             for w, k in zip(weights, kept):
                 w.copy_(k)
-            assert moved > 10 * bound, (name, moved, bound)
+            assert moved > 2 * bound, (name, moved, bound)
 
 
 def test_generate_with_and_without_cache_agree(exported):
