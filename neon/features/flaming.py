@@ -39,7 +39,7 @@ class FlamingMoEFeature(Feature):
               "flaming_layer_kind", "flaming_ffn_hidden_size", "flaming_lowrank_rank", "flaming_router",
               "flaming_topk", "flaming_gumbel_temperature", "flaming_aux_loss_coeff", "flaming_z_loss_coeff",
               "flaming_token_dispatcher", "flaming_identity", "flaming_init_seed", "flaming_io_functions",
-              "flaming_io_context_window", "flaming_io_store_swap")
+              "flaming_io_context_window", "flaming_io_store_swap", "flaming_io_reuse_search")
     hf_fields = ("flaming_moe", "flaming_global_functions", "flaming_layer_functions", "flaming_global_kind",
                  "flaming_layer_kind", "flaming_ffn_hidden_size", "flaming_lowrank_rank", "flaming_router",
                  "flaming_topk", "flaming_gumbel_temperature", "flaming_identity")
@@ -59,13 +59,16 @@ class FlamingMoEFeature(Feature):
             fail("flaming_layer_functions", 0, "FlamingMoE is on but both banks are empty",
                  "set flaming_global_functions and/or flaming_layer_functions > 0, or flaming_moe='off'")
         ep = config.expert_model_parallel_size
-        banks["flaming_layer_functions"] += len(config.flaming_io_functions)  # IO functions join it
-        for name, n in banks.items():
+        io = _io_counts(config)  # IO functions join their bank (`bank=` in their entry)
+        for name, learned in banks.items():
+            n = learned + io[name]
+            size = f"{name}={learned} + {io[name]} IO functions" if io[name] else f"{name}={n}"
             if n and config.flaming_topk > n:
-                fail("flaming_topk", config.flaming_topk, f"exceeds {name}={n}",
+                fail("flaming_topk", config.flaming_topk, f"exceeds the bank size {size}",
                      "choose k no larger than the smallest bank")
             if n and n % ep:
-                fail(name, n, f"is not divisible by expert_model_parallel_size={ep}",
+                fail(name, learned, f"gives a bank of {size}, not divisible by "
+                     f"expert_model_parallel_size={ep}",
                      "use a bank size that is a multiple of the expert-parallel size")
         self._validate_values(config, fail)
         self._validate_io(config, fail)
@@ -133,7 +136,8 @@ class FlamingMoEFeature(Feature):
         # megatron's finalize_model_grads sums the grads of parameters marked `pipeline_parallel`
         # over the pipeline stages when the config says it has replicated (conditional)
         # embedders: the global FlamingMoE bank is such a replica on every stage.
-        after["has_cond_embedder"] = config.flaming_global_functions > 0
+        after["has_cond_embedder"] = (config.flaming_global_functions > 0
+                                      or _io_counts(config)["flaming_global_functions"] > 0)
         return after
 
     def layer_spec(self, spec, config, use_te):
@@ -191,6 +195,20 @@ class FlamingMoEFeature(Feature):
 
         mlp = 0 if config.flaming_moe == "mlp" else terms["mlp"]
         return {**terms, "mlp": mlp, "flaming": flaming_macs(config)}
+
+
+def _io_counts(config) -> dict[str, int]:
+    """IO functions per bank (keyed by the bank's learned-size setting), from their `bank=` keys;
+    a malformed entry is a NeonConfigError naming it."""
+    from neon.config import NeonConfigError
+    from neon.flaming.io import IOSourceError, io_specs
+
+    try:
+        specs = io_specs(config)
+    except IOSourceError as e:
+        raise NeonConfigError(f"flaming_io_functions: {e}") from None
+    return {"flaming_global_functions": sum(s.bank == "global" for s in specs),
+            "flaming_layer_functions": sum(s.bank == "layer" for s in specs)}
 
 
 def _block(config) -> tuple[str, str]:
