@@ -42,7 +42,7 @@ def build_test_store(path: str) -> str:
     return path
 
 
-def io_config(store: str, dispatcher: str, bank: str = "layer") -> NeonConfig:
+def io_config(store: str, dispatcher: str, bank: str = "layer", **extra) -> NeonConfig:
     """The bank [learned, store (hidden), store (context), callable] as the per-layer or the global bank."""
     where = f",bank={bank}"
     io = [f"name=facts_h,kind=store,source={store},query=hidden,topk={TOPK},temperature=0.5,embed_dim=6{where}",
@@ -55,7 +55,7 @@ def io_config(store: str, dispatcher: str, bank: str = "layer") -> NeonConfig:
                       flaming_io_functions=io, flaming_io_context_window=W, flaming_router="topk",
                       flaming_topk=2, flaming_token_dispatcher=dispatcher,
                       expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
-                      pipeline_dtype=torch.float32)
+                      pipeline_dtype=torch.float32, **extra)
 
 
 def io_block(cfg: NeonConfig, bank: str):
@@ -136,15 +136,21 @@ def module_param(expert, g: int, name: str):
     return expert.get_parameter(NAMES[name])
 
 
+def read_store(store: str):
+    """The store's raw files with numpy (not the memmap code): keys [N, K], values [N, M] int64."""
+    meta_n = os.path.getsize(os.path.join(store, "keys.f32")) // (4 * KEY_DIM)
+    keys = torch.from_numpy(np.fromfile(os.path.join(store, "keys.f32"), np.float32).reshape(meta_n, KEY_DIM))
+    values = torch.from_numpy(np.fromfile(os.path.join(store, "values.bin"), np.int32).reshape(meta_n, WIDTH)).long()
+    return keys, values
+
+
 # --- the check in each process ---------------------------------------------------------------
 
 
 def _case(store: str, dispatcher: str, bank: str) -> dict:
     ep = parallel_state.get_expert_model_parallel_world_size()
     rank = parallel_state.get_expert_model_parallel_rank()
-    meta_n = os.path.getsize(os.path.join(store, "keys.f32")) // (4 * KEY_DIM)
-    keys = torch.from_numpy(np.fromfile(os.path.join(store, "keys.f32"), np.float32).reshape(meta_n, KEY_DIM))
-    values = torch.from_numpy(np.fromfile(os.path.join(store, "values.bin"), np.int32).reshape(meta_n, WIDTH)).long()
+    keys, values = read_store(store)
     gen = torch.Generator().manual_seed(5)
     w_router, params = torch.randn(N_FUNCS, D, generator=gen), make_params(gen)
     xs = [torch.randn(SEQ, BATCH, D, generator=gen) for _ in range(ep)]
