@@ -75,13 +75,10 @@ class FlamingMoEFeature(Feature):
 
     @staticmethod
     def _validate_io(config, fail) -> None:
-        """IO functions: placement, window, and every source opened now (store files, callable
-        import), so a wrong or missing source fails at start naming it."""
+        """IO functions: window, and every source opened now (store files, callable import), so a
+        wrong or missing source fails at start naming it."""
         if not config.flaming_io_functions:
             return
-        if config.flaming_moe != "between":
-            fail("flaming_moe", config.flaming_moe, "IO functions are wired for the 'between' "
-                 "placement only", "set flaming_moe='between'")
         if config.flaming_io_context_window < 1:
             fail("flaming_io_context_window", config.flaming_io_context_window, "must be >= 1",
                  "use the number of token ids each context row holds, e.g. 8")
@@ -142,10 +139,14 @@ class FlamingMoEFeature(Feature):
 
     def layer_spec(self, spec, config, use_te):
         sub = spec.submodules
-        if config.flaming_moe == "mlp":  # the block replaces the MLP (uses pre_mlp_layernorm)
-            return replace(spec, submodules=replace(sub, mlp=ModuleSpec(module=FlamingMoE)))
-        # 'between': its own pre-norm (the layer's norm class) and residual between attention and MLP
         kept = {f.name: getattr(sub, f.name) for f in fields(sub)}
+        if config.flaming_moe == "mlp":  # the block replaces the MLP (uses pre_mlp_layernorm)
+            if not config.flaming_io_functions:
+                return replace(spec, submodules=replace(sub, mlp=ModuleSpec(module=FlamingMoE)))
+            # IO functions: Neon's layer hands the block the token context (no block between)
+            return replace(spec, module=FlamingTransformerLayer, submodules=FlamingTransformerLayerSubmodules(
+                **{**kept, "mlp": ModuleSpec(module=FlamingMoE)}))
+        # 'between': its own pre-norm (the layer's norm class) and residual between attention and MLP
         return replace(spec, module=FlamingTransformerLayer, submodules=FlamingTransformerLayerSubmodules(
             **kept, pre_flaming_layernorm=sub.input_layernorm, flaming_moe=ModuleSpec(module=FlamingMoE),
             flaming_bda=get_bias_dropout_add))

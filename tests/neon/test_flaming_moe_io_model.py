@@ -8,7 +8,8 @@ The model has IO functions in both banks: a store and a callable in the per-laye
 `context`-query store in the global bank (one module per stage, shared by the layers), whose
 search is done once per micro-batch and carried in the context (neon/flaming/search_reuse.py).
 Searching in every layer instead (`flaming_io_reuse_search=False`) gives the same losses bit
-for bit, with more store rows scanned."""
+for bit, with more store rows scanned. In the 'mlp' placement (the block in the MLP's place,
+Neon's layer handing it the context) full recompute gives the losses of the plain run too."""
 
 import re
 import zlib
@@ -30,11 +31,11 @@ VOCAB, SEQ, MB, STEPS, MICROBATCHES = 32, 8, 2, 3, 2
 EPS32 = torch.finfo(torch.float32).eps
 
 
-def io_model_config(store: str, recompute: bool, reuse: bool = True) -> NeonConfig:
+def io_model_config(store: str, recompute: bool, reuse: bool = True, placement: str = "between") -> NeonConfig:
     extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
     return NeonConfig(
         num_layers=2, hidden_size=16, num_attention_heads=2, ffn_hidden_size=24, vocab_size=VOCAB,
-        max_position_embeddings=16, flaming_moe="between", flaming_layer_functions=1, flaming_router="topk",
+        max_position_embeddings=16, flaming_moe=placement, flaming_layer_functions=1, flaming_router="topk",
         flaming_global_functions=2, flaming_topk=2, flaming_io_context_window=4, flaming_io_reuse_search=reuse,
         flaming_io_functions=[f"name=facts,kind=store,source={store},query=context,topk=2",
                               "name=add,kind=callable,source=tests.neon.io_callables:sum_last_two,width=2",
@@ -65,8 +66,8 @@ def deterministic_init(model) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
-def train_io(store: str, recompute: bool, reuse: bool = True) -> dict:
-    cfg = io_model_config(store, recompute, reuse)
+def train_io(store: str, recompute: bool, reuse: bool = True, placement: str = "between") -> dict:
+    cfg = io_model_config(store, recompute, reuse, placement)
     chunks = build_model_chunks(cfg, build_model)
     deterministic_init(chunks[0].module)
     # SGD: the update is linear in the gradient, so rounding differences stay rounding-sized
@@ -89,6 +90,8 @@ def check_io_training(store: str):
     runs = {recompute: train_io(store, recompute) for recompute in (False, True)}
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         runs["no reuse"] = train_io(store, False, reuse=False)
+        runs["mlp"] = train_io(store, False, placement="mlp")
+        runs["mlp recompute"] = train_io(store, True, placement="mlp")
     return runs
 
 
@@ -114,6 +117,10 @@ def test_io_context_survives_recompute_and_pipeline(tmp_path):
     # fp32: the runs differ only in the order of sums (recompute: none; PP: the grad-norm
     # reduction over stages), a few eps of the O(1) loss after STEPS linear SGD updates
     tol = 64 * EPS32 * max(ref["losses"])
-    for name, run in (("pp1 recompute", pp1[True]), ("pp2", pp2[1][False]), ("pp2 recompute", pp2[1][True])):
-        assert max(abs(a - b) for a, b in zip(run["losses"], ref["losses"])) <= tol, (name, run["losses"])
-        assert max(abs(a - b) / b for a, b in zip(run["norms"], ref["norms"])) <= 64 * EPS32, (name, run["norms"])
+    for name, run, base in (("pp1 recompute", pp1[True], ref), ("pp2", pp2[1][False], ref),
+                            ("pp2 recompute", pp2[1][True], ref), ("mlp recompute", pp1["mlp recompute"], pp1["mlp"])):
+        assert max(abs(a - b) for a, b in zip(run["losses"], base["losses"])) <= tol, (name, run["losses"])
+        assert max(abs(a - b) / b for a, b in zip(run["norms"], base["norms"])) <= 64 * EPS32, (name, run["norms"])
+    mlp = pp1["mlp"]
+    assert all(u[-1] > 0 for u in mlp["usage"]), ("IO functions never routed in the MLP's place", mlp["usage"])
+    assert mlp["losses"][-1] < mlp["losses"][0] and mlp["losses"] != ref["losses"], mlp["losses"]
