@@ -8,7 +8,8 @@ The model has IO functions in both banks: a store and a callable in the per-laye
 `context`-query store in the global bank (one module per stage, shared by the layers), whose
 search is done once per micro-batch and carried in the context (neon/flaming/search_reuse.py).
 Searching in every layer instead (`flaming_io_reuse_search=False`) gives the same losses bit
-for bit, with more store rows scanned. In the 'mlp' placement (the block in the MLP's place,
+for bit, with more store rows scanned; `swap_store` attaches another store to the shared
+function and to the stage's search alike. In the 'mlp' placement (the block in the MLP's place,
 Neon's layer handing it the context) full recompute gives the losses of the plain run too."""
 
 import re
@@ -21,6 +22,7 @@ from megatron.core.optimizer import OptimizerConfig
 
 from neon.config import NeonConfig
 from neon.flaming.encoder import describe
+from neon.flaming.store import swap_store
 from neon.flaming.store_build import write_store
 from neon.model import build_model
 from neon.training.optim import build_optimizer
@@ -82,8 +84,13 @@ def train_io(store: str, recompute: bool, reuse: bool = True, placement: str = "
     usage = [b.usage.tolist() for m in model.modules() if hasattr(m, "layer_bank") for b in m.banks()]
     scanned = sum(getattr(f, "searched_rows", 0) for f in model.flaming_global_functions.local_experts)
     scanned += sum(s.rows for s in model.context_searches.values())
+    # another store attached after training reaches the shared function and the stage's search
+    old = model.flaming_global_functions.local_experts[2].store
+    swapped = swap_store(model, "shared", store)
+    users = [model.flaming_global_functions.local_experts[2].store, *(s.store for s in model.context_searches.values())]
     last = parallel_state.is_pipeline_last_stage()
-    return dict(losses=losses if last else None, norms=norms, usage=usage, scanned=scanned)
+    return dict(losses=losses if last else None, norms=norms, usage=usage, scanned=scanned,
+                swapped=(swapped, len(users), all(u is users[0] and u is not old for u in users)))
 
 
 def check_io_training(store: str):
@@ -121,6 +128,7 @@ def test_io_context_survives_recompute_and_pipeline(tmp_path):
                             ("pp2 recompute", pp2[1][True], ref), ("mlp recompute", pp1["mlp recompute"], pp1["mlp"])):
         assert max(abs(a - b) for a, b in zip(run["losses"], base["losses"])) <= tol, (name, run["losses"])
         assert max(abs(a - b) / b for a, b in zip(run["norms"], base["norms"])) <= 64 * EPS32, (name, run["norms"])
+    assert ref["swapped"] == (2, 2, True) and no_reuse["swapped"] == (1, 1, True), (ref["swapped"], no_reuse["swapped"])
     mlp = pp1["mlp"]
     assert all(u[-1] > 0 for u in mlp["usage"]), ("IO functions never routed in the MLP's place", mlp["usage"])
     assert mlp["losses"][-1] < mlp["losses"][0] and mlp["losses"] != ref["losses"], mlp["losses"]
