@@ -1,8 +1,9 @@
 """FlamingMoE IO functions with nGPT: the IO outputs join the layer through nGPT's normalized
 update (the block's r, IO terms included, goes through h <- Norm(h + |alpha_F| (Norm(r) - h)):
 output and gradients against a plain-PyTorch reference of that equation in fp32), W_out columns
-and W_q rows are kept on the unit sphere, and a model with a store and a callable trains (finite
-losses that fall over a few steps on a repeated batch)."""
+and W_q rows are kept on the unit sphere (a global-bank IO function's too), and a model with a
+store and callables in both banks trains (finite losses that fall over a few steps on a
+repeated batch)."""
 
 import torch
 from megatron.core import parallel_state
@@ -26,9 +27,11 @@ def train_ngpt_io(store: str) -> dict:
     cfg = NeonConfig(
         num_layers=2, hidden_size=16, num_attention_heads=2, ffn_hidden_size=24, vocab_size=VOCAB,
         max_position_embeddings=16, ngpt=True, flaming_moe="between", flaming_layer_functions=1,
-        flaming_router="topk", flaming_topk=2, flaming_io_context_window=4, pipeline_dtype=torch.float32,
+        flaming_global_functions=1, flaming_router="topk", flaming_topk=2, flaming_io_context_window=4,
+        pipeline_dtype=torch.float32,
         flaming_io_functions=[f"name=facts,kind=store,source={store},query=hidden,topk=2",
-                              "name=add,kind=callable,source=tests.neon.io_callables:sum_last_two,width=2"],
+                              "name=add,kind=callable,source=tests.neon.io_callables:sum_last_two,width=2",
+                              "name=g,kind=callable,source=tests.neon.io_callables:sum_last_two,width=2,bank=global"],
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size())
     chunks = build_model_chunks(cfg, build_model)
     model = chunks[0].module
@@ -51,9 +54,10 @@ def test_io_with_ngpt_trains_on_the_sphere(tmp_path):
     write_store(store, describe("random:3", 3, 8, VOCAB), [torch.randint(0, VOCAB, (20,), generator=gen).tolist()
                                                            for _ in range(3)])
     (r,) = run_distributed(train_ngpt_io, 1, kwargs={"store": store}, timeout=300)
-    assert sorted(r["tagged"]) == sorted(
-        f"decoder.layers.{i}.flaming_moe.layer_bank.experts.local_experts.{j}.{p}"
-        for i in (0, 1) for j, p in ((1, "out_proj.weight"), (1, "query_proj.weight"), (2, "out_proj.weight")))
+    assert sorted(r["tagged"]) == sorted([  # the global bank's IO function once, on the model
+        *(f"decoder.layers.{i}.flaming_moe.layer_bank.experts.local_experts.{j}.{p}"
+          for i in (0, 1) for j, p in ((1, "out_proj.weight"), (1, "query_proj.weight"), (2, "out_proj.weight"))),
+        "flaming_global_functions.local_experts.1.out_proj.weight"])
     assert all(d == (0 if "out_proj" in n else 1) for n, d in r["tagged"].items())
     for name, norms in r["out_norms"].items():  # unit columns after 6 optimizer steps (fp32 rounding)
         assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5), (name, norms)
