@@ -128,14 +128,19 @@ def test_bad_source_fails_clearly_and_writes_no_checkpoint(corpus, tmp_path, bad
     assert latest(save) is None and not list(save.glob("iter_*")) and not list(save.glob(".tmp_iter_*"))
 
 
-def test_io_run_at_ep2_pp2_trains_and_saves(corpus, tmp_path):
+def test_io_run_at_ep2_pp2_trains_saves_and_resumes(corpus, tmp_path):
     """4 processes: EP=2 (the bank [2 learned, store, callable] split 2 + 2: the IO functions on EP
-    rank 1; the global bank [learned, store] split 1 + 1) x PP=2 (one layer per stage); 2 steps,
-    a distributed checkpoint of that layout."""
+    rank 1; the global bank [learned, store] split 1 + 1, a replica on each stage) x PP=2 (one
+    layer per stage); 2 steps with a distributed checkpoint of that layout at each, and step 2
+    again from the first checkpoint, bit for bit."""
     store = build_store(tmp_path / "store", seed=0)
     save = tmp_path / "ckpt"
-    check(launch(io_args(corpus, store, tmp_path / "io.yaml", expert_model_parallel_size=2,
-                         pipeline_model_parallel_size=2, train_iters=2, eval_interval=2, save=save),
+    layout = dict(expert_model_parallel_size=2, pipeline_model_parallel_size=2, train_iters=2, eval_interval=2)
+    check(launch(io_args(corpus, store, tmp_path / "io.yaml", **layout, save=save, save_interval=1),
                  nproc=4, timeout=400))
     assert sorted(metrics(save)) == [1, 2] and latest(save) == 2
     assert all(r["loss"] > 0 for r in metrics(save).values())
+    resumed = tmp_path / "resumed"
+    check(launch(io_args(corpus, store, tmp_path / "io.yaml", **layout, load=save, ckpt_step=1, save=resumed),
+                 nproc=4, timeout=400))
+    assert sorted(metrics(resumed)) == [2] and metrics(resumed)[2]["loss"] == metrics(save)[2]["loss"]
