@@ -81,12 +81,17 @@ class NeonConfig(TransformerConfig):
 
     # --- FlamingMoE IO functions (neon/flaming/io.py): routed functions reading outside the model
     flaming_io_functions: list[str] = field(default_factory=list)
-    """One entry per IO function, 'name=...,kind=store|callable,source=...[,key=value...]'; they
-    join the per-layer bank after its learned functions (see docs/flaming_moe.md)."""
+    """One entry per IO function, 'name=...,kind=store|callable|model,source=...[,key=value...]';
+    they join the per-layer bank after its learned functions, or with 'bank=global' the global
+    bank after its learned ones (see docs/flaming_moe.md)."""
     flaming_io_context_window: int = 8
     """W: token ids (the token itself and the W - 1 before it) in each token's context row."""
     flaming_io_store_swap: bool = False
     """At checkpoint load, accept stores other than the ones the checkpoint recorded."""
+    flaming_io_reuse_search: bool = True
+    """Search each global-bank `context`-query store once per micro-batch for all its tokens and
+    reuse the result in every layer (neon/flaming/search_reuse.py); False: each layer searches
+    for the tokens it routes there."""
 
     # --- Mistral defaults for megatron-core's own fields ----------------------------------
     normalization: str = "RMSNorm"

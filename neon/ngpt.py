@@ -192,7 +192,9 @@ def ngpt_layer_spec(spec: ModuleSpec, config: NeonConfig) -> ModuleSpec:
     if not flaming_mlp and not (isinstance(mlp, ModuleSpec) and mlp.module is MLP):
         raise NotImplementedError(f"nGPT needs the dense MLP, the layer spec has {mlp}")
     extra = {}
-    if hasattr(sub, "flaming_moe"):  # FlamingMoE between attention and MLP: h <- Norm(h + |alpha_F| (Norm(r) - h))
+    # FlamingMoE between attention and MLP: h <- Norm(h + |alpha_F| (Norm(r) - h)) (Neon's layer in
+    # the 'mlp' placement with IO functions has no block between: no alpha_F)
+    if getattr(sub, "flaming_moe", IdentityOp) is not IdentityOp:
         extra = dict(pre_flaming_layernorm=IdentityOp,
                      flaming_bda=ModuleSpec(module=NormalizedResidual, params={"config": config}))  # alpha_F
     return replace(spec, submodules=replace(

@@ -10,6 +10,15 @@ the model is the same with or without it). Printed: median seconds per step, and
 per second.
 
     python tools/benchmark_flaming_io.py --entries 10000 100000 1000000 --tokens 256 1024
+
+`--reuse-layers L` times instead a global-bank `context`-query store function shared by L layers
+(neon/flaming/search_reuse.py), per micro-batch of T tokens of which each layer routes a
+fraction f (`--routed-fraction`, k / n at uniform routing) to it: without reuse, each layer's
+forward and backward on its f T tokens, each with its own search; with reuse, one search for
+all T tokens, then the L layers' forward and backward reading the indices from the context.
+Printed: seconds per micro-batch both ways and their ratio.
+
+    python tools/benchmark_flaming_io.py --entries 100000 --tokens 1024 --reuse-layers 8 --routed-fraction 0.25
 """
 
 from __future__ import annotations
@@ -73,6 +82,56 @@ def time_steps(fn, tokens: int, hidden: int, window: int, repeats: int) -> float
     return statistics.median(times[1:])
 
 
+def reuse_function(store: str, hidden: int, vocab: int, topk: int, reuse: bool):
+    """(the global-bank context-query StoreFunction, its config)."""
+    from neon.config import NeonConfig
+    from neon.flaming.io import io_specs
+    from neon.flaming.store import StoreFunction
+
+    config = NeonConfig(num_layers=1, hidden_size=hidden, num_attention_heads=4, vocab_size=vocab,
+                        flaming_moe="between", flaming_layer_functions=1, flaming_topk=1,
+                        flaming_io_reuse_search=reuse,
+                        flaming_io_functions=[f"name=bench,kind=store,source={store},query=context,"
+                                              f"topk={topk},bank=global"])
+    return StoreFunction(config, io_specs(config)[0]), config
+
+
+def time_reuse(store: str, args, tokens: int, reuse: bool) -> float:
+    """Seconds per micro-batch of `tokens` tokens for the L layers' reads of one shared function."""
+    from neon.flaming.io import token_context
+    from neon.flaming.search_reuse import append_searches, build_context_searches
+
+    fn, config = reuse_function(store, args.hidden, args.vocab, args.topk, reuse)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab, (1, tokens), generator=gen)
+    routed = max(1, int(round(args.routed_fraction * tokens)))
+    layers = [torch.randperm(tokens, generator=gen)[:routed] for _ in range(args.reuse_layers)]
+    xs = [torch.randn(routed, args.hidden, requires_grad=True) for _ in layers]
+    searches = build_context_searches(config)
+    times = []
+    for _ in range(args.repeats + 1):  # the first is a warm-up (page cache, allocator)
+        t0 = time.perf_counter()
+        context = append_searches(token_context(ids, config.flaming_io_context_window), searches)
+        context = context.reshape(tokens, -1)
+        for rows, x in zip(layers, xs):
+            out, _ = fn(x, torch.ones(routed), context=fn.own_context(context[rows]))
+            out.sum().backward()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def main_reuse(args, work: str) -> None:
+    print(f"# reuse of context-query searches: {args.reuse_layers} layers share the function, each "
+          f"routes {args.routed_fraction:g} of the tokens to it")
+    print(f"{'entries':>10} {'tokens':>7} {'no reuse s':>11} {'reuse s':>9} {'ratio':>6}")
+    for n in args.entries:
+        store = os.path.join(work, f"store_{n}")
+        write_random_store(store, n, args.key_dim, args.value_width, args.vocab)
+        for t in args.tokens:
+            without, with_ = (time_reuse(store, args, t, reuse) for reuse in (False, True))
+            print(f"{n:>10} {t:>7} {without:>11.4f} {with_:>9.4f} {without / with_:>6.2f}", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--entries", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -85,14 +144,21 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--work-dir", default=None, help="where the stores are written (default: a temp dir)")
+    p.add_argument("--reuse-layers", type=int, default=0,
+                   help="time the reuse of a global context-query search over this many layers instead")
+    p.add_argument("--routed-fraction", type=float, default=0.25,
+                   help="with --reuse-layers: the tokens each layer routes to the function")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; hidden {args.hidden}, key_dim {args.key_dim}, "
           f"topk {args.topk}, value_width {args.value_width}")
-    print(f"{'entries':>10} {'tokens':>7} {'s/step':>9} {'keys scanned/s':>15}")
     with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
+        if args.reuse_layers:
+            main_reuse(args, work)
+            return 0
+        print(f"{'entries':>10} {'tokens':>7} {'s/step':>9} {'keys scanned/s':>15}")
         for n in args.entries:
             store = os.path.join(work, f"store_{n}")
             write_random_store(store, n, args.key_dim, args.value_width, args.vocab)

@@ -42,7 +42,7 @@ class FlamingMoEFeature(Feature):
               "flaming_layer_kind", "flaming_ffn_hidden_size", "flaming_lowrank_rank", "flaming_router",
               "flaming_topk", "flaming_gumbel_temperature", "flaming_aux_loss_coeff", "flaming_z_loss_coeff",
               "flaming_token_dispatcher", "flaming_identity", "flaming_init_seed", "flaming_io_functions",
-              "flaming_io_context_window", "flaming_io_store_swap")
+              "flaming_io_context_window", "flaming_io_store_swap", "flaming_io_reuse_search")
     hf_fields = ("flaming_moe", "flaming_global_functions", "flaming_layer_functions", "flaming_global_kind",
                  "flaming_layer_kind", "flaming_ffn_hidden_size", "flaming_lowrank_rank", "flaming_router",
                  "flaming_topk", "flaming_gumbel_temperature", "flaming_identity", "flaming_io_functions",
@@ -63,26 +63,26 @@ class FlamingMoEFeature(Feature):
             fail("flaming_layer_functions", 0, "FlamingMoE is on but both banks are empty",
                  "set flaming_global_functions and/or flaming_layer_functions > 0, or flaming_moe='off'")
         ep = config.expert_model_parallel_size
-        banks["flaming_layer_functions"] += len(config.flaming_io_functions)  # IO functions join it
-        for name, n in banks.items():
+        io = _io_counts(config)  # IO functions join their bank (`bank=` in their entry)
+        for name, learned in banks.items():
+            n = learned + io[name]
+            size = f"{name}={learned} + {io[name]} IO functions" if io[name] else f"{name}={n}"
             if n and config.flaming_topk > n:
-                fail("flaming_topk", config.flaming_topk, f"exceeds {name}={n}",
+                fail("flaming_topk", config.flaming_topk, f"exceeds the bank size {size}",
                      "choose k no larger than the smallest bank")
             if n and n % ep:
-                fail(name, n, f"is not divisible by expert_model_parallel_size={ep}",
+                fail(name, learned, f"gives a bank of {size}, not divisible by "
+                     f"expert_model_parallel_size={ep}",
                      "use a bank size that is a multiple of the expert-parallel size")
         self._validate_values(config, fail)
         self._validate_io(config, fail)
 
     @staticmethod
     def _validate_io(config, fail) -> None:
-        """IO functions: placement, window, and every source opened now (store files, callable
-        import), so a wrong or missing source fails at start naming it."""
+        """IO functions: window, and every source opened now (store files, callable import), so a
+        wrong or missing source fails at start naming it."""
         if not config.flaming_io_functions:
             return
-        if config.flaming_moe != "between":
-            fail("flaming_moe", config.flaming_moe, "IO functions are wired for the 'between' "
-                 "placement only", "set flaming_moe='between'")
         if config.flaming_io_context_window < 1:
             fail("flaming_io_context_window", config.flaming_io_context_window, "must be >= 1",
                  "use the number of token ids each context row holds, e.g. 8")
@@ -137,15 +137,20 @@ class FlamingMoEFeature(Feature):
         # megatron's finalize_model_grads sums the grads of parameters marked `pipeline_parallel`
         # over the pipeline stages when the config says it has replicated (conditional)
         # embedders: the global FlamingMoE bank is such a replica on every stage.
-        after["has_cond_embedder"] = config.flaming_global_functions > 0
+        after["has_cond_embedder"] = (config.flaming_global_functions > 0
+                                      or _io_counts(config)["flaming_global_functions"] > 0)
         return after
 
     def layer_spec(self, spec, config, use_te):
         sub = spec.submodules
-        if config.flaming_moe == "mlp":  # the block replaces the MLP (uses pre_mlp_layernorm)
-            return replace(spec, submodules=replace(sub, mlp=ModuleSpec(module=FlamingMoE)))
-        # 'between': its own pre-norm (the layer's norm class) and residual between attention and MLP
         kept = {f.name: getattr(sub, f.name) for f in fields(sub)}
+        if config.flaming_moe == "mlp":  # the block replaces the MLP (uses pre_mlp_layernorm)
+            if not config.flaming_io_functions:
+                return replace(spec, submodules=replace(sub, mlp=ModuleSpec(module=FlamingMoE)))
+            # IO functions: Neon's layer hands the block the token context (no block between)
+            return replace(spec, module=FlamingTransformerLayer, submodules=FlamingTransformerLayerSubmodules(
+                **{**kept, "mlp": ModuleSpec(module=FlamingMoE)}))
+        # 'between': its own pre-norm (the layer's norm class) and residual between attention and MLP
         return replace(spec, module=FlamingTransformerLayer, submodules=FlamingTransformerLayerSubmodules(
             **kept, pre_flaming_layernorm=sub.input_layernorm, flaming_moe=ModuleSpec(module=FlamingMoE),
             flaming_bda=get_bias_dropout_add))
@@ -210,6 +215,20 @@ class FlamingMoEFeature(Feature):
 
         mlp = 0 if config.flaming_moe == "mlp" else terms["mlp"]
         return {**terms, "mlp": mlp, "flaming": flaming_macs(config)}
+
+
+def _io_counts(config) -> dict[str, int]:
+    """IO functions per bank (keyed by the bank's learned-size setting), from their `bank=` keys;
+    a malformed entry is a NeonConfigError naming it."""
+    from neon.config import NeonConfigError
+    from neon.flaming.io import IOSourceError, io_specs
+
+    try:
+        specs = io_specs(config)
+    except IOSourceError as e:
+        raise NeonConfigError(f"flaming_io_functions: {e}") from None
+    return {"flaming_global_functions": sum(s.bank == "global" for s in specs),
+            "flaming_layer_functions": sum(s.bank == "layer" for s in specs)}
 
 
 def _block(config) -> tuple[str, str]:

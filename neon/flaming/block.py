@@ -31,10 +31,12 @@ BANKS = ("global", "layer")
 
 
 def bank_size(config, bank: str) -> int:
-    """Functions in the bank; the per-layer bank also holds the IO functions (neon/flaming/io.py)."""
-    if bank == "global":
-        return config.flaming_global_functions
-    return config.flaming_layer_functions + len(io_specs(config))
+    """Functions in the bank: its learned ones, then its IO functions (neon/flaming/io.py)."""
+    return num_learned(config, bank) + len(io_specs(config, bank))
+
+
+def num_learned(config, bank: str) -> int:
+    return config.flaming_global_functions if bank == "global" else config.flaming_layer_functions
 
 
 def bank_kind(config, bank: str) -> str:
@@ -50,15 +52,16 @@ class FunctionBank(MoELayer):
     def __init__(self, config, bank: str, layer_number: Optional[int] = None, pg_collection=None):
         assert bank in BANKS, bank
         n, kind = bank_size(config, bank), bank_kind(config, bank)
-        experts = (ModuleSpec(module=SharedFunctions) if bank == "global"
-                   else ModuleSpec(module=FunctionBankExperts, params={"kind": kind}))
+        experts = ModuleSpec(module=FunctionBankExperts, params={"kind": kind})
         # --- IO functions (neon/flaming/io_bank.py): mixed experts, context-carrying dispatcher
-        has_io = bank == "layer" and bool(io_specs(config))
+        has_io = bool(io_specs(config, bank))
         if has_io:
             from neon.flaming.io_bank import MixedFunctionExperts
 
-            experts = ModuleSpec(module=MixedFunctionExperts,
-                                 params={"kind": kind, "num_learned": config.flaming_layer_functions})
+            experts = ModuleSpec(module=MixedFunctionExperts, params={
+                "kind": kind, "num_learned": num_learned(config, bank), "bank": bank})
+        if bank == "global":  # the model's one module (`attach_global_bank`), with or without IO
+            experts = ModuleSpec(module=SharedFunctions)
         router = functools.partial(FlamingRouter, bank=bank, mode=config.flaming_router,
                                    temperature=config.flaming_gumbel_temperature)
         super().__init__(bank_config(config, n, kind),
@@ -99,7 +102,7 @@ class FlamingMoE(MegatronModule):
         pg_collection = pg_collection or get_default_pg_collection()
         self.identity = config.flaming_identity
         self.global_bank = (FunctionBank(config, "global", layer_number, pg_collection)
-                            if config.flaming_global_functions else None)
+                            if bank_size(config, "global") else None)
         self.layer_bank = (FunctionBank(config, "layer", layer_number, pg_collection)
                            if bank_size(config, "layer") else None)
         if layer_number is not None:  # the routers log their losses per layer
@@ -127,13 +130,20 @@ class FlamingMoE(MegatronModule):
 
 
 def build_global_bank(config, pg_collection=None) -> FunctionBankExperts:
-    """The global bank's functions (this rank's EP shard), initialised from the config's seed
-    alone so that every pipeline stage builds the same replica."""
+    """The global bank's functions (this rank's EP shard: learned, then `bank=global` IO
+    functions), initialised from the config's seed alone so that every pipeline stage builds
+    the same replica (the IO functions' learned parts too)."""
     pg_collection = pg_collection or get_default_pg_collection()
-    n = config.flaming_global_functions
-    cfg = bank_config(config, n, config.flaming_global_kind)
-    bank = FunctionBankExperts(n // pg_collection.ep.size(), cfg, kind=config.flaming_global_kind,
-                               pg_collection=pg_collection)
+    n, kind = bank_size(config, "global"), config.flaming_global_kind
+    cfg = bank_config(config, n, kind)
+    local = n // pg_collection.ep.size()
+    if io_specs(config, "global"):
+        from neon.flaming.io_bank import MixedFunctionExperts
+
+        bank = MixedFunctionExperts(local, cfg, kind=kind, pg_collection=pg_collection,
+                                    num_learned=config.flaming_global_functions, bank="global")
+    else:
+        bank = FunctionBankExperts(local, cfg, kind=kind, pg_collection=pg_collection)
     bank.reset_parameters_deterministic(config.flaming_init_seed)
     bank.replicated_over_pipeline = True
     for p in bank.parameters():
@@ -148,10 +158,17 @@ def flaming_blocks(model: torch.nn.Module) -> list[FlamingMoE]:
 
 def attach_global_bank(model: torch.nn.Module, config, pg_collection=None) -> Optional[FunctionBankExperts]:
     """Give `model` (one pipeline stage) its replica of the global bank as
-    `model.flaming_global_functions` and point every layer's global bank at it."""
-    if config.flaming_moe == "off" or not config.flaming_global_functions:
+    `model.flaming_global_functions` and point every layer's global bank at it. The replicas
+    after the first stage's are marked `shared` (as megatron marks the last stage's copy of
+    tied embeddings), so the gradient norm (and clipping) counts the bank once."""
+    if config.flaming_moe == "off" or not bank_size(config, "global"):
         return None
     bank = build_global_bank(config, pg_collection)
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_rank() > 0 or (getattr(model, "vp_stage", None) or 0) > 0:
+        for p in bank.parameters():  # a replica: megatron's grad norm counts it once, on stage 0
+            p.shared = True
     model.flaming_global_functions = bank
     for block in flaming_blocks(model):
         block.global_bank.experts.attach(bank)

@@ -1,6 +1,6 @@
 """Multiply-adds per token of a FlamingMoE block, for Neon's FLOP count (neon/training/flops.py).
 
-Per layer, for each bank of n > 0 functions (the per-layer bank: F learned + m IO functions):
+Per layer, for each bank of n > 0 functions (F learned + the m IO functions of that bank):
 
     router                 d * n                          (logits = W_r x', every token)
     routed functions       k * mean_f macs(f)             (top-k; the mean: uniform routing)
@@ -64,12 +64,8 @@ def flaming_macs(config) -> float:
         n = bank_size(config, bank)
         if not n:
             continue
-        costs = [function_macs(config, bank_kind(config, bank))] * (n - _io_count(config, bank))
-        if bank == "layer":
-            costs += [io_function_macs(config, spec) for spec in io_specs(config)]
+        specs = io_specs(config, bank)
+        costs = [function_macs(config, bank_kind(config, bank))] * (n - len(specs))
+        costs += [io_function_macs(config, spec) for spec in specs]
         total += config.hidden_size * n + config.flaming_topk * sum(costs) / n
     return total
-
-
-def _io_count(config, bank: str) -> int:
-    return len(io_specs(config)) if bank == "layer" else 0

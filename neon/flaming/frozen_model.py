@@ -305,6 +305,9 @@ class ModelFunction(IOFunction):
         self.columns = context_layout(config)[spec.name]
         self.build_out(self.hidden)
 
+    def own_context(self, context):
+        return context  # the token context and the packed states after it
+
     def read(self, hidden_states, context):
         start, n = self.columns
         if context.shape[1] < start + n:

@@ -105,9 +105,12 @@ class FunctionBankExperts(SequentialMLP):
                     p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        return self.main_replica_on_first_stage(super().sharded_state_dict(prefix, sharded_offsets, metadata))
+
+    def main_replica_on_first_stage(self, sd: dict) -> dict:
+        """The global bank (one replica per pipeline stage): one copy in the checkpoint, the
+        first stage's replica is the main one. A per-layer bank's entries are left as they are."""
         if getattr(self, "replicated_over_pipeline", False):
-            # one copy in the checkpoint: the first stage's replica is the main one
             from megatron.core import parallel_state
 
             pp_rank = parallel_state.get_pipeline_model_parallel_rank()
@@ -139,8 +142,11 @@ class SharedFunctions(MegatronModule):
                                "neon.model.build_model (or call neon.flaming.attach_global_bank)")
         return self._bank[0]
 
-    def forward(self, tokens, tokens_per_expert, probs):
-        return self.bank(tokens, tokens_per_expert, probs)
+    def forward(self, tokens, tokens_per_expert, probs, context=None):
+        """The global bank's forward; with IO functions in it, their tokens' context [T, C]."""
+        if context is None:
+            return self.bank(tokens, tokens_per_expert, probs)
+        return self.bank(tokens, tokens_per_expert, probs, context=context)
 
     def backward_dw(self):
         pass

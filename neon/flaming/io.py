@@ -21,8 +21,13 @@ Config: `flaming_io_functions`, one string per function, comma-separated key=val
 
     "name=anchor,kind=model,source=/models/small_lm,layer=-1"      (neon/flaming/frozen_model.py)
 
-`name` and `kind` ('store' | 'callable' | 'model') and `source` are required; IO functions join the
-per-layer bank after its `flaming_layer_functions` learned ones (bank index F, F+1, ...).
+    "name=facts,kind=store,source=/data/facts_store,query=context,bank=global"
+
+`name` and `kind` ('store' | 'callable' | 'model') and `source` are required. `bank` says which
+bank the function sits in: 'layer' (the default) joins the per-layer bank after its
+`flaming_layer_functions` learned ones (bank index F, F+1, ...), one function per layer;
+'global' joins the global bank after its `flaming_global_functions` learned ones, one function
+shared by every layer (each layer routes to it with its own router).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 
 IO_KINDS = ("store", "callable", "model")
+BANKS = ("global", "layer")
 QUERY_KINDS = ("context", "hidden")
 RETURN_KINDS = ("tokens", "vectors")
 CONTEXT_FIXED_COLUMNS = 2  # position, sequence; then the W ids
@@ -56,6 +62,7 @@ class IOFunctionSpec:
     embed_dim: int = 0       # own embedding width of returned/stored tokens (0: hidden size)
     layer: int = -1          # model: the frozen model's hidden state (0 = embeddings, -1 = last)
     tokenizer: str = ""      # model: Neon's sentencepiece model, to re-tokenize for another vocabulary
+    bank: str = "layer"      # 'layer': one function per layer; 'global': one shared by all layers
 
     def where(self) -> str:
         return f"IO function {self.name!r} ({self.kind} {self.source!r})"
@@ -95,7 +102,8 @@ def parse_spec(text: str) -> IOFunctionSpec:
 
 
 def _check_choices(spec: IOFunctionSpec) -> None:
-    for key, choices in (("kind", IO_KINDS), ("query", QUERY_KINDS), ("returns", RETURN_KINDS)):
+    for key, choices in (("kind", IO_KINDS), ("query", QUERY_KINDS), ("returns", RETURN_KINDS),
+                         ("bank", BANKS)):
         if getattr(spec, key) not in choices:
             raise IOSourceError(f"{spec.where()}: {key}={getattr(spec, key)!r} is not one of "
                                 f"{choices}. Fix: use one of them.")
@@ -106,14 +114,26 @@ def _check_choices(spec: IOFunctionSpec) -> None:
         raise IOSourceError(f"{spec.where()}: temperature={spec.temperature} must be > 0.")
 
 
-def io_specs(config) -> list[IOFunctionSpec]:
+def io_specs(config, bank: Optional[str] = None) -> list[IOFunctionSpec]:
+    """The configured IO functions (all, or those of `bank`: 'global' | 'layer'), in config order."""
     specs = [parse_spec(t) for t in (getattr(config, "flaming_io_functions", None) or ())]
     names = [s.name for s in specs]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise IOSourceError(f"flaming_io_functions names {sorted(dup)} more than once. Fix: give "
                             "each IO function its own name.")
-    return specs
+    return [s for s in specs if bank is None or s.bank == bank]
+
+
+def canonical_entries(entries) -> list[dict]:
+    """Each entry as its parsed fields (defaults filled in, so 'bank=layer' equals no bank key),
+    without `source`: what the architecture check compares (neon/training/model_match.py)."""
+    out = []
+    for spec in (parse_spec(e) for e in entries or ()):
+        fields = dataclasses.asdict(spec)
+        fields.pop("source")
+        out.append(fields)
+    return out
 
 
 # --- the token context ---------------------------------------------------------------------------
@@ -167,6 +187,11 @@ class IOFunction(MegatronModule):
 
     def read(self, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def own_context(self, context: torch.Tensor) -> torch.Tensor:
+        """The dispatched context [T, C] -> the columns this function reads: the token context
+        [T, 2 + W] (functions with columns appended after it override this)."""
+        return base_context(context, self.config.flaming_io_context_window)
 
     def forward(self, hidden_states, per_token_scale=None, context=None, **_):
         if context is None:

@@ -1,7 +1,11 @@
 """A FlamingMoE bank holding IO functions: its experts and its forward pass with the context.
 
-The per-layer bank is [learned f_0 .. f_{F-1}, IO g_0 .. g_{m-1}] (n = F + m, F may be 0: an IO
-bank of its own), sharded over expert parallelism like any bank (n / EP per rank, contiguous).
+A bank with IO functions is [learned f_0 .. f_{F-1}, IO g_0 .. g_{m-1}] (n = F + m, F may be 0:
+an IO bank of its own), sharded over expert parallelism like any bank (n / EP per rank,
+contiguous). The per-layer bank's are the `bank=layer` IO functions after
+`flaming_layer_functions` learned ones, one set per layer; the global bank's are the
+`bank=global` ones after `flaming_global_functions`, one set per pipeline stage owned by the
+model and run by every layer's global bank through `SharedFunctions` (neon/flaming/block.py).
 Routing, dispatch and combine are megatron's; the dispatcher is the context-carrying subclass
 (megatron_plugins/context_dispatch.py), so every function receives its tokens' context rows in
 the same order as their hidden states:
@@ -18,16 +22,16 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from megatron_plugins.context_dispatch import context_dispatcher
 from neon.flaming.functions import FunctionBankExperts
-from neon.flaming.io import base_context, build_io_function, io_specs
+from neon.flaming.io import build_io_function, io_specs
 
 
 class MixedFunctionExperts(FunctionBankExperts):
     """This rank's slice of a bank of F learned functions followed by IO functions."""
 
     def __init__(self, num_local_experts: int, config, kind: str = "linear", pg_collection=None,
-                 num_learned: int = 0):
+                 num_learned: int = 0, bank: str = "layer"):
         super().__init__(num_local_experts, config, kind=kind, pg_collection=pg_collection)
-        specs = io_specs(config)
+        specs = io_specs(config, bank)
         self.num_learned = num_learned
         for i in range(num_local_experts):
             g = self.first_function + i
@@ -43,13 +47,11 @@ class MixedFunctionExperts(FunctionBankExperts):
     def forward(self, tokens, tokens_per_expert, probs, context=None):
         """tokens [T, d], tokens_per_expert [local], probs [T], context [T, C] -> ([T, d], None)."""
         counts = tokens_per_expert.tolist()
-        window = self.config.flaming_io_context_window
         outs = []
         for expert, x, p, c in zip(self.local_experts, torch.split(tokens, counts),
                                    torch.split(probs, counts), torch.split(context, counts)):
-            if getattr(expert, "is_io", False):  # a `model` function reads its packed states
-                own = c if expert.spec.kind == "model" else base_context(c, window)
-                y, _ = expert(x, p, context=own)
+            if getattr(expert, "is_io", False):  # the context columns this function reads
+                y, _ = expert(x, p, context=expert.own_context(c))
             else:
                 y, _ = expert(x, p)
             outs.append(y)
@@ -83,7 +85,7 @@ class MixedFunctionExperts(FunctionBankExperts):
             for sh in sd.values():  # replicated over expert-DP (modulo EP), as megatron's experts
                 sh.replica_id = (*sh.replica_id[:2], self.dp_group.rank())
             out.update(sd)
-        return out
+        return self.main_replica_on_first_stage(out)
 
 
 def use_context_dispatcher(bank, pg_collection) -> None:

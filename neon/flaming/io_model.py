@@ -8,6 +8,10 @@ argument, recomputed with the layers under activation recompute, never state kep
 With `model` IO functions the stage also holds the frozen models (`self.frozen_models`, a plain
 dict: not submodules, so not in the optimizer or the state dict); each runs once per micro-batch
 here and its states are appended to the context (neon/flaming/frozen_model.py).
+
+With `context`-query store functions in the global bank, the stage searches each store once per
+micro-batch for all its tokens and appends the entry indices to the context, for every layer to
+reuse (`context_searches`, a plain dict; neon/flaming/search_reuse.py).
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from megatron.core.models.gpt import GPTModel
 
 from neon.flaming.frozen_model import append_frozen_states, build_frozen_models
 from neon.flaming.io import token_context
+from neon.flaming.search_reuse import append_searches, build_context_searches
 
 
 class IOGPTModel(GPTModel):
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         self.frozen_models = build_frozen_models(config)  # {source: FrozenModel}, unregistered
+        self.context_searches = build_context_searches(config)  # {name: ContextSearch}, unregistered
 
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
                 inference_context=None, packed_seq_params=None, extra_block_kwargs=None, *args,
@@ -31,6 +37,7 @@ class IOGPTModel(GPTModel):
                                "pipeline stage (they give the token context)")
         ctx = token_context(input_ids, self.config.flaming_io_context_window, position_ids)
         ctx = append_frozen_states(ctx, input_ids, self.config, self.frozen_models)
+        ctx = append_searches(ctx, self.context_searches)  # [s, b, C + reused indices]
         extra_block_kwargs = {**(extra_block_kwargs or {}), "context": ctx}
         return super().forward(input_ids, position_ids, attention_mask, decoder_input, labels,
                                inference_context, packed_seq_params, extra_block_kwargs, *args,

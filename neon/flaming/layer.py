@@ -4,14 +4,20 @@
     h = h + FlamingMoE(RMSNorm_flaming(h))        (this layer's addition)
     h = h + MLP(RMSNorm(h))                       (megatron's TransformerLayer)
 
-For the other placement ('mlp') the block is the layer's `mlp` submodule and no subclass is needed.
+For the other placement ('mlp') the block is the layer's `mlp` submodule: megatron's
+TransformerLayer runs it, or, with IO functions, this class (its `flaming_moe` an IdentityOp),
+which hands the block the token context:
+
+    h = h + FlamingMoE(pre_mlp_layernorm(h), context)   (the MLP's place, its norm and residual)
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Union
 
+from megatron.core import tensor_parallel
 from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
@@ -42,15 +48,28 @@ class FlamingTransformerLayer(TransformerLayer):
         the FlamingMoE block. The context arrives as megatron's `context` argument (which the
         block threads through every layer and through activation recompute; the cross-attention
         that would read it is an IdentityOp in Neon's layers) and is returned unchanged."""
-        if not getattr(self.flaming_moe, "has_io", False):
+        between, in_mlp = (getattr(m, "has_io", False) for m in (self.flaming_moe, self.mlp))
+        if not (between or in_mlp):
             return super().forward(*args, **kwargs)
         kwargs.pop("dynamic_inference_decode_only", None)
         token_context = kwargs.get("context")
         hidden_states, context = self._forward_attention(*args, **kwargs)
+        if in_mlp:  # 'mlp' placement
+            return self._forward_flaming_mlp(hidden_states, token_context, kwargs.get("padding_mask")), context
         hidden_states = self._forward_flaming(hidden_states, token_context)
         output = TransformerLayer._forward_mlp(self, hidden_states, kwargs.get("inference_context"),
                                                padding_mask=kwargs.get("padding_mask"))
         return output, context
+
+    def _forward_flaming_mlp(self, hidden_states, token_context, padding_mask=None):
+        """'mlp' placement with IO functions: megatron's _forward_mlp steps (pre-MLP norm, the
+        block in the MLP's place, with selective MLP recompute if configured, then the MLP's
+        bias-dropout-add), the token context handed to the block."""
+        residual = hidden_states
+        pre = self._forward_pre_mlp_layernorm(hidden_states)
+        mlp = functools.partial(self.mlp, padding_mask=padding_mask, context=token_context)
+        out = tensor_parallel.checkpoint(mlp, False, pre) if self.recompute_mlp else mlp(pre)
+        return self._forward_post_mlp(out, residual)
 
     def _forward_flaming(self, hidden_states, token_context=None):
         """h + FlamingMoE(norm(h)) with the layer's bias-dropout-add."""

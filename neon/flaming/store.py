@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from neon.flaming.encoder import NgramEncoder
-from neon.flaming.io import IOFunction, IOFunctionSpec, IOSourceError, context_ids
+from neon.flaming.io import IOFunction, IOFunctionSpec, IOSourceError, base_context, context_ids
 
 FORMAT, VERSION = "neon-flaming-store", 1
 KEYS, VALUES, META = "keys.f32", "values.bin", "meta.json"
@@ -166,6 +166,15 @@ class StoreFunction(IOFunction):
         else:
             value_dim = meta["value_width"]
         self.build_out(value_dim)
+        from neon.flaming.search_reuse import search_layout
+
+        # (first column, k) of the indices the model searched once per micro-batch, or None
+        self.reused_columns = search_layout(config).get(spec.name) if spec.bank == "global" else None
+        self.searched_rows = 0  # queries this function searched itself (not reused)
+
+    def own_context(self, context):
+        """The token context, and the reused search's index columns after it when there are."""
+        return context if self.reused_columns else super().own_context(context)
 
     def query(self, hidden_states, context):
         if self.spec.query == "context":
@@ -181,9 +190,19 @@ class StoreFunction(IOFunction):
         emb = self.value_embedding(raw.long().clamp(min=0)) * (raw >= 0).unsqueeze(-1)  # [T, k, M, e]
         return emb.flatten(2)
 
+    def search(self, q: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The top-k entry indices [T, k]: the model's once-per-micro-batch search when the
+        context carries it (neon/flaming/search_reuse.py), else this function's own search."""
+        if self.reused_columns is not None:
+            start, k = self.reused_columns
+            if context.shape[1] >= start + k:
+                return context[:, start:start + k].cpu()
+        self.searched_rows += q.shape[0]
+        return exact_topk(q, self.store.keys, self.spec.topk)[1]
+
     def read(self, hidden_states, context):
-        q = self.query(hidden_states, context)  # [T, K]
-        _, idx = exact_topk(q, self.store.keys, self.spec.topk)  # [T, k]
+        q = self.query(hidden_states, base_context(context, self.config.flaming_io_context_window))  # [T, K]
+        idx = self.search(q, context)  # [T, k]
         sel = torch.from_numpy(np.array(self.store.keys[idx.reshape(-1).numpy()]))
         sel = sel.view(*idx.shape, -1).to(q.device)  # [T, k, K]
         scores = (q.unsqueeze(1) * sel).sum(-1)  # [T, k], differentiable in q
@@ -200,19 +219,21 @@ class StoreFunction(IOFunction):
 
 def swap_store(model: torch.nn.Module, name: str, path: str) -> int:
     """Attach another store to every StoreFunction named `name` (evaluation or generation
-    without retraining: the knowledge lives outside the weights). Its encoder and value
-    layout must match the current store's. Returns the number of functions swapped."""
-    swapped = 0
-    for m in model.modules():
-        if isinstance(m, StoreFunction) and m.spec.name == name:
-            new = open_store(path, where=m.spec.where())
-            old = m.store.meta
-            for key in ("encoder", "values", "value_width", "key_dim"):
-                if new.meta[key] != old[key]:
-                    _fail(m.spec.where(), path, f"has {key}={new.meta[key]!r}, the attached store "
-                          f"has {old[key]!r}", "swap in a store built with the same encoder and values")
-            m.store = new
-            swapped += 1
-    if not swapped:
+    without retraining: the knowledge lives outside the weights), and to the model's
+    once-per-micro-batch search of it (neon/flaming/search_reuse.py). Its encoder and value
+    layout must match the current store's. Returns the number of functions and searches swapped."""
+    users = [m for m in model.modules() if isinstance(m, StoreFunction) and m.spec.name == name]
+    users += [search for m in model.modules()
+              for n, search in (getattr(m, "context_searches", None) or {}).items() if n == name]
+    if not users:
         raise IOSourceError(f"no store IO function named {name!r} in the model")
-    return swapped
+    where = users[0].spec.where()
+    new = open_store(path, where=where)
+    old = users[0].store.meta
+    for key in ("encoder", "values", "value_width", "key_dim"):
+        if new.meta[key] != old[key]:
+            _fail(where, path, f"has {key}={new.meta[key]!r}, the attached store has {old[key]!r}",
+                  "swap in a store built with the same encoder and values")
+    for user in users:
+        user.store = new
+    return len(users)

@@ -56,15 +56,23 @@ MAY_DIFFER = frozenset({
     "masked_softmax_fusion", "bias_dropout_fusion", "apply_rope_fusion", "persist_layer_norm",
     "gradient_accumulation_fusion", "flaming_aux_loss_coeff", "flaming_z_loss_coeff",
     "flaming_token_dispatcher", "flaming_gumbel_temperature", "flaming_init_seed", "flaming_io_store_swap",
+    "flaming_io_reuse_search",  # where a global-bank context search is done, not what it finds
 })
 # compared without their `source=`: each IO function's checkpoint state records its source
 # identity (path, size, content hash) and checks it at load, where flaming_io_store_swap may allow another
 SOURCES_CHECKED_AT_LOAD = frozenset({"flaming_io_functions"})
 
 
-def _without_sources(entries) -> list[str]:
-    return [",".join(p for p in str(e).split(",") if not p.strip().startswith("source="))
-            for e in entries or ()]
+def _without_sources(entries) -> list:
+    """IO entries as parsed fields without `source` (defaults filled in: `bank=layer` is the same
+    as no bank key); entries that do not parse, as their text without `source=`."""
+    from neon.flaming.io import IOSourceError, canonical_entries
+
+    try:
+        return canonical_entries(entries)
+    except IOSourceError:
+        return [",".join(p for p in str(e).split(",") if not p.strip().startswith("source="))
+                for e in entries or ()]
 
 
 def defaults() -> dict:

@@ -47,3 +47,44 @@ def test_hf_config_rejects_unknown_flaming_values():
         NeonHFConfig(flaming_moe="middle")
     with pytest.raises(ValueError, match="flaming_layer_kind"):
         NeonHFConfig(flaming_moe="mlp", flaming_layer_functions=4, flaming_layer_kind="cubic")
+
+
+CALL = "name=add,kind=callable,source=tests.neon.io_callables:sum_last_two"
+
+
+@pytest.mark.parametrize("overrides,setting,fix", [
+    (dict(flaming_io_functions=[CALL + ",bank=middle"]), "flaming_io_functions", "bank='middle'"),
+    (dict(flaming_global_functions=2, expert_model_parallel_size=2, flaming_io_functions=[CALL + ",bank=global"]),
+     "flaming_global_functions=2", "multiple of the expert-parallel size"),
+    (dict(flaming_global_functions=1, flaming_topk=3, flaming_io_functions=[CALL + ",bank=global"]),
+     "flaming_topk=3", "smallest bank"),
+], ids=["bad bank", "global bank + IO over EP", "topk over global bank + IO"])
+def test_bad_io_bank_names_setting_and_fix(overrides, setting, fix):
+    assert_names_setting_and_fix({**GOOD, "flaming_topk": 1, **overrides}, setting, fix)
+
+
+def test_global_io_functions_join_the_global_bank():
+    """An IO-only global bank is a global bank: its replicas' gradients are summed over stages,
+    its functions counted in the FLOPs as the global bank's."""
+    from neon.flaming.block import bank_size
+    from neon.flaming.flops import flaming_macs, io_function_macs
+    from neon.flaming.io import io_specs
+
+    cfg = NeonConfig(**{**GOOD, "flaming_global_functions": 0, "flaming_topk": 1,
+                        "flaming_io_functions": [CALL + ",width=2,bank=global", CALL.replace("add", "sub")]})
+    assert cfg.has_cond_embedder
+    assert bank_size(cfg, "global") == 1 and bank_size(cfg, "layer") == 5
+    assert [s.name for s in io_specs(cfg, "global")] == ["add"] and io_specs(cfg, "layer")[0].name == "sub"
+    d = cfg.hidden_size
+    glob, sub = (io_function_macs(cfg, s) for s in io_specs(cfg))  # the global bank: router + its one function
+    assert flaming_macs(cfg) == d * 1 + glob + d * 5 + (4 * d * d + sub) / 5
+
+
+def test_architecture_check_compares_io_banks_not_sources():
+    from neon.training.model_match import differences
+
+    saved = {"flaming_io_functions": [CALL]}
+    same = {"flaming_io_functions": [CALL.replace("sum_last_two", "other") + ",bank=layer"]}
+    moved = {"flaming_io_functions": [CALL + ",bank=global"]}
+    assert differences(saved, same) == []  # another source (checked at load) and the default bank
+    assert [d[0] for d in differences(saved, moved)] == ["flaming_io_functions"]

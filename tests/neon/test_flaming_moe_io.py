@@ -4,8 +4,11 @@ the same routing; the store read by brute force over the whole key file (read wi
 the memmap code), the `context` query from an independent implementation of the documented
 encoder. Outputs and the gradients of the learned parts (router, learned function, query and
 output projections, value and callable embeddings) agree in fp32 at EP=1 and EP=2, with the
-alltoall and the allgather dispatcher, in real gloo processes. The callable sees only context
-rows made of its token and earlier tokens of the same sequence."""
+alltoall and the allgather dispatcher, in real gloo processes, for the bank in each place: the
+per-layer bank, and the global bank (the model-level module run through the layer's
+SharedFunctions, its `context` query's search done once for all tokens and carried in the
+context: neon/flaming/search_reuse.py). The callable sees only context rows made of its token
+and earlier tokens of the same sequence."""
 
 import os
 
@@ -15,9 +18,10 @@ import torch
 from megatron.core import parallel_state
 
 from neon.config import NeonConfig
-from neon.flaming.block import FlamingMoE
+from neon.flaming.block import FlamingMoE, build_global_bank
 from neon.flaming.encoder import describe
 from neon.flaming.io import token_context
+from neon.flaming.search_reuse import append_searches, build_context_searches
 from neon.flaming.store_build import write_store
 from tests.dist import run_distributed
 from tests.neon import io_callables
@@ -38,16 +42,36 @@ def build_test_store(path: str) -> str:
     return path
 
 
-def io_config(store: str, dispatcher: str) -> NeonConfig:
-    io = [f"name=facts_h,kind=store,source={store},query=hidden,topk={TOPK},temperature=0.5,embed_dim=6",
-          f"name=facts_c,kind=store,source={store},query=context,topk={TOPK},embed_dim=6",
-          f"name=add,kind=callable,source=tests.neon.io_callables:recording_sum,width={WIDTH},embed_dim=5"]
+def io_config(store: str, dispatcher: str, bank: str = "layer", **extra) -> NeonConfig:
+    """The bank [learned, store (hidden), store (context), callable] as the per-layer or the global bank."""
+    where = f",bank={bank}"
+    io = [f"name=facts_h,kind=store,source={store},query=hidden,topk={TOPK},temperature=0.5,embed_dim=6{where}",
+          f"name=facts_c,kind=store,source={store},query=context,topk={TOPK},embed_dim=6{where}",
+          f"name=add,kind=callable,source=tests.neon.io_callables:recording_sum,width={WIDTH},embed_dim=5{where}"]
+    learned = dict(flaming_global_functions=1, flaming_layer_functions=0) if bank == "global" else \
+        dict(flaming_global_functions=0, flaming_layer_functions=1)
     return NeonConfig(num_layers=2, hidden_size=D, num_attention_heads=2, ffn_hidden_size=24, vocab_size=V,
-                      max_position_embeddings=16, flaming_moe="between", flaming_layer_functions=1,
+                      max_position_embeddings=16, flaming_moe="between", **learned,
                       flaming_io_functions=io, flaming_io_context_window=W, flaming_router="topk",
                       flaming_topk=2, flaming_token_dispatcher=dispatcher,
                       expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
-                      pipeline_dtype=torch.float32)
+                      pipeline_dtype=torch.float32, **extra)
+
+
+def io_block(cfg: NeonConfig, bank: str):
+    """(block, its bank with the IO functions, the module holding this rank's functions)."""
+    block = FlamingMoE(cfg, layer_number=1)
+    if bank == "layer":
+        return block, block.layer_bank, block.layer_bank.experts
+    functions = build_global_bank(cfg)  # what attach_global_bank gives the model
+    block.global_bank.experts.attach(functions)
+    return block, block.global_bank, functions
+
+
+def block_context(cfg: NeonConfig, ids: torch.Tensor, bank: str) -> torch.Tensor:
+    """The context IOGPTModel builds: with the global bank, the reused search's columns after it."""
+    ctx = token_context(ids, W)
+    return append_searches(ctx, build_context_searches(cfg)) if bank == "global" else ctx
 
 
 # --- the plain-PyTorch reference ---------------------------------------------------------------
@@ -112,25 +136,30 @@ def module_param(expert, g: int, name: str):
     return expert.get_parameter(NAMES[name])
 
 
-# --- the check in each process ---------------------------------------------------------------
-
-
-def _case(store: str, dispatcher: str) -> dict:
-    ep = parallel_state.get_expert_model_parallel_world_size()
-    rank = parallel_state.get_expert_model_parallel_rank()
+def read_store(store: str):
+    """The store's raw files with numpy (not the memmap code): keys [N, K], values [N, M] int64."""
     meta_n = os.path.getsize(os.path.join(store, "keys.f32")) // (4 * KEY_DIM)
     keys = torch.from_numpy(np.fromfile(os.path.join(store, "keys.f32"), np.float32).reshape(meta_n, KEY_DIM))
     values = torch.from_numpy(np.fromfile(os.path.join(store, "values.bin"), np.int32).reshape(meta_n, WIDTH)).long()
+    return keys, values
+
+
+# --- the check in each process ---------------------------------------------------------------
+
+
+def _case(store: str, dispatcher: str, bank: str) -> dict:
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    rank = parallel_state.get_expert_model_parallel_rank()
+    keys, values = read_store(store)
     gen = torch.Generator().manual_seed(5)
     w_router, params = torch.randn(N_FUNCS, D, generator=gen), make_params(gen)
     xs = [torch.randn(SEQ, BATCH, D, generator=gen) for _ in range(ep)]
     ids = [torch.randint(0, V, (BATCH, SEQ), generator=gen) for _ in range(ep)]
     rs = [torch.randn(SEQ, BATCH, D, generator=gen) for _ in range(ep)]
 
-    block = FlamingMoE(io_config(store, dispatcher), layer_number=1)
-    bank = block.layer_bank
-    local = bank.experts.local_experts
-    first = bank.experts.first_function
+    cfg = io_config(store, dispatcher, bank)
+    block, bank, functions = io_block(cfg, bank)
+    local, first = functions.local_experts, functions.first_function
     with torch.no_grad():
         bank.router.weight.copy_(w_router)
         for i, expert in enumerate(local):
@@ -138,7 +167,7 @@ def _case(store: str, dispatcher: str) -> dict:
                 module_param(expert, first + i, name).copy_(t)
     io_callables.RECORDED.clear()
     x = xs[rank].clone().requires_grad_(True)
-    out, _ = block(x, context=token_context(ids[rank], W))
+    out, _ = block(x, context=block_context(cfg, ids[rank], bank.bank))
     (out * rs[rank]).sum().backward()
 
     ref_w = w_router.clone().requires_grad_(True)
@@ -164,11 +193,12 @@ def _case(store: str, dispatcher: str) -> dict:
     causal = all(bool((expected == row).all(1).any()) for row in rows)
     return dict(out=(out.detach(), ref_out), dx=(x.grad, ref_dx),
                 grads={k: (a if a is not None else torch.zeros_like(b), b) for k, (a, b) in grads.items()},
-                causal=causal, seen=len(rows), usage=bank.usage.tolist())
+                causal=causal, seen=len(rows), usage=bank.usage.tolist(),
+                own_searches={e.spec.name: e.searched_rows for e in local if hasattr(e, "searched_rows")})
 
 
 def check_io_parity(store: str):
-    return {d: _case(store, d) for d in ("alltoall", "allgather")}
+    return {(bank, d): _case(store, d, bank) for bank in ("layer", "global") for d in ("alltoall", "allgather")}
 
 
 def bound(ref: torch.Tensor) -> float:
@@ -186,14 +216,18 @@ def test_io_block_matches_dense_reference(ep, tmp_path):
     per_rank = run_distributed(check_io_parity, ep, ep=ep, kwargs={"store": store}, timeout=300)
     seen = 0
     for results in per_rank:
-        for dispatcher, r in results.items():
+        for case, r in results.items():
             for key in ("out", "dx"):
                 got, ref = r[key]
-                assert (got - ref).abs().max().item() <= bound(ref), (dispatcher, key)
+                assert (got - ref).abs().max().item() <= bound(ref), (case, key)
             for key, (got, ref) in r["grads"].items():
-                assert ref.abs().max() > 1e-3, (dispatcher, key, "reference gradient is degenerate")
-                assert (got - ref).abs().max().item() <= bound(ref), (dispatcher, key)
-            assert r["causal"], (dispatcher, "the callable saw a context row with later tokens")
-            assert min(r["usage"]) >= 2, (dispatcher, "routing left a function unused", r["usage"])
+                assert ref.abs().max() > 1e-3, (case, key, "reference gradient is degenerate")
+                assert (got - ref).abs().max().item() <= bound(ref), (case, key)
+            assert r["causal"], (case, "the callable saw a context row with later tokens")
+            assert min(r["usage"]) >= 2, (case, "routing left a function unused", r["usage"])
+            if "facts_c" in r["own_searches"]:  # the global bank reads the model's one search
+                assert (r["own_searches"]["facts_c"] == 0) == (case[0] == "global"), (case, r)
+            if "facts_h" in r["own_searches"]:  # a `hidden` query searches in every layer
+                assert r["own_searches"]["facts_h"] > 0, (case, r)
             seen += r["seen"]
     assert seen > 0

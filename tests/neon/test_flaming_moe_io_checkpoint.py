@@ -1,7 +1,9 @@
 """FlamingMoE IO functions through pretrain_neon.py (real torchrun, gloo, test corpus): the IO
-list from a YAML file and from flags, distributed checkpoints of a bank [learned, store,
-callable] (learned parts sharded, sources recorded and checked at load, a swap only when asked
-for), an exact resume, and every bad source ending with a clear error and no checkpoint."""
+list from a YAML file and from flags, distributed checkpoints of a per-layer bank [learned,
+learned, store, callable] and a global bank [learned, store (context query, searched once per
+micro-batch)] (learned parts sharded, the global bank's stored once, sources recorded and
+checked at load, a swap only when asked for), an exact resume, and every bad source ending with
+a clear error and no checkpoint."""
 
 from pathlib import Path
 
@@ -32,11 +34,12 @@ def io_args(corpus, store: str, yaml_file: Path, callable_spec: str = CALLABLE, 
     both entries given as two arguments of --flaming-io-functions)."""
     yaml_file.write_text("model:\n  flaming_io_functions: name=facts,kind=store,source=/not/used\n")
     values = dict(num_layers=2, train_iters=N, eval_interval=N, flaming_moe="between", flaming_layer_functions=2,
-                  flaming_topk=1, flaming_io_context_window=4,
+                  flaming_global_functions=1, flaming_topk=1, flaming_io_context_window=4,
                   flaming_router="topk")  # Gumbel: see the note in docs/flaming_moe.md (resume)
     values.update(overrides)
     return ["--config", str(yaml_file), *tiny_args(*corpus, **values), "--flaming-io-functions",
-            f"name=facts,kind=store,source={store},query=context,topk=2", callable_spec]
+            f"name=facts,kind=store,source={store},query=context,topk=2", callable_spec,
+            f"name=shared,kind=store,source={store},query=context,topk=2,bank=global"]
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +72,14 @@ def test_io_run_saves_sources_and_resumes_exactly(corpus, trained, tmp_path):
         assert f"{layer}io_functions.{name}.{param}" in keys, sorted(k for k in keys if "io_" in k)
     for name in ("facts", "add"):  # one per layer (the layer axis)
         assert sum(k.startswith(f"{layer}io_functions.{name}._extra_state/") for k in keys) == 2
+    # the global bank: its learned function on the expert axis and its IO function once (no layer axis)
+    shared = "flaming_global_functions."
+    assert f"{shared}experts.linear.weight" in keys, sorted(k for k in keys if k.startswith(shared))
+    for param in ("value_embedding.weight", "out_proj.weight"):
+        assert f"{shared}io_functions.shared.{param}" in keys, sorted(k for k in keys if k.startswith(shared))
+    assert sum(k.startswith(f"{shared}io_functions.shared._extra_state") for k in keys) == 1, \
+        sorted(k for k in keys if k.startswith(shared))
+    assert not any(".global_bank.experts." in k for k in keys)  # the layers hold no copy
 
     # resume from N/2 into another directory: iterations N/2+1 .. N as in the uninterrupted run
     resumed = tmp_path / "resumed"
@@ -117,13 +128,19 @@ def test_bad_source_fails_clearly_and_writes_no_checkpoint(corpus, tmp_path, bad
     assert latest(save) is None and not list(save.glob("iter_*")) and not list(save.glob(".tmp_iter_*"))
 
 
-def test_io_run_at_ep2_pp2_trains_and_saves(corpus, tmp_path):
+def test_io_run_at_ep2_pp2_trains_saves_and_resumes(corpus, tmp_path):
     """4 processes: EP=2 (the bank [2 learned, store, callable] split 2 + 2: the IO functions on EP
-    rank 1) x PP=2 (one layer per stage); 2 steps, a distributed checkpoint of that layout."""
+    rank 1; the global bank [learned, store] split 1 + 1, a replica on each stage) x PP=2 (one
+    layer per stage); 2 steps with a distributed checkpoint of that layout at each, and step 2
+    again from the first checkpoint, bit for bit."""
     store = build_store(tmp_path / "store", seed=0)
     save = tmp_path / "ckpt"
-    check(launch(io_args(corpus, store, tmp_path / "io.yaml", expert_model_parallel_size=2,
-                         pipeline_model_parallel_size=2, train_iters=2, eval_interval=2, save=save),
+    layout = dict(expert_model_parallel_size=2, pipeline_model_parallel_size=2, train_iters=2, eval_interval=2)
+    check(launch(io_args(corpus, store, tmp_path / "io.yaml", **layout, save=save, save_interval=1),
                  nproc=4, timeout=400))
     assert sorted(metrics(save)) == [1, 2] and latest(save) == 2
     assert all(r["loss"] > 0 for r in metrics(save).values())
+    resumed = tmp_path / "resumed"
+    check(launch(io_args(corpus, store, tmp_path / "io.yaml", **layout, load=save, ckpt_step=1, save=resumed),
+                 nproc=4, timeout=400))
+    assert sorted(metrics(resumed)) == [2] and metrics(resumed)[2]["loss"] == metrics(save)[2]["loss"]
