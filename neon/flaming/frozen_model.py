@@ -40,6 +40,7 @@ one of the same hidden size).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -98,16 +99,25 @@ def _weight_files(path: str) -> list[str]:
 
 
 def model_identity(path: str) -> dict:
-    """What a checkpoint records: the directory and sha256 over config.json and the weight files."""
+    """What a checkpoint records: the directory and sha256 over config.json and the weight files.
+    Hashed once per process and state of the files (name, size, mtime): every save records it
+    for every layer, and the weights may be gigabytes."""
+    files = ["config.json", *_weight_files(path)]
+    stats = tuple((n, st.st_size, st.st_mtime_ns) for n in files for st in [os.stat(os.path.join(path, n))])
+    return dict(_hashed_identity(os.path.abspath(path), stats))
+
+
+@functools.lru_cache(maxsize=16)
+def _hashed_identity(path: str, stats: tuple) -> tuple:
     h = hashlib.sha256()
-    for name in ["config.json", *_weight_files(path)]:
+    for name, _, _ in stats:
         h.update(name.encode())
         with open(os.path.join(path, name), "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)
     with open(os.path.join(path, "config.json")) as f:
         hidden = json.load(f).get("hidden_size")
-    return {"path": os.path.abspath(path), "sha256": h.hexdigest(), "hidden_size": hidden}
+    return tuple({"path": path, "sha256": h.hexdigest(), "hidden_size": hidden}.items())
 
 
 # --- packing states into the int64 context ----------------------------------------------------
@@ -326,7 +336,8 @@ class ModelFunction(IOFunction):
                 f"{recorded.get('path')!r} (layer {recorded.get('layer')}, sha256 "
                 f"{str(recorded.get('sha256'))[:12]}...), this one is {now['path']!r} (layer "
                 f"{now['layer']}, sha256 {now['sha256'][:12]}...). Fix: configure the original model "
-                "and layer, or set flaming_io_store_swap=True to use one of the same hidden size.")
+                "directory and layer, or ask for a swap to train on with this one, of the same hidden "
+                "size (--flaming-io-store-swap; flaming_io_store_swap=True in a config).")
 
 
 def frozen_model_report(chunks, step_time_s: float) -> dict:
