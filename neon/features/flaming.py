@@ -211,6 +211,12 @@ class FlamingMoEFeature(Feature):
         mlp = 0 if config.flaming_moe == "mlp" else terms["mlp"]
         return {**terms, "mlp": mlp, "flaming": flaming_macs(config)}
 
+    def forward_only_flops(self, config, seq_length, causal):
+        """The frozen models of `model` IO functions: one forward per micro-batch and stage."""
+        from neon.flaming.flops import frozen_forward_macs
+
+        return frozen_forward_macs(config, seq_length, causal)
+
 
 def _block(config) -> tuple[str, str]:
     """(megatron, HF) prefix of the FlamingMoE block within a layer."""
