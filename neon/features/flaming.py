@@ -125,6 +125,10 @@ class FlamingMoEFeature(Feature):
             fail("expert_tensor_parallel_size", etp, "FlamingMoE functions are not split by tensor "
                  "parallelism", "set expert_tensor_parallel_size=1 (functions are sharded over EP; with "
                  "tensor parallelism also start the process groups with expert TP 1)")
+        if config.tensor_model_parallel_size > 1 and not config.sequence_parallel:
+            fail("sequence_parallel", False, "FlamingMoE banks under tensor parallelism route each TP "
+                 "rank's part of the sequence (megatron's MoE layer refuses TP without sequence "
+                 "parallelism in training)", "set sequence_parallel=True")
 
     def configure(self, config):
         after = {}
