@@ -34,8 +34,12 @@ word continues (the segmentation of a word is chosen for the whole word). That w
 effect is the only way later text reaches token t.
 
 Identity: a checkpoint records the directory and the sha256 of config.json and the weight files
-(`model_identity`); loading with another model is an error (flaming_io_store_swap=True accepts
-one of the same hidden size).
+(`model_identity`); loading with another model is an error (exit status 4 in pretrain_neon.py;
+--flaming-io-store-swap accepts one of the same hidden size).
+
+Under tensor parallelism every TP rank holds its own replica and runs it on the whole sequence
+(neon/flaming/io_model.py hands each rank's layers the context rows of its part). Its FLOPs:
+neon/flaming/flops.py `frozen_forward_macs`.
 """
 
 from __future__ import annotations
