@@ -332,8 +332,15 @@ class ModelFunction(IOFunction):
 
     def check_source(self, recorded: dict) -> None:
         now = self.source_identity()
-        if self.config.flaming_io_store_swap and recorded.get("hidden_size") == now["hidden_size"]:
-            return
+        if self.config.flaming_io_store_swap:
+            if recorded.get("hidden_size") == now["hidden_size"]:
+                return
+            raise IOSourceError(
+                f"{self.spec.where()}: the checkpoint was trained with the frozen model "
+                f"{recorded.get('path')!r} of hidden size {recorded.get('hidden_size')}; this one, "
+                f"{now['path']!r}, has {now['hidden_size']}, so the learned projection W_out does not "
+                "fit it, even as an asked-for swap. Fix: swap in a model of the checkpoint's hidden "
+                "size, or train the function anew.")
         if recorded.get("sha256") != now["sha256"] or recorded.get("layer") != now["layer"]:
             raise IOSourceError(
                 f"{self.spec.where()}: the checkpoint was trained with the frozen model "
