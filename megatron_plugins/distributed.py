@@ -31,9 +31,12 @@ def initialize(
     virtual_pipeline: int | None = None,
     seed: int = 1234,
     timeout_s: int = 600,
+    expert_tensor_parallel: int | None = None,
 ) -> None:
     """Join the process group (env:// rendezvous, as torchrun sets it) and split it into
-    tensor/pipeline/expert/data-parallel groups. Safe to call in a single process."""
+    tensor/pipeline/expert/data-parallel groups. Safe to call in a single process.
+    expert_tensor_parallel: the experts' tensor-parallel size (megatron's default, None, is
+    tensor_parallel; MoE layers whose experts are not split by TP need 1)."""
     cpu_runtime.install()
     if not dist.is_initialized():
         if cpu_runtime.cuda_available():
@@ -45,6 +48,7 @@ def initialize(
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline,
         expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=expert_tensor_parallel,
     )
     set_seed(seed)
 

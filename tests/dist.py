@@ -51,14 +51,15 @@ def _worker(rank, world_size, port, layout, fn, kwargs, results):
 
 
 def run_distributed(fn, world_size: int = 2, *, tp: int = 1, pp: int = 1, ep: int = 1,
-                    vpp: int | None = None, seed: int = 1234, kwargs: dict | None = None,
-                    timeout: float = 240.0) -> list:
-    """Run fn(**kwargs) on `world_size` ranks; return the list of per-rank results."""
+                    vpp: int | None = None, etp: int | None = None, seed: int = 1234,
+                    kwargs: dict | None = None, timeout: float = 240.0) -> list:
+    """Run fn(**kwargs) on `world_size` ranks; return the list of per-rank results (etp: the
+    experts' tensor-parallel size, megatron's default tp when None)."""
     import torch
 
     assert world_size <= 4, "at most 4 processes on this machine"
     layout = dict(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
-                  virtual_pipeline=vpp, seed=seed)
+                  virtual_pipeline=vpp, seed=seed, expert_tensor_parallel=etp)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()

@@ -9,6 +9,10 @@ A variant is named on the command line:
 - the path of a YAML overlay file (`examples/ablations/*.yaml`): sections `model` and
   `optimizer` like a config file, applied over the base; its name is the file's stem.
 
+An overlay's strings may name environment variables as `${NAME}` (e.g. the directory of a
+frozen model, examples/ablations/flaming_model.yaml): the variant's config, written to the work
+directory, holds their values; an unset variable is an error naming it.
+
 Data, schedule, parallel layout and logging are the base config's for every variant (the same
 data, token budget and data order), and the learning rate belongs to the grid; an overlay that
 sets them is an error.
@@ -17,6 +21,8 @@ sets them is an error.
 from __future__ import annotations
 
 import copy
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +41,7 @@ GROUPS = {"all": ("diff", "ngpt", "flaming")}
 OVERLAY_SECTIONS = ("model", "optimizer")
 GRID_OWNED = ("lr", "min_lr")  # optimizer settings the learning-rate grid sets per run
 DEFAULT_VARIANTS = ("base", "diff", "ngpt", "diff+ngpt", "flaming", "all")
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ${NAME} in an overlay's strings
 
 
 class AblationError(ValueError):
@@ -81,7 +88,27 @@ def _overlay_file(path: Path) -> dict:
     if owned:
         raise AblationError(f"overlay {str(path)!r}: optimizer.{owned[0]} is set by the learning-rate grid. "
                             f"Fix: remove it from the overlay; give the grid with --lrs.")
-    return data
+    return {section: _expand_env(values, path) for section, values in data.items()}
+
+
+def _expand_env(value, path: Path):
+    """Every `${NAME}` in the overlay's strings replaced by the environment variable NAME."""
+    if isinstance(value, dict):
+        return {k: _expand_env(v, path) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, path) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def lookup(match: re.Match) -> str:
+        name = match[1]
+        if name not in os.environ:
+            raise AblationError(f"overlay {str(path)!r}: {value!r} refers to the environment variable {name}, "
+                                f"which is not set. Fix: export {name}=<its value> (see the overlay's comments) "
+                                f"and run the command again.")
+        return os.environ[name]
+
+    return ENV_REFERENCE.sub(lookup, value)
 
 
 def parse_variant(spec: str, base_model: dict) -> Variant:

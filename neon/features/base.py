@@ -17,7 +17,7 @@ Hooks, by where they are called:
 | `hf_fields`, `hf_reference`           | state_dict_adapter.neon_hf_config, conversion import |
 | `hf_layer_tensors`, `hf_global_tensors`, `hf_dropped`, `qkv_split` | neon/state_dict_adapter.py |
 | `layer_to_megatron`, `layer_to_hf`, `model_to_megatron`, `model_to_hf` | neon/state_dict_adapter.py |
-| `flops_terms`                         | neon/training/flops.py `training_flops_per_token`    |
+| `flops_terms`, `forward_only_flops`   | neon/training/flops.py `training_flops_per_token`    |
 | `recipe`                              | `neon.features.recipes` (the run config's feature defaults) |
 
 Registry order is the order hooks run in: a later feature sees the layer spec (and the built
@@ -126,6 +126,12 @@ class Feature:
         "attn_proj", "attn_scores", "mlp"; a feature may add its own). `keys`: the keys one
         query attends to on average, under the run's causal convention (neon/training/flops.py)."""
         return terms
+
+    def forward_only_flops(self, config, seq_length: int, causal: str) -> float:
+        """Multiply-adds per token of work that runs forward only, once per micro-batch per model
+        chunk (pipeline stage), not per layer and never in the backward pass or a recompute
+        (e.g. FlamingMoE's frozen models). `causal`: the run's attention convention."""
+        return 0.0
 
     def recipe(self, config) -> dict[str, dict[str, Any]]:
         """Run-config defaults the feature brings when on: {section: {field: value}}, applied

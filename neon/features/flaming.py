@@ -125,6 +125,10 @@ class FlamingMoEFeature(Feature):
             fail("expert_tensor_parallel_size", etp, "FlamingMoE functions are not split by tensor "
                  "parallelism", "set expert_tensor_parallel_size=1 (functions are sharded over EP; with "
                  "tensor parallelism also start the process groups with expert TP 1)")
+        if config.tensor_model_parallel_size > 1 and not config.sequence_parallel:
+            fail("sequence_parallel", False, "FlamingMoE banks under tensor parallelism route each TP "
+                 "rank's part of the sequence (megatron's MoE layer refuses TP without sequence "
+                 "parallelism in training)", "set sequence_parallel=True")
 
     def configure(self, config):
         after = {}
@@ -215,6 +219,12 @@ class FlamingMoEFeature(Feature):
 
         mlp = 0 if config.flaming_moe == "mlp" else terms["mlp"]
         return {**terms, "mlp": mlp, "flaming": flaming_macs(config)}
+
+    def forward_only_flops(self, config, seq_length, causal):
+        """The frozen models of `model` IO functions: one forward per micro-batch and stage."""
+        from neon.flaming.flops import frozen_forward_macs
+
+        return frozen_forward_macs(config, seq_length, causal)
 
 
 def _io_counts(config) -> dict[str, int]:

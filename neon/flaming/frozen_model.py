@@ -34,12 +34,17 @@ word continues (the segmentation of a word is chosen for the whole word). That w
 effect is the only way later text reaches token t.
 
 Identity: a checkpoint records the directory and the sha256 of config.json and the weight files
-(`model_identity`); loading with another model is an error (flaming_io_store_swap=True accepts
-one of the same hidden size).
+(`model_identity`); loading with another model is an error (exit status 4 in pretrain_neon.py;
+--flaming-io-store-swap accepts one of the same hidden size).
+
+Under tensor parallelism every TP rank holds its own replica and runs it on the whole sequence
+(neon/flaming/io_model.py hands each rank's layers the context rows of its part). Its FLOPs:
+neon/flaming/flops.py `frozen_forward_macs`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -98,16 +103,25 @@ def _weight_files(path: str) -> list[str]:
 
 
 def model_identity(path: str) -> dict:
-    """What a checkpoint records: the directory and sha256 over config.json and the weight files."""
+    """What a checkpoint records: the directory and sha256 over config.json and the weight files.
+    Hashed once per process and state of the files (name, size, mtime): every save records it
+    for every layer, and the weights may be gigabytes."""
+    files = ["config.json", *_weight_files(path)]
+    stats = tuple((n, st.st_size, st.st_mtime_ns) for n in files for st in [os.stat(os.path.join(path, n))])
+    return dict(_hashed_identity(os.path.abspath(path), stats))
+
+
+@functools.lru_cache(maxsize=16)
+def _hashed_identity(path: str, stats: tuple) -> tuple:
     h = hashlib.sha256()
-    for name in ["config.json", *_weight_files(path)]:
+    for name, _, _ in stats:
         h.update(name.encode())
         with open(os.path.join(path, name), "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)
     with open(os.path.join(path, "config.json")) as f:
         hidden = json.load(f).get("hidden_size")
-    return {"path": os.path.abspath(path), "sha256": h.hexdigest(), "hidden_size": hidden}
+    return tuple({"path": path, "sha256": h.hexdigest(), "hidden_size": hidden}.items())
 
 
 # --- packing states into the int64 context ----------------------------------------------------
@@ -321,15 +335,23 @@ class ModelFunction(IOFunction):
 
     def check_source(self, recorded: dict) -> None:
         now = self.source_identity()
-        if self.config.flaming_io_store_swap and recorded.get("hidden_size") == now["hidden_size"]:
-            return
+        if self.config.flaming_io_store_swap:
+            if recorded.get("hidden_size") == now["hidden_size"]:
+                return
+            raise IOSourceError(
+                f"{self.spec.where()}: the checkpoint was trained with the frozen model "
+                f"{recorded.get('path')!r} of hidden size {recorded.get('hidden_size')}; this one, "
+                f"{now['path']!r}, has {now['hidden_size']}, so the learned projection W_out does not "
+                "fit it, even as an asked-for swap. Fix: swap in a model of the checkpoint's hidden "
+                "size, or train the function anew.")
         if recorded.get("sha256") != now["sha256"] or recorded.get("layer") != now["layer"]:
             raise IOSourceError(
                 f"{self.spec.where()}: the checkpoint was trained with the frozen model "
                 f"{recorded.get('path')!r} (layer {recorded.get('layer')}, sha256 "
                 f"{str(recorded.get('sha256'))[:12]}...), this one is {now['path']!r} (layer "
                 f"{now['layer']}, sha256 {now['sha256'][:12]}...). Fix: configure the original model "
-                "and layer, or set flaming_io_store_swap=True to use one of the same hidden size.")
+                "directory and layer, or ask for a swap to train on with this one, of the same hidden "
+                "size (--flaming-io-store-swap; flaming_io_store_swap=True in a config).")
 
 
 def frozen_model_report(chunks, step_time_s: float) -> dict:

@@ -85,6 +85,13 @@ class FunctionBankExperts(SequentialMLP):
                              ffn_hidden_size=self.config.moe_ffn_hidden_size, is_expert=True,
                              tp_group=pg_collection.expt_tp)
             self.local_experts.append(expert)
+        if config.tensor_model_parallel_size > 1:
+            # megatron marks experts (allreduce False: gradients summed over expert-DP) only at
+            # EP > 1. Under TP the functions are whole on every TP rank, and each TP rank routes
+            # its part of the sequence (sequence parallelism): their gradients must be summed over
+            # the TP ranks too, which expert-DP (DP x TP / EP ranks at expert TP 1) does.
+            for p in self.parameters():
+                p.allreduce = False
 
     @property
     def first_function(self) -> int:

@@ -7,7 +7,10 @@ argument, recomputed with the layers under activation recompute, never state kep
 
 With `model` IO functions the stage also holds the frozen models (`self.frozen_models`, a plain
 dict: not submodules, so not in the optimizer or the state dict); each runs once per micro-batch
-here and its states are appended to the context (neon/flaming/frozen_model.py).
+here and its states are appended to the context (neon/flaming/frozen_model.py). Under tensor
+parallelism every TP rank holds its own replica and runs it on the whole sequence (a state needs
+the tokens before it); with sequence parallelism each rank's layers then get the context rows of
+their part of the sequence, as megatron's embedding scatters the hidden states.
 
 With `context`-query store functions in the global bank, the stage searches each store once per
 micro-batch for all its tokens and appends the entry indices to the context, for every layer to
@@ -38,6 +41,8 @@ class IOGPTModel(GPTModel):
         ctx = token_context(input_ids, self.config.flaming_io_context_window, position_ids)
         ctx = append_frozen_states(ctx, input_ids, self.config, self.frozen_models)
         ctx = append_searches(ctx, self.context_searches)  # [s, b, C + reused indices]
+        if self.config.sequence_parallel:  # the layers hold this TP rank's part of the sequence
+            ctx = ctx.chunk(self.pg_collection.tp.size(), dim=0)[self.pg_collection.tp.rank()]
         extra_block_kwargs = {**(extra_block_kwargs or {}), "context": ctx}
         return super().forward(input_ids, position_ids, attention_mask, decoder_input, labels,
                                inference_context, packed_seq_params, extra_block_kwargs, *args,

@@ -62,10 +62,22 @@ def flops_terms(config: NeonConfig, seq_length: int, causal: str = "half") -> di
     return terms
 
 
+def forward_only_flops_per_token(config: NeonConfig, seq_length: int, causal: str = "half") -> float:
+    """FLOPs per token of the features' forward-only work (`forward_only_flops`, e.g. FlamingMoE's
+    frozen models): 2 x their multiply-adds x the model chunks (pipeline stages x virtual
+    stages), since every chunk runs it once per micro-batch."""
+    from neon.features import active
+
+    macs = sum(feature.forward_only_flops(config, seq_length, causal) for feature in active(config))
+    chunks = config.pipeline_model_parallel_size * (config.virtual_pipeline_model_parallel_size or 1)
+    return 2.0 * macs * chunks
+
+
 def training_flops_per_token(config: NeonConfig, seq_length: int, causal: str = "half") -> float:
-    """Model FLOPs per trained token: 2 x passes x (layers x the per-layer terms + logits)."""
+    """Model FLOPs per trained token: 2 x passes x (layers x the per-layer terms + logits), plus
+    the forward-only work (forward_only_flops_per_token)."""
     terms = flops_terms(config, seq_length, causal)
     layer = sum(v for k, v in terms.items() if k != "logits")
     macs = config.num_layers * layer + terms["logits"]
     passes = 4 if config.recompute_granularity == "full" else 3
-    return 2.0 * macs * passes
+    return 2.0 * macs * passes + forward_only_flops_per_token(config, seq_length, causal)

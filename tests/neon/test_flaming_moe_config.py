@@ -25,6 +25,9 @@ GOOD = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_group
     (dict(flaming_aux_loss_coeff=-0.1), "flaming_aux_loss_coeff=-0.1", "0 (off)"),
     (dict(add_bias_linear=True), "add_bias_linear=True", "add_bias_linear=False"),
     (dict(tensor_model_parallel_size=2), "expert_tensor_parallel_size=2", "expert_tensor_parallel_size=1"),
+    (dict(tensor_model_parallel_size=2, expert_tensor_parallel_size=1), "sequence_parallel=False",
+     "sequence_parallel=True"),
+    (dict(tensor_model_parallel_size=2, expert_tensor_parallel_size=1, sequence_parallel=True), None, None),
     (dict(expert_model_parallel_size=4), None, None),  # EP without MoE MLPs: fine for FlamingMoE
     (dict(flaming_moe="mlp", flaming_global_functions=0, flaming_router="topk", flaming_topk=4), None, None),
 ], ids=lambda v: str(v)[:40] if isinstance(v, dict) else None)

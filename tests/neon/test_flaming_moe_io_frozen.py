@@ -310,7 +310,31 @@ def test_retokenization_gives_the_last_frozen_token_ending_by_t(tmp_path):
         assert torch.allclose(got[t], want, atol=64 * EPS32 * max(1.0, ref.abs().max().item())), t
 
 
-# --- through megatron's schedules: recompute and the pipeline ------------------------------------
+# --- through megatron's schedules: recompute, the pipeline, tensor parallelism -------------------
+
+
+def layout_init(model) -> None:
+    """deterministic_init's weights in any layout: each parameter drawn at its full (TP=1) shape
+    from a seed of its global name (layer numbers counted over all stages), then cut as megatron
+    splits it over TP (along partition_dim; SwiGLU's linear_fc1 is [gate; up] on every rank);
+    FlamingMoE's functions are whole on every TP rank."""
+    import re
+    import zlib
+
+    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    offset = model.decoder.layers[0].layer_number - 1
+    for name, p in model.named_parameters():
+        name = re.sub(r"decoder\.layers\.(\d+)", lambda m: f"decoder.layers.{offset + int(m[1])}", name)
+        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        # megatron marks the functions' weights tensor_model_parallel too: their TP group is of size 1
+        split = tp > 1 and getattr(p, "tensor_model_parallel", False) and "flaming_" not in name
+        shape = [n * tp if split and d == p.partition_dim else n for d, n in enumerate(p.shape)]
+        full = torch.ones(shape) if "norm" in name else torch.randn(shape, generator=gen) * 0.2
+        if split:
+            parts = full.chunk(2, p.partition_dim) if name.endswith("linear_fc1.weight") else (full,)
+            full = torch.cat([part.chunk(tp, p.partition_dim)[rank] for part in parts], p.partition_dim)
+        with torch.no_grad():
+            p.copy_(full)
 
 
 def train_with_model_function(frozen: str, recompute: bool) -> dict:
@@ -319,9 +343,12 @@ def train_with_model_function(frozen: str, recompute: bool) -> dict:
     from neon.model import build_model
     from neon.training.optim import build_optimizer
     from neon.training.step import build_model_chunks, train_step
-    from tests.neon.test_flaming_moe_io_model import MB, MICROBATCHES, STEPS, batches, deterministic_init
+    from tests.neon.test_flaming_moe_io_model import MB, MICROBATCHES, STEPS, batches
 
     extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp > 1:  # the functions are not split by TP; each TP rank routes its part of the sequence
+        extra.update(tensor_model_parallel_size=tp, sequence_parallel=True, expert_tensor_parallel_size=1)
     cfg = NeonConfig(num_layers=2, hidden_size=D, num_attention_heads=2, ffn_hidden_size=24, vocab_size=V,
                      max_position_embeddings=16, flaming_moe="between", flaming_layer_functions=1,
                      flaming_router="topk", flaming_topk=2, flaming_io_context_window=W,
@@ -329,7 +356,7 @@ def train_with_model_function(frozen: str, recompute: bool) -> dict:
                      pipeline_dtype=torch.float32,
                      pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(), **extra)
     chunks = build_model_chunks(cfg, build_model)
-    deterministic_init(chunks[0].module)
+    layout_init(chunks[0].module)
     opt = build_optimizer(chunks, OptimizerConfig(optimizer="sgd", lr=0.5, weight_decay=0.0, bf16=False))
     data = batches(STEPS * MICROBATCHES)
     losses, norms = [], []
@@ -342,21 +369,29 @@ def train_with_model_function(frozen: str, recompute: bool) -> dict:
     return dict(losses=losses if last else None, norms=norms, calls=fm.calls, expected_calls=STEPS * MICROBATCHES)
 
 
-def check_schedules(frozen: str):
-    return {rc: train_with_model_function(frozen, rc) for rc in (False, True)}
+def check_schedules(frozen: str, recompute: tuple = (False, True)):
+    return {rc: train_with_model_function(frozen, rc) for rc in recompute}
 
 
 @pytest.mark.slow
-def test_model_function_under_recompute_and_pipeline(tmp_path):
+def test_model_function_under_recompute_pipeline_and_tensor_parallel(tmp_path):
+    """PP=1 (with and without full recompute), PP=2 (both) and TP=2 with sequence parallelism (the
+    frozen model replicated on both TP ranks, each routing its half of the sequence; the bank's
+    functions not split): the same losses and gradient norms."""
     frozen = write_frozen(str(tmp_path / "frozen"))
     (pp1,) = run_distributed(check_schedules, 1, kwargs={"frozen": frozen}, timeout=300)
     pp2 = run_distributed(check_schedules, 2, pp=2, kwargs={"frozen": frozen}, timeout=300)
+    tp2 = run_distributed(check_schedules, 2, tp=2, etp=1, kwargs={"frozen": frozen, "recompute": (False,)},
+                          timeout=300)
     ref = pp1[False]
     assert ref["losses"][-1] < ref["losses"][0], "training did not lower the loss"
-    # fp32, the runs differ only in the order of sums (as in test_flaming_moe_io_model.py)
+    # fp32, the runs differ only in the order of sums (as in test_flaming_moe_io_model.py; at TP=2
+    # also the row-parallel partial sums and the vocab-parallel softmax's two halves)
     tol = 64 * EPS32 * max(ref["losses"])
-    for name, run in (("pp1 recompute", pp1[True]), ("pp2", pp2[1][False]), ("pp2 recompute", pp2[1][True])):
+    runs = [("pp1 recompute", pp1[True]), ("pp2", pp2[1][False]), ("pp2 recompute", pp2[1][True]),
+            *((f"tp2 rank {r}", tp2[r][False]) for r in range(2))]
+    for name, run in runs:
         assert max(abs(a - b) for a, b in zip(run["losses"], ref["losses"])) <= tol, (name, run["losses"])
         assert max(abs(a - b) / b for a, b in zip(run["norms"], ref["norms"])) <= 64 * EPS32, (name, run["norms"])
-    for run in [*pp1.values(), *(r for stage in pp2 for r in stage.values())]:
-        assert run["calls"] == run["expected_calls"], "the frozen model must run once per micro-batch and stage"
+    for run in [*pp1.values(), *(r for stage in [*pp2, *tp2] for r in stage.values())]:
+        assert run["calls"] == run["expected_calls"], "the frozen model must run once per micro-batch and rank"

@@ -145,7 +145,19 @@ def test_bad_overlay_fails_before_any_run(tiny, tmp_path, capsys, overlay, expec
                    or "optimizer" in overlay else "'bad'", *expected)
 
 
-def test_plan_checks_every_built_in_variant_and_example_overlay_and_runs_nothing(tiny, tmp_path, capsys):
+@pytest.fixture
+def frozen_model(tmp_path, monkeypatch) -> str:
+    """A tiny frozen causal LM with the test corpus's vocabulary (256), as NEON_FROZEN_MODEL for
+    examples/ablations/flaming_model.yaml."""
+    from tests.neon.test_flaming_moe_io_frozen import write_frozen
+
+    path = write_frozen(str(tmp_path / "frozen"), vocab=256)
+    monkeypatch.setenv("NEON_FROZEN_MODEL", path)
+    return path
+
+
+def test_plan_checks_every_built_in_variant_and_example_overlay_and_runs_nothing(tiny, tmp_path, capsys,
+                                                                                frozen_model):
     from neon.ablation.variants import DEFAULT_VARIANTS
 
     overlays = sorted(str(p) for p in (ROOT / "examples" / "ablations").glob("*.yaml"))
@@ -161,6 +173,24 @@ def test_plan_checks_every_built_in_variant_and_example_overlay_and_runs_nothing
         "matched", True, "between")
     base = yaml.safe_load((work / "variants" / "base.yaml").read_text())["model"]
     assert (base["diff_attention"], base["ngpt"], base["flaming_moe"]) == ("off", False, "off")
+
+
+def test_model_overlay_reads_the_frozen_model_directory_from_the_environment(tiny, tmp_path, capsys,
+                                                                             frozen_model, monkeypatch):
+    overlay = str(ROOT / "examples" / "ablations" / "flaming_model.yaml")
+    work = tmp_path / "work"
+    assert load_tool("ablate").main([*ablate_argv(tiny, work, "base", overlay), "--plan"]) == 0
+    assert "next round: 6 runs" in capsys.readouterr().out
+    written = yaml.safe_load((work / "variants" / "flaming_model.yaml").read_text())["model"]
+    assert written["flaming_io_functions"] == [f"name=augment,kind=model,source={frozen_model},layer=-1"]
+    # a directory that is not there: refused before any run, naming it
+    missing = str(tmp_path / "no_such_model")
+    monkeypatch.setenv("NEON_FROZEN_MODEL", missing)
+    assert_refused(tiny, tmp_path, capsys, ["base", overlay], "variant 'flaming_model'", "IO function 'augment'",
+                   missing, "Fix:")
+    monkeypatch.delenv("NEON_FROZEN_MODEL")
+    assert_refused(tiny, tmp_path, capsys, ["base", overlay], overlay, "NEON_FROZEN_MODEL", "not set",
+                   "Fix: export NEON_FROZEN_MODEL=")
 
 
 def test_plan_checks_the_default_config_the_demo_model(tiny, tmp_path, capsys):

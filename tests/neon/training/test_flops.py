@@ -139,3 +139,51 @@ def test_metrics_report_mfu_at_half_and_full(tmp_path):
     assert record["tflops_per_device"] == pytest.approx(128 * 442368 / 1e12, rel=1e-12)
     line = stream.getvalue()
     assert "MFU: 56.6%" in line and "MFU (full attention): 59.8%" in line
+
+
+def frozen_count(cfg, keys: float) -> float:
+    """Multiply-adds per token of a MistralForCausalLM forward, from its config alone: per layer
+    W_q, W_k, W_v, W_o, the SwiGLU MLP and 2 keys H d_h; the LM head once."""
+    d, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or d // heads
+    layer = d * heads * head_dim + 2 * d * kv * head_dim + heads * head_dim * d + 3 * d * cfg.intermediate_size
+    return cfg.num_hidden_layers * (layer + 2 * keys * heads * head_dim) + d * cfg.vocab_size
+
+
+def test_flaming_frozen_model_forward_once_per_stage(tmp_path):
+    """A bank [1 linear, a `model` function] (top-2): the frozen MistralForCausalLM (d 24, 2 layers,
+    2 heads of 12, 1 kv head, MLP 32, vocab 32) runs forward only, once per micro-batch and stage.
+    Neon (d 16 as above, seq 8): bank router 16*2 + 2 * (256 + W_out 24*16) / 2 = 672 per layer;
+    6 * (2 * (1024 + 128 + 1152 + 672) + 512) = 38784.
+    Frozen, per token: layer 24*24 + 2*24*12 + 24*24 + 3*24*32 = 4032, x 2 + LM head 24*32 = 8832;
+    attention 2 * 4 keys * 2 * 12 = 192 per layer: 9216 MACs, 2 * 9216 = 18432 FLOPs per stage.
+    half: 38784 + 18432 = 57216; PP=2: + 18432 (both stages run it) = 75648; full recompute: the
+    trained part x 8/6 (51712), the frozen forward not recomputed: 70144."""
+    from transformers import AutoConfig
+
+    from neon.training.flops import forward_only_flops_per_token
+    from tests.neon.test_flaming_moe_io_frozen import write_frozen
+
+    frozen = write_frozen(str(tmp_path / "frozen"))
+
+    def cfg(**extra):
+        extra.setdefault("flaming_io_functions", [f"name=a,kind=model,source={frozen},layer=1"])
+        extra.setdefault("flaming_topk", 2)
+        return NeonConfig(num_layers=2, hidden_size=16, num_attention_heads=2, ffn_hidden_size=24, vocab_size=32,
+                          max_position_embeddings=16, flaming_moe="between", flaming_layer_functions=1,
+                          flaming_router="topk", flaming_io_context_window=4, pipeline_dtype=torch.float32,
+                          **extra)
+
+    hf = AutoConfig.from_pretrained(frozen, local_files_only=True)
+    assert frozen_count(hf, 4) == 9216 and frozen_count(hf, 8) == 9600  # the docstring's hand count
+    assert forward_only_flops_per_token(cfg(), 8) == 2 * frozen_count(hf, 4)
+    assert training_flops_per_token(cfg(), 8) == 57216
+    assert training_flops_per_token(cfg(pipeline_model_parallel_size=2), 8) == 75648
+    assert training_flops_per_token(cfg(recompute_granularity="full", recompute_method="uniform",
+                                        recompute_num_layers=1), 8) == 70144
+    # full attention: Neon's maps 2 * 8 * 16 = 256: 6 * (2 * 3104 + 512) = 40320; frozen 2 * 9600
+    assert training_flops_per_token(cfg(), 8, causal="full") == 40320 + 2 * 9600
+    # a second function on the same model shares its forward; the trained part gains its bank entry
+    two = cfg(flaming_io_functions=[f"name=a,kind=model,source={frozen},layer=1",
+                                    f"name=b,kind=model,source={frozen},layer=2"], flaming_topk=3)
+    assert forward_only_flops_per_token(two, 8) == 2 * 9216
