@@ -46,8 +46,11 @@ def exported(tmp_path_factory, tiny_tokenizer, tiny_dataset):
     io = [f"name=facts,kind=store,source={store},query=context,topk=2",
           f"name=facts_h,kind=store,source={store},query=hidden,topk=2,temperature=0.5",
           CALLABLE, f"name=anchor,kind=model,source={frozen},layer=1",
-          f"name=gfacts,kind=store,source={store},query=context,topk=3,bank=global",
-          CALLABLE.replace("name=add", "name=gadd") + ",bank=global"]
+          # bank=global: routed for every token of every layer (k = 2 of 2); a one-wide own embedding
+          # keeps their reads small next to x' (unit norm under nGPT, where the block's update is
+          # normalized), so each per-layer function still moves the logits past twice the bound
+          f"name=gfacts,kind=store,source={store},query=context,topk=3,embed_dim=1,bank=global",
+          CALLABLE.replace("name=add", "name=gadd") + ",embed_dim=1,bank=global"]
     runs = {}
     for variant, extra in VARIANTS.items():
         args = pretrain_args(work / f"ckpt-{variant}", str(tiny_tokenizer), tiny_dataset[0], flaming_moe="between",
