@@ -6,9 +6,12 @@ HF weight mapping: HF `<block>.global_router` / `<block>.layer_router` are megat
 function g - ep_rank * n / EP of expert-parallel rank g // (n / EP) (`layer_bank.experts.local_experts.j`,
 the model-level `flaming_global_functions.local_experts.j` on every pipeline stage); a SwiGLU
 function's linear_fc1 is [gate; up]. Functions and routers are replicated over TP.
-IO functions (the per-layer bank's entries F, F + 1, ...): HF `<block>.io_functions.<name>.<param>`
-is megatron's `<block>.layer_bank.experts.local_experts.j.<param>` of the EP rank holding entry
-g = F + i (query_proj, value_embedding / embedding, out_proj: `io_param_names`).
+IO functions (`bank=layer`: the per-layer bank's entries F, F + 1, ...): HF
+`<block>.io_functions.<name>.<param>` is megatron's `<block>.layer_bank.experts.local_experts.j.<param>`
+of the EP rank holding entry g = F + i (query_proj, value_embedding / embedding, out_proj:
+`io_param_names`). Global IO functions (`bank=global`: the global bank's entries G, G + 1, ...;
+G may be 0, an IO-only global bank with its router): HF `model.flaming_global_io_functions.<name>.<param>`
+is megatron's `flaming_global_functions.local_experts.j.<param>` of the EP rank holding g = G + i.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from neon.features.base import Feature
 from neon.flaming import FlamingMoE, FlamingTransformerLayer, FlamingTransformerLayerSubmodules, attach_global_bank
+from neon.flaming.block import bank_size, num_learned  # a bank's entries: learned, then IO
 
 PLACEMENTS = ("off", "between", "mlp")
 KINDS = ("linear", "swiglu", "lowrank")
@@ -47,7 +51,8 @@ class FlamingMoEFeature(Feature):
                  "flaming_layer_kind", "flaming_ffn_hidden_size", "flaming_lowrank_rank", "flaming_router",
                  "flaming_topk", "flaming_gumbel_temperature", "flaming_identity", "flaming_io_functions",
                  "flaming_io_context_window", "flaming_io_store_swap")
-    hf_reference = ("NeonFlamingMoE", "NeonFunction", "NeonModel.__init__", "NeonModel.io_inputs")
+    hf_reference = ("NeonFlamingMoE", "NeonFunction", "NeonModel.__init__", "NeonModel._build_global_bank",
+                    "NeonModel.io_inputs")
 
     def validate(self, config, fail) -> None:
         if config.flaming_moe not in PLACEMENTS:
@@ -175,42 +180,45 @@ class FlamingMoEFeature(Feature):
         mg_blk, hf_blk = _block(config)
         for bank in _banks(config):
             out[f"{dst}{mg_blk}{bank}_bank.router.weight"] = hf[f"{src}{hf_blk}{bank}_router.weight"].clone()
-        total = _layer_bank_size(config)
+        total = bank_size(config, "layer")
         if config.flaming_layer_functions:
             _functions_to_megatron(hf, f"{src}{hf_blk}layer_functions.", f"{dst}{mg_blk}layer_bank.experts.",
                                    config.flaming_layer_kind, config.flaming_layer_functions, ep_rank, ep_size, out,
                                    total=total)
-        local = total // ep_size
-        for g, (name, params) in enumerate(io_param_names(config), start=config.flaming_layer_functions):
-            if g // local == ep_rank:
-                for p in params:
-                    out[f"{dst}{mg_blk}layer_bank.experts.local_experts.{g % local}.{p}"] = \
-                        hf[f"{src}{hf_blk}io_functions.{name}.{p}"].clone()
+        _io_to_megatron(hf, f"{src}{hf_blk}io_functions.", f"{dst}{mg_blk}layer_bank.experts.", config, "layer",
+                        ep_rank, ep_size, out)
 
     def layer_to_hf(self, first, expert_shards, config, src, dst, out):
         mg_blk, hf_blk = _block(config)
         for bank in _banks(config):
             out[f"{dst}{hf_blk}{bank}_router.weight"] = first[f"{src}{mg_blk}{bank}_bank.router.weight"]
-        total = _layer_bank_size(config)
+        total = bank_size(config, "layer")
         if config.flaming_layer_functions:
             _functions_to_hf(expert_shards, f"{src}{mg_blk}layer_bank.experts.", f"{dst}{hf_blk}layer_functions.",
                              config.flaming_layer_kind, config.flaming_layer_functions, out, total=total)
-        local = total // len(expert_shards)
-        for g, (name, params) in enumerate(io_param_names(config), start=config.flaming_layer_functions):
-            shard = expert_shards[g // local]
-            for p in params:
-                out[f"{dst}{hf_blk}io_functions.{name}.{p}"] = \
-                    shard[f"{src}{mg_blk}layer_bank.experts.local_experts.{g % local}.{p}"]
+        _io_to_hf(expert_shards, f"{src}{mg_blk}layer_bank.experts.", f"{dst}{hf_blk}io_functions.", config, "layer",
+                  out)
 
     def model_to_megatron(self, hf, config, ep_rank, ep_size, out):
-        if config.flaming_global_functions:  # a replica on every pipeline stage
+        if config.flaming_moe == "off":
+            return
+        total = bank_size(config, "global")  # a replica on every pipeline stage
+        if config.flaming_global_functions:
             _functions_to_megatron(hf, "model.flaming_global_functions.", "flaming_global_functions.",
-                                   config.flaming_global_kind, config.flaming_global_functions, ep_rank, ep_size, out)
+                                   config.flaming_global_kind, config.flaming_global_functions, ep_rank, ep_size, out,
+                                   total=total)
+        _io_to_megatron(hf, "model.flaming_global_io_functions.", "flaming_global_functions.", config, "global",
+                        ep_rank, ep_size, out)
 
     def model_to_hf(self, expert_shards, config, out):
+        if config.flaming_moe == "off":
+            return
+        total = bank_size(config, "global")
         if config.flaming_global_functions:
             _functions_to_hf(expert_shards, "flaming_global_functions.", "model.flaming_global_functions.",
-                             config.flaming_global_kind, config.flaming_global_functions, out)
+                             config.flaming_global_kind, config.flaming_global_functions, out, total=total)
+        _io_to_hf(expert_shards, "flaming_global_functions.", "model.flaming_global_io_functions.", config, "global",
+                  out)
 
     def flops_terms(self, config, keys, terms):
         """The block's routers and routed functions (neon/flaming/flops.py) as the "flaming" term;
@@ -246,26 +254,41 @@ def _block(config) -> tuple[str, str]:
     return ("flaming_moe.", "flaming.") if config.flaming_moe == "between" else ("mlp.", "mlp.")
 
 
-def _layer_bank_size(config) -> int:
-    """The per-layer bank's entries: F learned functions, then the IO functions."""
-    return config.flaming_layer_functions + len(config.flaming_io_functions or ())
-
-
 def _banks(config) -> list[str]:
-    """The banks with functions: "global" and/or "layer"."""
-    return [bank for bank, n in (("global", config.flaming_global_functions),
-                                 ("layer", _layer_bank_size(config))) if n]
+    """The banks with entries (learned or IO; each has a router): "global" and/or "layer"."""
+    return [bank for bank in ("global", "layer") if bank_size(config, bank)]
 
 
-def io_param_names(config) -> list[tuple[str, list[str]]]:
-    """[(name, its parameter names)] of the IO functions in bank order (neon/flaming/store.py,
-    callables.py, frozen_model.py): a store's query_proj (query=hidden) and value_embedding
-    (token values), a callable's embedding (returns=tokens), and every function's out_proj."""
+def _io_to_megatron(hf: dict, hf_prefix: str, mg_prefix: str, config, bank: str, ep_rank: int, ep_size: int,
+                    out: dict) -> None:
+    """The IO functions of `bank` (its entries g = learned + i, n / EP per rank) held by `ep_rank`."""
+    first = num_learned(config, bank)
+    local = bank_size(config, bank) // ep_size
+    for g, (name, params) in enumerate(io_param_names(config, bank), start=first):
+        if g // local == ep_rank:
+            for p in params:
+                out[f"{mg_prefix}local_experts.{g % local}.{p}"] = hf[f"{hf_prefix}{name}.{p}"].clone()
+
+
+def _io_to_hf(expert_shards: list[dict], mg_prefix: str, hf_prefix: str, config, bank: str, out: dict) -> None:
+    first = num_learned(config, bank)
+    local = bank_size(config, bank) // len(expert_shards)
+    for g, (name, params) in enumerate(io_param_names(config, bank), start=first):
+        shard = expert_shards[g // local]
+        for p in params:
+            out[f"{hf_prefix}{name}.{p}"] = shard[f"{mg_prefix}local_experts.{g % local}.{p}"]
+
+
+def io_param_names(config, bank: str | None = None) -> list[tuple[str, list[str]]]:
+    """[(name, its parameter names)] of the IO functions (all, or `bank`'s) in bank order
+    (neon/flaming/store.py, callables.py, frozen_model.py): a store's query_proj (query=hidden)
+    and value_embedding (token values), a callable's embedding (returns=tokens), and every
+    function's out_proj."""
     from neon.flaming.io import io_specs
     from neon.flaming.store import open_store
 
     out = []
-    for spec in io_specs(config):
+    for spec in io_specs(config, bank):
         params = []
         if spec.kind == "store":
             params += ["query_proj.weight"] if spec.query == "hidden" else []

@@ -6,8 +6,11 @@ imports nothing from the neon package. It computes, from the equations, what neo
 store,encoder,callables,frozen_model}.py compute in megatron (tests/tools/test_convert_to_hf_io.py
 compares the two).
 
-An IO function g is an entry of the per-layer bank after its F learned functions (router
-outputs F, F + 1, ...). Besides the routed tokens' x' [T, D] it reads their context rows
+An IO function g is an entry of a bank after its learned functions: `bank=layer` (the default)
+the per-layer bank's after its F (router outputs F, F + 1, ...), one function per layer;
+`bank=global` the global bank's after its G (router outputs G, G + 1, ...), one function held by
+the model and shared by every layer (G may be 0: a bank of IO functions only). Besides the
+routed tokens' x' [T, D] it reads their context rows
 
     c_t = (position_t, sequence_t, id_{t-W+1}, ..., id_t)        int64, -1 before the sequence start
     g(x_t, c_t) = W_out read(q(x_t, c_t), c_t)
@@ -72,6 +75,7 @@ class IOSpec:
     embed_dim: int = 0
     layer: int = -1
     tokenizer: str = ""
+    bank: str = "layer"  # 'layer' | 'global'
 
     def where(self) -> str:
         return f"IO function {self.name!r} ({self.kind} {self.source!r})"
@@ -98,11 +102,15 @@ def parse_io_spec(text: str) -> IOSpec:
     spec = IOSpec(**values)
     if spec.kind not in ("store", "callable", "model"):
         raise IOSourceError(f"{spec.where()}: kind={spec.kind!r} is not 'store', 'callable' or 'model'.")
+    if spec.bank not in ("layer", "global"):
+        raise IOSourceError(f"{spec.where()}: bank={spec.bank!r} is not 'layer' or 'global'.")
     return spec
 
 
-def io_specs(config) -> list[IOSpec]:
-    return [parse_io_spec(t) for t in (getattr(config, "flaming_io_functions", None) or ())]
+def io_specs(config, bank: str | None = None) -> list[IOSpec]:
+    """The IO functions (all, or those of `bank`: 'layer' | 'global'), in config order."""
+    specs = [parse_io_spec(t) for t in (getattr(config, "flaming_io_functions", None) or ())]
+    return [s for s in specs if bank is None or s.bank == bank]
 
 
 # --- the token context -------------------------------------------------------------------------

@@ -29,8 +29,9 @@ FlamingMoE (Neon's own; x' the block's normalized input, per token and per bank 
     'topk':   p = softmax(logits); chosen = top-k(p), weight p
     r = x' + sum_B sum_{i chosen} weight_i f_i(x')    ('between': h <- h + r; 'mlp': r replaces the MLP)
 The global bank's functions belong to the model and serve every layer; each layer owns its own bank.
-IO functions (io_neon.py, flaming_io_functions) join the per-layer bank after its F learned ones
-(router outputs F, F + 1, ...) and also read each routed token's context
+IO functions (io_neon.py, flaming_io_functions) join a bank after its learned ones: `bank=layer`
+the per-layer bank (router outputs F, F + 1, ...), `bank=global` the global bank (router outputs
+G, G + 1, ...; the functions belong to the model like the global learned ones) and also read each routed token's context
     c_t = (position_t, batch row, id_{t-W+1} .. id_t)     (W = flaming_io_context_window, -1 before the start)
     g(x'_t, c_t) = W_out read(q(x'_t, c_t), c_t)          (store top-k read, a callable, a frozen LM's state)
 The context and the frozen models' states are built once per forward (`NeonModel.io_inputs`);
@@ -268,13 +269,15 @@ class NeonFlamingMoE(nn.Module):
         super().__init__()
         self.config = config
         D, G, n = config.hidden_size, config.flaming_global_functions, config.flaming_layer_functions
-        specs = io_specs(config)  # IO functions: per-layer bank entries n, n + 1, ...
+        specs = io_specs(config, "layer")  # IO functions: per-layer bank entries n, n + 1, ...
+        G += len(io_specs(config, "global"))  # global IO functions: global bank entries G, G + 1, ...
         self.global_router = nn.Linear(D, G, bias=False) if G else None
         self.layer_router = nn.Linear(D, n + len(specs), bias=False) if n + len(specs) else None
         self.layer_functions = nn.ModuleList([NeonFunction(config, config.flaming_layer_kind) for _ in range(n)])
         if specs:
             self.io_functions = nn.ModuleDict({s.name: build_io_function(config, s) for s in specs})
-        self._global: tuple = ()  # the model's global functions (not a child: stored once, in the model)
+        # the model's global functions, learned then IO (not children: stored once, in the model)
+        self._global: tuple = ()
 
     def route(self, router: nn.Linear, x: torch.Tensor):
         """x [T, D] -> (weights [T, n], chosen [T, n] bool)."""
@@ -314,7 +317,7 @@ class NeonFlamingMoE(nn.Module):
         out = x if self.config.flaming_identity else torch.zeros_like(x)
         banks = []
         if self.global_router is not None:
-            banks.append((self.global_router, self._global[0]))
+            banks.append((self.global_router, [*self._global[0], *self._global[1]]))
         if self.layer_router is not None:
             io_fns = list(self.io_functions.values()) if hasattr(self, "io_functions") else []
             banks.append((self.layer_router, [*self.layer_functions, *io_fns]))
@@ -404,15 +407,28 @@ class NeonModel(NeonPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList([NeonDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = nn.Identity() if config.ngpt else NeonRMSNorm(config.hidden_size, config.rms_norm_eps)
-        if config.flaming_moe != "off" and config.flaming_global_functions:
-            self.flaming_global_functions = nn.ModuleList(
-                [NeonFunction(config, config.flaming_global_kind) for _ in range(config.flaming_global_functions)])
-            for layer in self.layers:
-                block = layer.flaming if layer.flaming is not None else layer.mlp
-                block._global = (self.flaming_global_functions,)
+        if config.flaming_moe != "off":
+            self._build_global_bank(config)
         self.io_specs = io_specs(config) if config.flaming_moe != "off" else []
         self.frozen_models = FrozenModels(self.io_specs)  # not a submodule: no weights of ours
         self.post_init()
+
+    def _build_global_bank(self, config: NeonHFConfig) -> None:
+        """The global bank's functions, held once here and shared by every layer's block: the
+        learned ones (`flaming_global_functions.<g>`), then the `bank=global` IO functions
+        (`flaming_global_io_functions.<name>`)."""
+        learned, io = [], []
+        if config.flaming_global_functions:
+            self.flaming_global_functions = nn.ModuleList(
+                [NeonFunction(config, config.flaming_global_kind) for _ in range(config.flaming_global_functions)])
+            learned = list(self.flaming_global_functions)
+        specs = io_specs(config, "global")
+        if specs:
+            self.flaming_global_io_functions = nn.ModuleDict({s.name: build_io_function(config, s) for s in specs})
+            io = list(self.flaming_global_io_functions.values())
+        for layer in self.layers:
+            block = layer.flaming if layer.flaming is not None else layer.mlp
+            block._global = (learned, io)
 
     def io_inputs(self, input_ids, position_ids, attention_mask, cache, seen: int, like: torch.Tensor):
         """(context [b * s, 2 + W], frozen states {(source, layer): [b * s, H]}) of the s new tokens.

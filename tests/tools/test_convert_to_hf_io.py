@@ -1,10 +1,12 @@
-"""tools/convert_to_hf.py with FlamingMoE IO functions: a tiny model whose per-layer bank mixes
-learned functions with a store (context query), a store (hidden query), a callable and a frozen
-causal LM (`model`) trains a few steps (pretrain_neon.py's training function, torchrun) and is
-exported through the command line. transformers loads it with trust_remote_code and computes
-megatron's logits (each IO function moves them: the check can fail); greedy generation with and
-without the KV cache gives the same tokens and logits, the frozen model reading only the new token
-through its own cache; bad or changed sources fail at load naming the function and the source."""
+"""tools/convert_to_hf.py with FlamingMoE IO functions: a tiny model whose per-layer bank mixes learned
+functions with a store (context query), a store (hidden query), a callable and a frozen causal LM
+(`model`), and whose global bank holds IO functions only (a store with a context query, searched
+once and reused by every layer in megatron, and a callable), trains a few steps (pretrain_neon.py's
+training function, torchrun) and is exported through the command line. transformers loads it with
+trust_remote_code and computes megatron's logits (each IO function moves them: the check can fail);
+greedy generation with and without the KV cache gives the same tokens and logits, the frozen model
+reading only the new token through its own cache; bad or changed sources fail at load naming the
+function and the source."""
 
 from __future__ import annotations
 
@@ -22,17 +24,18 @@ pytestmark = pytest.mark.slow
 VOCAB = 512  # the tiny tokenizer's, not padded
 TOKENS = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(3))
 IO_NAMES = ("facts", "facts_h", "add", "anchor")
+GLOBAL_IO_NAMES = ("gfacts", "gadd")  # bank=global: one function each, shared by the 4 layers
 VARIANTS = {"base": {}, "ngpt": dict(ngpt=True)}  # nGPT: the IO outputs join through the normalized update
 # megatron and the HF reference compute the same function with other kernels and sum orders; a
 # reduction of n terms moves by at most n * 2^-24 of its terms' magnitude (Higham's gamma_n).
-# R = 4 layers x (12 reductions of attention, MLP and the FlamingMoE block + 4 of the IO functions:
-# query, scores, weighted read, W_out) + the head, n <= 128 (the IO reads' width): R * n * 2^-24
-# = 5e-4 of the logits' scale in the worst case. The frozen model's states are the same
+# R = 4 layers x (13 reductions of attention, MLP and the FlamingMoE block's two routers and
+# combine + 4 of the IO functions: query, scores, weighted read, W_out) + the head, n <= 128 (the
+# IO reads' width): R * n * 2^-24 = 5e-4 of the logits' scale in the worst case. The frozen model's states are the same
 # transformers call on both sides (bit-identical). A wrong mapping or context moves logits by ~1e-1.
-IO_EXPORT_ROUNDING = (4 * 16 + 1) * 128 * 2.0 ** -24
+IO_EXPORT_ROUNDING = (4 * 17 + 1) * 128 * 2.0 ** -24
 # cached vs uncached generation: the same R, plus the frozen model's own cached vs full pass
 # (2 layers x 6 reductions + its norm, n <= 32), carried into W_out relative to its states' scale.
-IO_CACHE_ROUNDING = (4 * 16 + 1 + 2 * 6 + 1) * 128 * 2.0 ** -24
+IO_CACHE_ROUNDING = (4 * 17 + 1 + 2 * 6 + 1) * 128 * 2.0 ** -24
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,12 @@ def exported(tmp_path_factory, tiny_tokenizer, tiny_dataset):
     frozen = write_frozen(str(work / "frozen"), vocab=VOCAB)
     io = [f"name=facts,kind=store,source={store},query=context,topk=2",
           f"name=facts_h,kind=store,source={store},query=hidden,topk=2,temperature=0.5",
-          CALLABLE, f"name=anchor,kind=model,source={frozen},layer=1"]
+          CALLABLE, f"name=anchor,kind=model,source={frozen},layer=1",
+          # bank=global: routed for every token of every layer (k = 2 of 2); a one-wide own embedding
+          # keeps their reads small next to x' (unit norm under nGPT, where the block's update is
+          # normalized), so each per-layer function still moves the logits past twice the bound
+          f"name=gfacts,kind=store,source={store},query=context,topk=3,embed_dim=1,bank=global",
+          CALLABLE.replace("name=add", "name=gadd") + ",embed_dim=1,bank=global"]
     runs = {}
     for variant, extra in VARIANTS.items():
         args = pretrain_args(work / f"ckpt-{variant}", str(tiny_tokenizer), tiny_dataset[0], flaming_moe="between",
@@ -71,6 +79,7 @@ def test_exported_io_model_matches_megatron(exported, variant):
     assert config["flaming_io_functions"] == exported["io"] and config["flaming_io_context_window"] == 4
     sources = config["flaming_io_sources"]
     assert sources["facts"]["content_sha256"] and sources["anchor"]["sha256"] and sources["add"]["source"]
+    assert sources["gfacts"]["content_sha256"] and sources["gadd"]["source"]
     assert (hf_dir / "io_neon.py").is_file() and (hf_dir / "modeling_neon.py").is_file()
     model = load(hf_dir)
     want = exported["reference"][variant]
@@ -80,8 +89,9 @@ def test_exported_io_model_matches_megatron(exported, variant):
         assert want.abs().max() > 0.1
         diff = (logits - want).abs().max().item()
         assert diff <= bound, (diff, bound)
-        for name in IO_NAMES:  # each is routed and moves the logits past twice the bound: dropping it fails
-            weights = [layer.flaming.io_functions[name].out_proj.weight for layer in model.model.layers]
+        for name in IO_NAMES + GLOBAL_IO_NAMES:  # each moves the logits past twice the bound: dropping it fails
+            weights = ([model.model.flaming_global_io_functions[name].out_proj.weight] if name in GLOBAL_IO_NAMES
+                       else [layer.flaming.io_functions[name].out_proj.weight for layer in model.model.layers])
             kept = [w.clone() for w in weights]
             for w in weights:
                 w.zero_()
@@ -172,12 +182,14 @@ def test_io_export_imports_back_bit_identical(exported, tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     before = tensors(hf_dir)
     assert sum(".io_functions." in k for k in before) == 4 * 8  # 4 layers: facts 2, facts_h 3, add 2, anchor 1
+    assert sum(k.startswith("model.flaming_global_io_functions.") for k in before) == 4  # gfacts 2, gadd 2
     assert_identical(before, tensors(tmp_path / "back"))
 
 
 def test_io_mapping_splits_the_bank_over_expert_parallel_ranks(exported):
     """At EP=2 the bank [2 learned, facts, facts_h, add, anchor] is 3 + 3 entries per rank (the IO
-    functions on both): HF -> the two ranks' state dicts -> HF gives every tensor back."""
+    functions on both) and the IO-only global bank [gfacts, gadd] 1 + 1: HF -> the two ranks'
+    state dicts -> HF gives every tensor back."""
     from neon.config import NeonConfig
     from neon.state_dict_adapter import hf_to_megatron, megatron_to_hf
     from tests.tools.test_convert_from_hf import assert_identical, tensors
@@ -192,5 +204,10 @@ def test_io_mapping_splits_the_bank_over_expert_parallel_ranks(exported):
     layer = "decoder.layers.0.flaming_moe.layer_bank.experts.local_experts."
     assert f"{layer}2.value_embedding.weight" in ranks[0] and f"{layer}0.query_proj.weight" in ranks[1]
     assert f"{layer}2.out_proj.weight" in ranks[1] and f"{layer}1.linear.weight" in ranks[0]
+    glob = "flaming_global_functions.local_experts.0."  # gfacts on rank 0, gadd on rank 1
+    assert f"{glob}value_embedding.weight" in ranks[0] and f"{glob}embedding.weight" in ranks[1]
+    assert not any(k.startswith("flaming_global_functions.local_experts.1.") for r in ranks for k in r)
+    router = ranks[1]["decoder.layers.3.flaming_moe.global_bank.router.weight"]  # the IO-only bank's router
+    assert torch.equal(router, hf["model.layers.3.flaming.global_router.weight"]) and router.shape == (2, 64)
     back = megatron_to_hf([ranks[0]], config, expert_shards=ranks)
     assert_identical(hf, back)
