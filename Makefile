@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# pytest-xdist workers: one per core of the 2-core CI machine (each test still starts at most 4
+# processes of its own); TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint clean
@@ -20,7 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
