@@ -59,18 +59,24 @@ def _distribution(name: str) -> metadata.Distribution:
                         f"out of --packages.") from None
 
 
-def source_files(dist: metadata.Distribution, max_file_bytes: int = MAX_FILE_BYTES) -> list[tuple[str, Path]]:
-    """(path as listed, file on disk) of the distribution's `.py` files that go into the corpus, by path."""
-    chosen = []
+def source_files(dist: metadata.Distribution, max_file_bytes: int = MAX_FILE_BYTES
+                 ) -> tuple[list[tuple[str, Path]], int]:
+    """(path as listed, file on disk) of the distribution's `.py` files that go into the corpus, by
+    path; and how many were left out for their size."""
+    chosen, large = [], 0
     for f in dist.files or []:
         rel = f.as_posix()
         parts = rel.split("/")
         if not rel.endswith(".py") or any(p in SKIP_DIRS or p.endswith(".dist-info") for p in parts[:-1]):
             continue
         path = Path(dist.locate_file(f))
-        if path.is_file() and path.stat().st_size <= max_file_bytes:
+        if not path.is_file():
+            continue
+        if path.stat().st_size > max_file_bytes:
+            large += 1
+        else:
             chosen.append((rel, path))
-    return sorted(chosen)
+    return sorted(chosen), large
 
 
 def build_site_corpus(out: str | Path, packages=DEFAULT_PACKAGES, max_file_bytes: int = MAX_FILE_BYTES,
@@ -78,15 +84,16 @@ def build_site_corpus(out: str | Path, packages=DEFAULT_PACKAGES, max_file_bytes
     """Write `out` ({"text": ...} per line) and `out`.manifest.json; returns the manifest."""
     out = Path(out)
     dists = [(name, _distribution(name)) for name in packages]  # every name checked before any work
-    files = [(name, dist, rel, path) for name, dist in dists for rel, path in source_files(dist, max_file_bytes)]
+    listed = {name: source_files(dist, max_file_bytes) for name, dist in dists}
+    files = [(name, rel, path) for name, _ in dists for rel, path in listed[name][0]]
     pins = pinned_versions()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     digest = hashlib.sha256()
     stats = {name: {"version": dist.version, "pinned": pins.get(_normal(name)), "files": 0, "bytes": 0,
-                    "skipped_not_utf8": 0} for name, dist in dists}
+                    "skipped_too_large": listed[name][1], "skipped_not_utf8": 0} for name, dist in dists}
     with open(tmp, "w", encoding="utf-8") as f:
-        for name, _, rel, path in tqdm(files, desc="site-packages corpus", unit=" files", disable=not show_progress,
+        for name, rel, path in tqdm(files, desc="site-packages corpus", unit=" files", disable=not show_progress,
                                        mininterval=0.5):
             try:
                 text = path.read_text(encoding="utf-8")

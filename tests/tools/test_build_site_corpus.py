@@ -58,6 +58,7 @@ def test_documents_are_the_packages_source_files_in_order_with_a_matching_manife
     assert manifest["documents"] == len(docs) and manifest["bytes"] == out.stat().st_size
     assert manifest["packages"]["tqdm"]["files"] == n_tqdm
     assert manifest["packages"]["tqdm"]["version"] == tqdm.__version__
+    assert manifest["packages"]["tqdm"]["skipped_too_large"] == 1  # std.py
 
     again = tmp_path / "again.jsonl"
     assert run_cli("--output", again, "--packages", "tqdm", "pyyaml", "--max-file-bytes", limit,
