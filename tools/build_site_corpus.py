@@ -28,7 +28,7 @@ def get_args(argv=None):
     p.add_argument("--packages", nargs="+", default=list(DEFAULT_PACKAGES),
                    help=f"installed distributions, in this order (default: {' '.join(DEFAULT_PACKAGES)})")
     p.add_argument("--max-file-bytes", type=int, default=MAX_FILE_BYTES,
-                   help=f"leave out larger files, mostly generated tables (default: {MAX_FILE_BYTES})")
+                   help=f"leave out larger files (default: {MAX_FILE_BYTES})")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p.parse_args(argv)
 

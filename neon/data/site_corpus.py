@@ -4,7 +4,8 @@ One document per `.py` file of each named distribution (the files its installed 
 in a fixed order: distributions as given, then each one's files by path. A document is the
 file's path (`# megatron/core/utils.py`), a blank line and the file's text, docstrings and
 comments included. Left out: files under a `test`/`tests`/`testing` folder, `__pycache__`, files
-larger than `max_file_bytes` (generated tables) and files that are not UTF-8.
+larger than `max_file_bytes` (with the default packages and limit: numpy/ma/core.py and
+matplotlib/axes/_axes.py) and files that are not UTF-8.
 
 The same distribution versions give the same bytes; requirements.txt pins the default ones, and
 `build_site_corpus` writes a manifest with each version, its file count and size, and the
