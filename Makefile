@@ -2,9 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# pytest-xdist workers: one per core of the 2-core CI machine (each test still starts at most 4
-# processes of its own); TEST_WORKERS=0 runs the suite in one process.
-TEST_WORKERS ?= 2
+# pytest-xdist workers: 3 on the 2-core CI machine (many tests wait on subprocesses, Slurm or
+# sleeps; each still starts at most 4 processes of its own). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 3
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint clean

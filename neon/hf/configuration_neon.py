@@ -101,8 +101,8 @@ class NeonHFConfig(PreTrainedConfig):
         for name in ("flaming_global_kind", "flaming_layer_kind"):
             if getattr(self, name) not in FLAMING_KINDS:
                 raise ValueError(f"{name}={getattr(self, name)!r}: use one of {FLAMING_KINDS}")
-        if self.flaming_io_functions and self.flaming_moe != "between":
-            raise ValueError(f"flaming_io_functions need flaming_moe='between', not {self.flaming_moe!r}")
+        if self.flaming_io_functions and self.flaming_moe == "off":
+            raise ValueError("flaming_io_functions need FlamingMoE: set flaming_moe='between' or 'mlp'")
         if self.flaming_router not in ("gumbel", "topk"):
             raise ValueError(f"flaming_router={self.flaming_router!r}: use 'gumbel' or 'topk'")
         return super().__post_init__(**kwargs)

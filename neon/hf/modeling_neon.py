@@ -360,7 +360,8 @@ class NeonDecoderLayer(nn.Module):
         h = self.residual(h, self.self_attn(self.input_layernorm(h), cos, sin, attention_mask, cache), "attn")
         if self.flaming is not None:
             h = self.residual(h, self.flaming(self.pre_flaming_layernorm(h), io), "flaming")
-        return self.residual(h, self.mlp(self.post_attention_layernorm(h)), "mlp")
+        x = self.post_attention_layernorm(h)
+        return self.residual(h, self.mlp(x, io) if self.config.flaming_moe == "mlp" else self.mlp(x), "mlp")
 
 
 class NeonPreTrainedModel(PreTrainedModel):

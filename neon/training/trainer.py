@@ -71,7 +71,8 @@ def start_parallel(cfg: Config) -> int:
     p, s = cfg.parallelism, cfg.schedule
     distributed.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                            p.expert_model_parallel_size, cfg.virtual_pipeline_size, s.seed,
-                           timeout_s=60 * p.distributed_timeout_minutes)
+                           timeout_s=60 * p.distributed_timeout_minutes,
+                           expert_tensor_parallel=1)  # as neon_config(): experts are whole on each TP rank
     if not cpu_runtime.cuda_available():  # the CPU runtime's RNG tracker forks the CPU generator itself
         logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
     destroy_num_microbatches_calculator()
@@ -152,6 +153,7 @@ class Trainer:
         s, c, state = self.cfg.schedule, self.cfg.checkpointing, self.state
         while state.iteration < s.train_iters:
             signalled = self.step()
+            self.signals.raise_if_interrupted()
             if self.evaluator.due(state.iteration):
                 self.validate()
             if signalled:

@@ -25,7 +25,9 @@ VOCAB = 512  # the tiny tokenizer's, not padded
 TOKENS = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(3))
 IO_NAMES = ("facts", "facts_h", "add", "anchor")
 GLOBAL_IO_NAMES = ("gfacts", "gadd")  # bank=global: one function each, shared by the 4 layers
-VARIANTS = {"base": {}, "ngpt": dict(ngpt=True)}  # nGPT: the IO outputs join through the normalized update
+# nGPT: the IO outputs join through the normalized update; 'mlp': the bank replaces the MLP
+VARIANTS = {"base": dict(flaming_moe="between"), "ngpt": dict(flaming_moe="between", ngpt=True),
+            "mlp": dict(flaming_moe="mlp")}
 # megatron and the HF reference compute the same function with other kernels and sum orders; a
 # reduction of n terms moves by at most n * 2^-24 of its terms' magnitude (Higham's gamma_n).
 # R = 4 layers x (13 reductions of attention, MLP and the FlamingMoE block's two routers and
@@ -53,7 +55,7 @@ def exported(tmp_path_factory, tiny_tokenizer, tiny_dataset):
           CALLABLE.replace("name=add", "name=gadd") + ",embed_dim=1,bank=global"]
     runs = {}
     for variant, extra in VARIANTS.items():
-        args = pretrain_args(work / f"ckpt-{variant}", str(tiny_tokenizer), tiny_dataset[0], flaming_moe="between",
+        args = pretrain_args(work / f"ckpt-{variant}", str(tiny_tokenizer), tiny_dataset[0],
                              flaming_layer_functions=2, flaming_router="topk", flaming_topk=2,
                              flaming_io_context_window=4, init_method_std=0.3, **extra)  # IO terms ~ x'
         runs[variant] = [*args, "--flaming-io-functions", *io]
@@ -91,7 +93,8 @@ def test_exported_io_model_matches_megatron(exported, variant):
         assert diff <= bound, (diff, bound)
         for name in IO_NAMES + GLOBAL_IO_NAMES:  # each moves the logits past twice the bound: dropping it fails
             weights = ([model.model.flaming_global_io_functions[name].out_proj.weight] if name in GLOBAL_IO_NAMES
-                       else [layer.flaming.io_functions[name].out_proj.weight for layer in model.model.layers])
+                       else [(layer.mlp if variant == "mlp" else layer.flaming).io_functions[name].out_proj.weight
+                             for layer in model.model.layers])
             kept = [w.clone() for w in weights]
             for w in weights:
                 w.zero_()

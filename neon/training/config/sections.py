@@ -229,6 +229,7 @@ class Config:
             virtual_pipeline_model_parallel_size=self.virtual_pipeline_size,
             expert_model_parallel_size=p.expert_model_parallel_size,
             sequence_parallel=p.sequence_parallel,
+            expert_tensor_parallel_size=1,  # Neon's experts (FlamingMoE functions) are never split by TP
             params_dtype=dtype,
             pipeline_dtype=dtype,
             **runtime,

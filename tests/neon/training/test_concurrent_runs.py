@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def test_second_run_on_a_directory_is_refused_and_a_killed_runs_lock_is_not(corpus, tmp_path):
     save = tmp_path / "run"
-    args = tiny_args(*corpus, num_layers=2, eval_iters=0, train_iters=400, save=save, load=save, save_interval=2)
+    args = tiny_args(*corpus, num_layers=2, eval_iters=0, train_iters=4000, save=save, load=save, save_interval=2)
     first = start(args, nproc=0, log=tmp_path / "first.log")
     try:
         wait_for(lambda: latest(save) is not None, first, 240, "the first run's first checkpoint")

@@ -118,6 +118,25 @@ def test_pp2_interleaved_distopt_recompute_checkpoint_loads_at_pp1_with_the_same
     assert math.isclose(evaluated, expected, rel_tol=RESHARD_REL_TOL)
 
 
+def test_flaming_moe_at_tp2_trains_and_its_checkpoint_loads_at_tp1(corpus, tmp_path):
+    """FlamingMoE under tensor (+ sequence) parallelism through the CLI: the functions are whole on
+    each TP rank (expert TP 1) and their gradients summed over TP; the TP2 checkpoint's banks
+    reshard to TP1 with the same validation loss (the bound above; the banks add reductions of at
+    most 64 terms). Megatron keeps expert parameters (the functions, marked so at TP > 1 to sum
+    their gradients over TP) in an optimizer of their own, so the TP2 optimizer state does not load
+    at TP1: --no-load-optim, as for any layout whose optimizer grouping differs."""
+    save = tmp_path / "flaming_tp2"
+    flaming = dict(flaming_moe="between", flaming_global_functions=2, flaming_layer_functions=2,
+                   flaming_layer_kind="swiglu", flaming_ffn_hidden_size=32, flaming_router="topk")
+    check(launch(tiny_args(*corpus, tensor_model_parallel_size=2, sequence_parallel=True, num_layers=2,
+                           train_iters=4, save=save, **flaming), nproc=2))
+    train = metrics(save)
+    assert train[4]["loss"] < train[1]["loss"], train
+    expected = metrics(save, "valid")[4]["loss"]
+    assert math.isclose(_eval_at_tp1(corpus, save, 4, tmp_path, num_layers=2, no_load_optim=True, **flaming), expected,
+                        rel_tol=RESHARD_REL_TOL)
+
+
 def test_non_finite_loss_stops_at_that_step_without_saving_it(corpus, tmp_path):
     save = tmp_path / "nan"
     out = check(launch(tiny_args(*corpus, num_layers=2, global_batch_size=4, lr=1e30, min_lr=0, clip_grad=0,
