@@ -25,7 +25,6 @@ import math
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
@@ -41,6 +40,7 @@ from tools.flaming_io_knowledge import (  # noqa: E402
     batch,
     init_single_process,
     make_facts,
+    train,
 )
 
 
@@ -88,25 +88,10 @@ def config_b(frozen: str | None):
 def train_b(cfg, facts, steps: int, seed: int, batch_size: int = 16, lr: float = 3e-3):
     """Model B trained on `facts`; returns (model, mean step seconds after the first 5 steps,
     the frozen model's share of the training time)."""
-    from neon.model import build_model
-
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
     times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        seqs = batch(facts, batch_size, gen)
-        pos = torch.arange(seqs.shape[1] - 1).expand(seqs.shape[0], -1)
-        loss = model(seqs[:, :-1], pos, None, labels=seqs[:, 1:]).float().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
+    model = train(cfg, facts, steps, seed, batch_size, lr, step_times=times)
     frozen = sum(f.seconds for f in getattr(model, "frozen_models", {}).values())
-    return model.eval(), sum(times[5:]) / max(1, len(times) - 5), frozen / sum(times)
+    return model, sum(times[5:]) / max(1, len(times) - 5), frozen / sum(times)
 
 
 def run(steps_a: int = 600, steps: int = 300, names: int = 200, unseen: int = 50, seed: int = 0,

@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
@@ -71,7 +72,10 @@ def answer_loss(model, seqs: torch.Tensor) -> float:
     return -lp.gather(-1, seqs[:, targets].unsqueeze(-1)).mean().item()
 
 
-def train(cfg, facts, steps: int, seed: int, batch_size: int = 16, lr: float = 3e-3):
+def train(cfg, facts, steps: int, seed: int, batch_size: int = 16, lr: float = 3e-3,
+          step_times: list | None = None):
+    """The model of `cfg` trained with Adam on batches of `facts`; each step's seconds are
+    appended to `step_times` when given."""
     from neon.model import build_model
 
     torch.manual_seed(seed)
@@ -80,12 +84,15 @@ def train(cfg, facts, steps: int, seed: int, batch_size: int = 16, lr: float = 3
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(steps):
+        t0 = time.perf_counter()
         seqs = batch(facts, batch_size, gen)
         pos = torch.arange(seqs.shape[1] - 1).expand(seqs.shape[0], -1)
         loss = model(seqs[:, :-1], pos, None, labels=seqs[:, 1:]).float().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if step_times is not None:
+            step_times.append(time.perf_counter() - t0)
     return model.eval()
 
 
