@@ -22,9 +22,9 @@ parameters are re-copied from the loaded weights.
 from __future__ import annotations
 
 import os
+import queue
 import random
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -59,20 +59,19 @@ class Loaded:
     resharded: bool
 
 
-def prepare_writer(signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
-    """Start megatron's checkpoint-writer result queue (a spawned multiprocessing Manager) with
-    the exit signals ignored. Slurm and torchrun deliver SIGTERM/SIGUSR1 to the whole process
-    group; without this the Manager dies at once and the save that the signal asks for fails
-    with BrokenPipeError. Ignored dispositions survive the spawn; forked writer processes
-    inherit the training process's own handlers."""
+def prepare_writer() -> None:
+    """Give megatron's checkpoint writer an in-process result queue.
+
+    megatron-core collects the forked writer processes' results through a module-level queue
+    that it makes a spawned multiprocessing Manager, for its asynchronous saves. Neon saves
+    synchronously: the results are gathered in the training process and read back there, so a
+    plain queue does. The Manager cost a process per rank that imports torch to unpickle the
+    first results (about 3 CPU-seconds at the first save), and it died of the SIGTERM/SIGUSR1
+    that Slurm and torchrun send the whole process group, failing the save the signal asks for."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
-    try:
-        filesystem_async._get_write_results_queue()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    if not isinstance(filesystem_async._results_queue, queue.Queue):
+        filesystem_async._results_queue = queue.Queue()
 
 
 def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
