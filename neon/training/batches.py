@@ -51,9 +51,14 @@ def loader(dataset, *, consumed_samples: int, micro_batch_size: int, dp_rank: in
            num_workers: int, total_samples: int | None = None) -> DataLoader:
     total = len(dataset) if total_samples is None else min(total_samples, len(dataset))
     sampler = PretrainingSampler(total, consumed_samples, micro_batch_size, dp_rank, dp_size)
+    # Each iterator draws its workers' base seed from `generator`, a generator of its own: building
+    # one never moves torch's default generator, which the restored RNG state of a resume sets and
+    # the Gumbel router's noise draws from (a resume builds its iterator after the restore, the
+    # uninterrupted run before step 1). The samples do not depend on it (the sampler is ordered).
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                       worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
-                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(0))
 
 
 def iterators(dataset, *, num_chunks: int, **kwargs) -> list:

@@ -8,7 +8,8 @@ meet at a barrier, then rank 0 renames the directory and replaces the marker ato
 stale temporary directory is removed by the next save.
 
 Each checkpoint holds the model chunks, the optimizer (the distributed optimizer in its
-"fully_reshardable" layout), the learning-rate scheduler, the RNG states per (PP, TP) rank,
+"fully_reshardable" layout), the learning-rate scheduler, the RNG states per (PP, TP) rank
+(and per DP rank with expert parallelism, as Megatron-LM saves them),
 the data position (consumed samples) and the resolved run configuration. Loading at another
 TP/PP layout reshards model and optimizer (megatron-core does it); RNG states are then
 re-seeded instead.
@@ -106,7 +107,15 @@ def layout() -> dict:
     }
 
 
-def _rng_object() -> ShardedObject:
+def rng_per_data_parallel_rank() -> bool:
+    """Whether this layout saves an RNG state per data-parallel rank: with expert parallelism
+    (Megatron-LM's rule), since each DP rank then runs other experts, which draw other amounts
+    from the default generator and the expert-parallel tracker stream (dropout, Gumbel noise);
+    otherwise every DP rank of a (PP, TP) rank holds the same state and one copy is saved."""
+    return parallel_state.get_expert_model_parallel_world_size() > 1
+
+
+def _rng_object(per_dp_rank: bool) -> ShardedObject:
     ps = parallel_state
     state = {
         "random": random.getstate(),
@@ -115,12 +124,13 @@ def _rng_object() -> ShardedObject:
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": get_cuda_rng_tracker().get_states(),
     }
-    return ShardedObject(
-        "rng_state", state,
-        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
-        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
-        replica_id=ps.get_data_parallel_rank(with_context_parallel=True),
-    )
+    pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
+    pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+    if per_dp_rank:
+        return ShardedObject("rng_state", state, (pp, tp, ps.get_data_parallel_world_size(with_context_parallel=True)),
+                             (pp_rank, tp_rank, dp_rank), replica_id=0)
+    return ShardedObject("rng_state", state, (pp, tp), (pp_rank, tp_rank), replica_id=dp_rank)
 
 
 def _restore_rng(state: dict) -> None:
@@ -173,7 +183,7 @@ def _model_keys(chunks) -> list[str]:
 
 
 def _sharded_state(chunks, optimizer, scheduler, *, is_loading: bool, with_optimizer: bool,
-                   with_rng: bool, common: Optional[dict] = None) -> dict:
+                   with_rng: bool, rng_per_dp_rank: bool = False, common: Optional[dict] = None) -> dict:
     state = dict(common or {})
     for key, chunk in zip(_model_keys(chunks), chunks):
         state[key] = _unwrap(chunk).sharded_state_dict()
@@ -182,7 +192,7 @@ def _sharded_state(chunks, optimizer, scheduler, *, is_loading: bool, with_optim
                                                           metadata=OPTIMIZER_METADATA)
         state["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:
-        state["rng_state"] = _rng_object()
+        state["rng_state"] = _rng_object(rng_per_dp_rank)
     return state
 
 
@@ -229,9 +239,10 @@ def save(root: str | os.PathLike, iteration: int, chunks, optimizer, scheduler, 
     _barrier()
     common = {"iteration": iteration, "consumed_train_samples": consumed_train_samples,
               "config": config, "layout": layout(), "format_version": FORMAT_VERSION,
-              "weights_only": optimizer is None}
+              "weights_only": optimizer is None, "rng_per_dp_rank": rng_per_data_parallel_rank()}
     state = _sharded_state(chunks, optimizer, scheduler, is_loading=False, with_optimizer=optimizer is not None,
-                           with_rng=optimizer is not None, common=common)
+                           with_rng=optimizer is not None, rng_per_dp_rank=common["rng_per_dp_rank"],
+                           common=common)
     dist_checkpointing.save(state, str(tmp))
     if os.environ.get("NEON_FAULT_PAUSE_SAVE_AT") == str(iteration):
         time.sleep(300)  # fault injection for tests: be killed between writing and committing
@@ -277,11 +288,15 @@ def load(root: str | os.PathLike, chunks, optimizer, scheduler, *, load_optimize
     saved = common.get("layout", {})
     now = layout()
     resharded = any(saved.get(k) != now[k] for k in ("tp", "pp", "vpp", "ep"))
-    with_rng = load_rng and not resharded and not weights_only
+    # an RNG state per DP rank (EP > 1) restores only at the same DP size; checkpoints written before
+    # Neon kept them (no "rng_per_dp_rank") hold one per (PP, TP) rank, which every DP rank loads
+    rng_per_dp_rank = bool(common.get("rng_per_dp_rank", False))
+    with_rng = (load_rng and not resharded and not weights_only
+                and not (rng_per_dp_rank and saved.get("dp") != now["dp"]))
     if load_optimizer:
         _materialize_optimizer_state(optimizer)
     state = _sharded_state(chunks, optimizer, scheduler, is_loading=True, with_optimizer=load_optimizer,
-                           with_rng=with_rng)
+                           with_rng=with_rng, rng_per_dp_rank=rng_per_dp_rank)
     try:
         loaded = dist_checkpointing.load(state, str(path))
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - torch DCP's is a BaseException

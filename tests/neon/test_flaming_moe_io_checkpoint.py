@@ -2,8 +2,9 @@
 list from a YAML file and from flags, distributed checkpoints of a per-layer bank [learned,
 learned, store, callable] and a global bank [learned, store (context query, searched once per
 micro-batch)] (learned parts sharded, the global bank's stored once, sources recorded and
-checked at load, a swap only when asked for), an exact resume, and every bad source ending with
-a clear error and no checkpoint."""
+checked at load, a swap only when asked for), an exact resume with the default Gumbel router (at
+EP=2 x PP=2 too: the RNG states are saved per DP rank there), and every bad source ending with a
+clear error and no checkpoint."""
 
 from pathlib import Path
 
@@ -34,8 +35,7 @@ def io_args(corpus, store: str, yaml_file: Path, callable_spec: str = CALLABLE, 
     both entries given as two arguments of --flaming-io-functions)."""
     yaml_file.write_text("model:\n  flaming_io_functions: name=facts,kind=store,source=/not/used\n")
     values = dict(num_layers=2, train_iters=N, eval_interval=N, flaming_moe="between", flaming_layer_functions=2,
-                  flaming_global_functions=1, flaming_topk=1, flaming_io_context_window=4,
-                  flaming_router="topk")  # Gumbel: see the note in docs/flaming_moe.md (resume)
+                  flaming_global_functions=1, flaming_topk=1, flaming_io_context_window=4)  # Gumbel router
     values.update(overrides)
     return ["--config", str(yaml_file), *tiny_args(*corpus, **values), "--flaming-io-functions",
             f"name=facts,kind=store,source={store},query=context,topk=2", callable_spec,
