@@ -338,12 +338,10 @@ def layout_init(model) -> None:
 
 
 def train_with_model_function(frozen: str, recompute: bool) -> dict:
-    from megatron.core.optimizer import OptimizerConfig
-
     from neon.model import build_model
-    from neon.training.optim import build_optimizer
-    from neon.training.step import build_model_chunks, train_step
+    from neon.training.step import build_model_chunks
     from tests.neon.test_flaming_moe_io_model import MB, MICROBATCHES, STEPS, batches
+    from tests.train_helpers import sgd_losses
 
     extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -357,13 +355,8 @@ def train_with_model_function(frozen: str, recompute: bool) -> dict:
                      pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(), **extra)
     chunks = build_model_chunks(cfg, build_model)
     layout_init(chunks[0].module)
-    opt = build_optimizer(chunks, OptimizerConfig(optimizer="sgd", lr=0.5, weight_decay=0.0, bf16=False))
-    data = batches(STEPS * MICROBATCHES)
-    losses, norms = [], []
-    for _ in range(STEPS):
-        r = train_step(chunks, opt, data, cfg, num_microbatches=MICROBATCHES, seq_length=8, micro_batch_size=MB)
-        losses.append(r.loss)
-        norms.append(r.grad_norm)
+    losses, norms = sgd_losses(chunks, cfg, batches(STEPS * MICROBATCHES), steps=STEPS, num_microbatches=MICROBATCHES,
+                               seq_length=8, micro_batch_size=MB)
     (fm,) = [f for m in chunks[0].modules() for f in (getattr(m, "frozen_models", None) or {}).values()]
     last = parallel_state.is_pipeline_last_stage()
     return dict(losses=losses if last else None, norms=norms, calls=fm.calls, expected_calls=STEPS * MICROBATCHES)

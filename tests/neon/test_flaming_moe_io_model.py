@@ -18,16 +18,15 @@ import zlib
 import pytest
 import torch
 from megatron.core import parallel_state
-from megatron.core.optimizer import OptimizerConfig
 
 from neon.config import NeonConfig
 from neon.flaming.encoder import describe
 from neon.flaming.store import swap_store
 from neon.flaming.store_build import write_store
 from neon.model import build_model
-from neon.training.optim import build_optimizer
-from neon.training.step import build_model_chunks, train_step
+from neon.training.step import build_model_chunks
 from tests.dist import run_distributed
+from tests.train_helpers import random_batches, sgd_losses
 
 VOCAB, SEQ, MB, STEPS, MICROBATCHES = 32, 8, 2, 3, 2
 EPS32 = torch.finfo(torch.float32).eps
@@ -47,11 +46,7 @@ def io_model_config(store: str, recompute: bool, reuse: bool = True, placement: 
 
 
 def batches(n: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(n):
-        tokens = torch.randint(0, VOCAB, (MB, SEQ + 1), generator=gen)
-        yield dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], position_ids=torch.arange(SEQ).expand(MB, SEQ),
-                   loss_mask=torch.ones(MB, SEQ))
+    return random_batches(n, vocab=VOCAB, micro_batch=MB, seq=SEQ, seed=seed)
 
 
 def deterministic_init(model) -> None:
@@ -72,14 +67,8 @@ def train_io(store: str, recompute: bool, reuse: bool = True, placement: str = "
     cfg = io_model_config(store, recompute, reuse, placement)
     chunks = build_model_chunks(cfg, build_model)
     deterministic_init(chunks[0].module)
-    # SGD: the update is linear in the gradient, so rounding differences stay rounding-sized
-    opt = build_optimizer(chunks, OptimizerConfig(optimizer="sgd", lr=0.5, weight_decay=0.0, bf16=False))
-    data = batches(STEPS * MICROBATCHES)
-    losses, norms = [], []
-    for _ in range(STEPS):
-        r = train_step(chunks, opt, data, cfg, num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=MB)
-        losses.append(r.loss)
-        norms.append(r.grad_norm)
+    losses, norms = sgd_losses(chunks, cfg, batches(STEPS * MICROBATCHES), steps=STEPS, num_microbatches=MICROBATCHES,
+                               seq_length=SEQ, micro_batch_size=MB)
     model = chunks[0].module
     usage = [b.usage.tolist() for m in model.modules() if hasattr(m, "layer_bank") for b in m.banks()]
     scanned = sum(getattr(f, "searched_rows", 0) for f in model.flaming_global_functions.local_experts)

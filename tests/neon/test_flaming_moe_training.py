@@ -16,6 +16,7 @@ from neon.model import build_model
 from neon.training.optim import build_optimizer
 from neon.training.step import build_model_chunks, train_step
 from tests.dist import run_distributed
+from tests.train_helpers import random_batches
 
 VOCAB, SEQ, MB = 32, 8, 2
 
@@ -32,11 +33,7 @@ def tiny_flaming_config(**overrides) -> NeonConfig:
 
 
 def batches(n: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(n):
-        tokens = torch.randint(0, VOCAB, (MB, SEQ + 1), generator=gen)
-        yield dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], position_ids=torch.arange(SEQ).expand(MB, SEQ),
-                   loss_mask=torch.ones(MB, SEQ))
+    return random_batches(n, vocab=VOCAB, micro_batch=MB, seq=SEQ, seed=seed)
 
 
 def global_bank_params(chunks) -> dict:
