@@ -93,7 +93,7 @@ def diff_layout(config: NeonConfig) -> DiffLayout:
     raise ValueError(f"diff_attention={config.diff_attention!r} has no DiffAttention layout")
 
 
-def _with_width(linear_cls, width: int, input_size: int, _output_size: int, **kwargs):
+def with_width(linear_cls, width: int, input_size: int, _output_size: int, **kwargs):
     """Build `linear_cls` with `width` outputs whatever output size SelfAttention asks for."""
     return linear_cls(input_size, width, **kwargs)
 
@@ -106,7 +106,7 @@ class DiffSelfAttention(SelfAttention):
                  pg_collection=None):
         layout = diff_layout(config)
         submodules = dataclasses.replace(
-            submodules, linear_qkv=partial(_with_width, submodules.linear_qkv, layout.qkv_rows))
+            submodules, linear_qkv=partial(with_width, submodules.linear_qkv, layout.qkv_rows))
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type,
                          pg_collection=pg_collection)

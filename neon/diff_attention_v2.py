@@ -45,6 +45,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from neon.attention import attention
 from neon.config import NeonConfig
+from neon.diff_attention import with_width
 
 
 @dataclass(frozen=True)
@@ -76,11 +77,6 @@ def diff_v2_layout(config: NeonConfig) -> DiffV2Layout:
     return DiffV2Layout(heads=heads, groups=config.num_query_groups or heads, head_dim=config.head_dim)
 
 
-def _with_width(linear_cls, width: int, input_size: int, _output_size: int, **kwargs):
-    """Build `linear_cls` with `width` outputs whatever output size SelfAttention asks for."""
-    return linear_cls(input_size, width, **kwargs)
-
-
 class DiffV2SelfAttention(SelfAttention):
     """megatron's SelfAttention with 2H query heads and W_lambda; forward is megatron's own."""
 
@@ -90,7 +86,7 @@ class DiffV2SelfAttention(SelfAttention):
         layout = diff_v2_layout(config)
         column_linear = submodules.linear_qkv
         submodules = dataclasses.replace(
-            submodules, linear_qkv=partial(_with_width, column_linear, layout.qkv_rows))
+            submodules, linear_qkv=partial(with_width, column_linear, layout.qkv_rows))
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type,
                          pg_collection=pg_collection)

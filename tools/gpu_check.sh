@@ -98,7 +98,7 @@ else
     peak=${PEAK_TFLOPS:-$peak}
     [[ -n "$peak" ]] && model_opts+=(--peak-tflops "$peak")
 fi
-"$PYTHON" -c "import torch, megatron.core as m; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+"$PYTHON" -c "import neon, torch, megatron.core as m; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'megatron-core', m.__version__, 'device',
       torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')" | tee -a "$OUT/gpu.txt"
 
