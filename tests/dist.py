@@ -6,9 +6,10 @@
 process forked from a multiprocessing forkserver: the server (one per test process) imports torch,
 megatron-core, Neon's model and transformers' Mistral once (PRELOAD), so a rank starts in
 milliseconds instead of re-importing them (about 5 CPU-seconds each); it holds no other state,
-since nothing runs in it but imports. Each process sets OMP_NUM_THREADS=1, joins a gloo group on
-a free local port, and initialises megatron-core's parallel state with the given layout (the CPU
-runtime is installed there).
+since nothing runs in it but imports. Each process sets OMP_NUM_THREADS=1, joins a gloo group
+through a rendezvous store that the test process hosts on a port the kernel picks (as torchrun's
+agent does), and initialises megatron-core's parallel state with the given layout (the CPU runtime
+is installed there).
 Whatever a rank returns (tensors included) comes back in rank order. An exception on any rank
 fails the calling test with that rank's traceback; a rank that does not finish within
 `timeout` seconds fails it too, and every process is killed: a hang never stalls CI.
@@ -20,9 +21,9 @@ import io
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
+from datetime import timedelta
 
 PRELOAD = ["tests", "megatron_plugins.distributed", "neon.model", "neon.training.step", "tests.parity",
            "transformers.models.mistral.modeling_mistral"]  # "tests" first: it installs lazy_jit
@@ -32,15 +33,10 @@ class DistributedFailure(AssertionError):
     pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world_size, port, layout, fn, kwargs, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
+    # the store is the test process's (as torchrun's agent hosts its workers'): ranks only connect
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1", TORCHELASTIC_USE_AGENT_STORE="True")
     try:
         import torch
 
@@ -70,7 +66,11 @@ def run_distributed(fn, world_size: int = 2, *, tp: int = 1, pp: int = 1, ep: in
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)  # takes effect when this process first starts the server
     results = ctx.Queue()
-    port = free_port()
+    # The rendezvous store lives here, on a port the kernel picks and this process holds until the
+    # ranks are done: no window in which another process can take a port chosen in advance.
+    store = torch.distributed.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                                       timeout=timedelta(seconds=timeout))
+    port = store.port
     procs = [ctx.Process(target=_worker, daemon=True,
                          args=(r, world_size, port, layout, fn, kwargs or {}, results))
              for r in range(world_size)]
@@ -103,4 +103,5 @@ def run_distributed(fn, world_size: int = 2, *, tp: int = 1, pp: int = 1, ep: in
             if p.is_alive():
                 p.kill()
                 p.join()
+        del store
     return [collected[r] for r in range(world_size)]
