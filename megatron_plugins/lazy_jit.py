@@ -2,9 +2,10 @@
 
 `megatron.core.jit.jit_fuser` is `torch.compile` (torch >= 2.2), applied as a decorator to the
 fused bias-activation functions when `megatron.core` is imported. Decorating is what costs:
-`torch.compile(fn)` imports TorchDynamo and Inductor, about 2 of the 5 CPU-seconds that
-`import megatron.core` takes, in every process (each torchrun rank, each tool), whether or not a
-fused function ever runs (the CPU runtime and Neon's default specs never call them).
+`torch.compile(fn)` imports TorchDynamo and Inductor, 2 to 4 CPU-seconds of `import
+megatron.core` (tools/benchmark_startup.py, docs/benchmarks.md), in every process (each
+torchrun rank, each tool), whether or not a fused function ever runs (the CPU runtime and
+Neon's default specs never call them).
 
 `install()` adds an import hook that, right after `megatron.core.jit` has run, wraps its
 `jit_fuser` so that decorating only records the function; the first call applies the real

@@ -1,8 +1,8 @@
 """Neon: a Megatron-style pretraining framework for the Neon architecture (README.md).
 
 Importing any part of `neon` first installs `megatron_plugins.lazy_jit`, so that megatron-core's
-fused functions compile at their first call rather than at `import megatron.core` (about 2 CPU-s
-less per process)."""
+fused functions compile at their first call rather than at `import megatron.core` (2 to 4 CPU-s
+less per process: tools/benchmark_startup.py)."""
 
 from megatron_plugins import lazy_jit
 

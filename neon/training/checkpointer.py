@@ -21,8 +21,6 @@ class Checkpointer:
         self.settings, self.run_config = settings, run_config
         self.chunks, self.optimizer, self.scheduler = chunks, optimizer, scheduler
         self.distributed_optimizer = distributed_optimizer
-        if settings.save:
-            checkpointing.prepare_writer()
 
     def resume(self, announce: bool) -> TrainerState:
         """The state of --load's latest checkpoint (or --ckpt-step's), loaded into the model,

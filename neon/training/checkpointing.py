@@ -228,6 +228,7 @@ def save(root: str | os.PathLike, iteration: int, chunks, optimizer, scheduler, 
          consumed_train_samples: int, config: dict, keep_last: int = 0) -> Path:
     """Write a complete checkpoint of `iteration` (collective: every rank calls it). With
     optimizer=None only the model is written (a weights-only checkpoint)."""
+    prepare_writer()  # every save (training runs, tools/convert_from_hf.py) without megatron's Manager
     root = Path(root)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     tmp, final = _tmp_dir(root, iteration), iteration_dir(root, iteration)
