@@ -2,22 +2,26 @@
 
 With every Neon switch off, a NeonConfig describes a Mistral model (RoPE, GQA, SwiGLU, RMSNorm,
 optional sliding window). `validate()` runs before megatron-core's own checks, so a bad value
-gets an error that names the setting and the fix before anything is built. The fields of each
-feature are declared here; their checks and derived settings are the feature's own
-(neon/features/, docs/adding_a_feature.md).
+gets an error that names the setting and the fix before anything is built.
+
+The fields of each Neon feature are the feature's own: its `settings` dataclass in its file under
+neon/features/, added to NeonConfig when the feature is registered (`add_settings`, called by
+`neon.features.register`; the built-in features register when this module is imported). Their
+checks and derived settings are the feature's too (docs/adding_a_feature.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal, Optional
+import dataclasses
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
 
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-
-class NeonConfigError(ValueError):
-    """A configuration value Neon cannot build; the message names the setting and the fix."""
+from neon.errors import ConfigError
 
 
 @dataclass
@@ -30,68 +34,7 @@ class NeonConfig(TransformerConfig):
     """Each token sees itself and the sliding_window - 1 tokens before it (HF semantics)."""
     tie_word_embeddings: bool = False
 
-    # --- Neon features: the fields each one owns (validated by neon/features/<feature>.py) --
-    # --- DiffAttention (neon/diff_attention.py) ----------------------------------------------
-    diff_attention: Literal["off", "matched", "expressive", "v2"] = "off"
-    """DiffAttention layout, one of 'off', 'matched', 'expressive', 'v2': 'matched' keeps the
-    Mistral parameter count, 'expressive' doubles Q/K, 'v2' (DiffAttention V2) doubles the query
-    heads over the same key/value heads (docs/diff_attention.md)."""
-    diff_lambda_init: Optional[float] = None
-    """A constant lambda_init; None uses 0.8 - 0.6 * exp(-0.3 * (l - 1)) for 1-based layer l."""
-    # --- nGPT (neon/ngpt.py) -----------------------------------------------------------------
-    ngpt: bool = False
-    """nGPT: hidden states and weights on the unit hypersphere."""
-    ngpt_alpha_sz_scale: Literal["inv_sqrt_d", "inv_d"] = "inv_sqrt_d"
-    """The stored scale of alpha_A, alpha_M (and FlamingMoE's alpha_F) and s_z, which sets how far
-    Adam moves them per step: 'inv_sqrt_d' (1/sqrt(d_model), the paper's, and every checkpoint's
-    before this setting existed) or 'inv_d' (1/d_model: sqrt(d_model) times the step, nGPT's recipe
-    for new runs, docs/ngpt.md). s_qk stays at 1/sqrt(d_model), s_u and s_v at 1."""
-
-    # --- FlamingMoE (neon/flaming/): banks of functions routed per token -------------------
-    flaming_moe: Literal["off", "between", "mlp"] = "off"
-    """Where the FlamingMoE block sits: 'between' attention and MLP (own pre-norm and residual,
-    the prototype's place) or in place of the 'mlp'."""
-    flaming_global_functions: int = 0
-    """G: functions of the global bank shared by every layer (0: no global bank)."""
-    flaming_layer_functions: int = 0
-    """F: functions of each layer's own bank (0: no per-layer bank)."""
-    flaming_global_kind: Literal["linear", "swiglu", "lowrank"] = "linear"
-    flaming_layer_kind: Literal["linear", "swiglu", "lowrank"] = "linear"
-    """Function kind per bank: bias-free Linear(d, d), SwiGLU MLP, or low-rank d -> r -> d."""
-    flaming_ffn_hidden_size: Optional[int] = None
-    """Width of the 'swiglu' functions (None: ffn_hidden_size)."""
-    flaming_lowrank_rank: int = 16
-    """r of the 'lowrank' functions."""
-    flaming_router: Literal["gumbel", "topk"] = "gumbel"
-    """'gumbel': straight-through hard Gumbel-softmax (the prototype's; weight 1 for chosen
-    functions, noise only in training); 'topk': megatron's top-k softmax router."""
-    flaming_topk: int = 1
-    """Functions applied per token per bank."""
-    flaming_gumbel_temperature: float = 1.0
-    flaming_aux_loss_coeff: float = 0.0
-    """Switch-style load-balancing loss per bank (megatron's aux_loss)."""
-    flaming_z_loss_coeff: float = 0.0
-    """Router z-loss per bank (ST-MoE)."""
-    flaming_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
-    flaming_identity: bool = True
-    """The block's output includes its normalized input (the prototype's r = x' + sum ...)."""
-    flaming_init_seed: int = 4321
-    """Seed of the global bank's initialisation: function g gets the same weights on every
-    pipeline stage and at every expert-parallel size."""
-
-    # --- FlamingMoE IO functions (neon/flaming/io.py): routed functions reading outside the model
-    flaming_io_functions: list[str] = field(default_factory=list)
-    """One entry per IO function, 'name=...,kind=store|callable|model,source=...[,key=value...]';
-    they join the per-layer bank after its learned functions, or with 'bank=global' the global
-    bank after its learned ones (see docs/flaming_moe.md)."""
-    flaming_io_context_window: int = 8
-    """W: token ids (the token itself and the W - 1 before it) in each token's context row."""
-    flaming_io_store_swap: bool = False
-    """At checkpoint load, accept stores other than the ones the checkpoint recorded."""
-    flaming_io_reuse_search: bool = True
-    """Search each global-bank `context`-query store once per micro-batch for all its tokens and
-    reuse the result in every layer (neon/flaming/search_reuse.py); False: each layer searches
-    for the tokens it routes there."""
+    # --- Neon features: each one's fields are added here by `add_settings` (its `settings`) --
 
     # --- Mistral defaults for megatron-core's own fields ----------------------------------
     normalization: str = "RMSNorm"
@@ -128,7 +71,7 @@ class NeonConfig(TransformerConfig):
     def validate(self) -> None:
         """Neon's checks, then every feature's (neon/features/), before megatron-core's own."""
         def fail(setting, value, problem, fix):
-            raise NeonConfigError(f"{setting}={value!r}: {problem}. Fix: {fix}.")
+            raise ConfigError(f"{setting}={value!r}: {problem}. Fix: {fix}.")
 
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"):
             if getattr(self, name) <= 0:
@@ -170,6 +113,14 @@ class NeonConfig(TransformerConfig):
                  "(in-place update of a view in mlp.py)", "set add_bias_linear=False")
         for feature in _features().FEATURES.values():
             feature.validate(self, fail)
+        on = _features().active(self)
+        for feature in on:
+            for other in (o for o in on if o is not feature):
+                missing = {c: why for c, why in other.lacks(self).items() if c in feature.needs}
+                for capability, why in missing.items():
+                    fail(feature.name, getattr(self, feature.name), f"needs {capability!r} of every other feature; "
+                         f"{other.name}={getattr(self, other.name)!r} does not provide it ({why})",
+                         f"turn off {feature.name} or {other.name}, or change {other.name}")
 
     @property
     def head_dim(self) -> int:
@@ -178,6 +129,66 @@ class NeonConfig(TransformerConfig):
 
 def _features():
     """The registry (neon/features/); imported on use because the features import this module."""
-    import neon.features
 
     return neon.features
+
+
+# --- feature settings: fields that a registered feature adds to NeonConfig -------------------------
+
+_listeners: list[Callable[[], None]] = []  # called after NeonConfig's fields change (the model section)
+
+
+def on_fields_changed(listener: Callable[[], None]) -> None:
+    """Call `listener()` after every add_settings / remove_settings (the run config's model
+    section follows NeonConfig's fields this way)."""
+    _listeners.append(listener)
+
+
+def add_settings(settings: type) -> None:
+    """Add the fields of a feature's `settings` dataclass (with their types and defaults) to
+    NeonConfig, in place: every NeonConfig built from now on has them."""
+    hints = typing.get_type_hints(settings)
+    clash = [f.name for f in dataclasses.fields(settings) if f.name in NeonConfig.__dataclass_fields__]
+    if clash:
+        raise ValueError(f"{settings.__name__}: NeonConfig already has the fields {clash}")
+    extend_dataclass(NeonConfig, add=[(f.name, hints[f.name], _copy_field(f)) for f in dataclasses.fields(settings)])
+    for listener in _listeners:
+        listener()
+
+
+def remove_settings(settings: type) -> None:
+    """Undo add_settings (unregistering a feature, e.g. one a test defined)."""
+    extend_dataclass(NeonConfig, remove=[f.name for f in dataclasses.fields(settings)])
+    for listener in _listeners:
+        listener()
+
+
+def _copy_field(f: dataclasses.Field) -> dataclasses.Field:
+    return dataclasses.field(default=f.default, default_factory=f.default_factory, init=f.init, repr=f.repr,
+                             compare=f.compare, metadata=f.metadata)
+
+
+def extend_dataclass(cls: type, add: list = (), remove: list = ()) -> None:
+    """Add fields [(name, type, dataclasses.field(...))] to the dataclass `cls`, or remove its own
+    fields by name, in place: the class object stays the same (so every module that imported it
+    sees the change) and dataclasses regenerates __init__, __repr__ and __eq__ from the new set."""
+    own = cls.__dict__.get("__annotations__", {})
+    known = cls.__dataclass_fields__
+    for name in list(own):  # dataclass() replaced each own field's Field by its default: put it back
+        if name in remove:
+            del own[name]
+            if name in cls.__dict__:
+                delattr(cls, name)
+        elif name in known:
+            setattr(cls, name, known[name])
+    for name, tp, spec in add:
+        own[name] = tp
+        setattr(cls, name, spec)
+    for generated in ("__init__", "__repr__", "__eq__", "__match_args__", "__hash__"):
+        if generated in cls.__dict__:
+            delattr(cls, generated)
+    cls.__annotations__ = own
+    dataclasses.dataclass(cls)
+
+
+import neon.features  # noqa: E402,F401  (registers the built-in features, adding their settings above)

@@ -164,6 +164,8 @@ class DiffCoreAttention(MegatronModule):
         self.window = config.sliding_window
         self.tp_group = (pg_collection.tp if pg_collection is not None
                          else parallel_state.get_tensor_model_parallel_group(check_initialized=False))
+        tp = self.tp_group.size() if self.tp_group is not None else 1
+        self.query_width = 2 * lay.heads * lay.qk_dim // tp  # query channels per rank: Q1 and Q2 of n heads
         # Four vectors of size d, shared by every head of the layer, initialised N(0, 0.1) from
         # the default generator (identical on the ranks of a tensor-parallel group).
         for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):

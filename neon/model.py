@@ -8,7 +8,6 @@ from megatron.core.models.gpt import GPTModel
 
 from neon.config import NeonConfig
 from neon.features import active
-from neon.flaming.io_model import IOGPTModel
 from neon.layer_spec import get_neon_block_spec
 
 
@@ -19,12 +18,10 @@ def build_model(
     vp_stage: Optional[int] = None,
     use_te: Optional[bool] = None,
 ) -> GPTModel:
-    """One pipeline stage (the whole model when pipeline parallelism is off).
-
-    With FlamingMoE's global bank, the stage also owns a replica of the bank's functions as
-    `flaming_global_functions` (see neon/flaming/block.py)."""
-    model_class = IOGPTModel if config.flaming_io_functions else GPTModel  # FlamingMoE IO: context
-    model = model_class(
+    """One pipeline stage (the whole model when pipeline parallelism is off): megatron's GPTModel
+    (or the subclass an active feature asks for, `model_class`), then each active feature's
+    `attach` (e.g. a replica of a bank shared by every layer, nGPT's s_z and unit-norm weights)."""
+    model = model_class(config)(
         config=config,
         transformer_layer_spec=get_neon_block_spec(config, use_te=use_te, vp_stage=vp_stage),
         vocab_size=config.vocab_size,
@@ -36,6 +33,15 @@ def build_model(
         rotary_base=config.rope_theta,
         vp_stage=vp_stage,
     )
-    for feature in active(config):  # e.g. FlamingMoE's global bank, nGPT's s_z and unit-norm weights
+    for feature in active(config):
         feature.attach(model, config, post_process)
     return model
+
+
+def model_class(config: NeonConfig) -> type:
+    """GPTModel, or the one subclass an active feature needs (`Feature.model_class`)."""
+    wanted = {f.name: cls for f in active(config) if (cls := f.model_class(config)) is not None}
+    if len(wanted) > 1:
+        raise ValueError(f"features {sorted(wanted)} each need their own model class ({wanted}); "
+                         f"one of them must build on the other's")
+    return next(iter(wanted.values()), GPTModel)

@@ -18,7 +18,8 @@ The pieces plug into the Neon layer spec (`ngpt_layer_spec`), never a fork of me
 - the residual update is the layer's bias-dropout-add slot (`NormalizedResidual`), the norms
   before attention and MLP are IdentityOp and the block has no final norm;
 - q/k normalisation wraps whatever core attention the spec holds (Neon's SDPA attention, TE's,
-  DiffAttention's): RoPE is applied before core attention in megatron's SelfAttention;
+  another feature's; s_qk has `query_width` entries where the module declares it): RoPE is
+  applied before core attention in megatron's SelfAttention;
 - `NGPTMLP` is megatron's MLP with the scaled SwiGLU;
 - `attach_logit_scale` gives the GPTModel `logit_scale.s_z`, applied to the output layer's logits.
 Weight normalisation after each optimizer step lives in `neon/ngpt_optimizer.py`;
@@ -124,8 +125,10 @@ def ngpt_core_attention(base: type) -> type:
                 softmax_scale = math.sqrt(config.head_dim)
             super().__init__(config, *args, softmax_scale=softmax_scale, **kwargs)
             tp = parallel_state.get_tensor_model_parallel_world_size()
-            heads = config.num_attention_heads * (2 if config.diff_attention == "expressive" else 1)
-            self.s_qk = _scaling_vector(config, "s_qk", heads * config.head_dim // tp, tp_sharded=True)
+            # the query channels this core attention receives per TP rank (`query_width` where it
+            # declares them, e.g. DiffAttention's two query maps per head; else Mistral's)
+            width = getattr(self, "query_width", config.num_attention_heads * config.head_dim // tp)
+            self.s_qk = _scaling_vector(config, "s_qk", width, tp_sharded=True)
 
         def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
             sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
@@ -179,34 +182,23 @@ def _normalized_qk(core):
     return ngpt_core_attention(core)
 
 
-def ngpt_layer_spec(spec: ModuleSpec, config: NeonConfig) -> ModuleSpec:
-    """The Neon layer spec turned into nGPT's: no norms, normalized residuals, scaled q/k and MLP."""
+def ngpt_layer_spec(spec: ModuleSpec, config: NeonConfig, norm_slots, residual_slots) -> ModuleSpec:
+    """The Neon layer spec turned into nGPT's: every norm slot of the layer (`norm_slots`: the
+    Mistral layer's and the other features') an IdentityOp, every residual slot
+    (`residual_slots`) a normalized update with its own alpha, scaled q/k, and megatron's MLP
+    with the scaled SwiGLU (another module in the MLP's place is kept: its output goes through
+    the normalized mlp_bda update, h_M = Norm(MLP(h)))."""
     sub = spec.submodules
     attn = sub.self_attention
     attn = replace(attn, submodules=replace(
         attn.submodules, core_attention=_normalized_qk(attn.submodules.core_attention)))
     mlp = sub.mlp
-    from neon.flaming import FlamingMoE
-
-    flaming_mlp = isinstance(mlp, ModuleSpec) and mlp.module is FlamingMoE  # its output: h_M = Norm(r)
-    if not flaming_mlp and not (isinstance(mlp, ModuleSpec) and mlp.module is MLP):
-        raise NotImplementedError(f"nGPT needs the dense MLP, the layer spec has {mlp}")
-    extra = {}
-    # FlamingMoE between attention and MLP: h <- Norm(h + |alpha_F| (Norm(r) - h)) (Neon's layer in
-    # the 'mlp' placement with IO functions has no block between: no alpha_F)
-    if getattr(sub, "flaming_moe", IdentityOp) is not IdentityOp:
-        extra = dict(pre_flaming_layernorm=IdentityOp,
-                     flaming_bda=ModuleSpec(module=NormalizedResidual, params={"config": config}))  # alpha_F
-    return replace(spec, submodules=replace(
-        sub,
-        input_layernorm=IdentityOp,
-        pre_mlp_layernorm=IdentityOp,
-        self_attention=attn,
-        self_attn_bda=ModuleSpec(module=NormalizedResidual, params={"config": config}),  # alpha_A
-        mlp=mlp if flaming_mlp else replace(mlp, module=NGPTMLP),
-        mlp_bda=ModuleSpec(module=NormalizedResidual, params={"config": config}),  # alpha_M
-        **extra,
-    ))
+    if isinstance(mlp, ModuleSpec) and mlp.module is MLP:
+        mlp = replace(mlp, module=NGPTMLP)
+    slots = {name: IdentityOp for name in norm_slots if hasattr(sub, name)}
+    slots |= {name: ModuleSpec(module=NormalizedResidual, params={"config": config})  # alpha per slot
+              for name in residual_slots if hasattr(sub, name)}
+    return replace(spec, submodules=replace(sub, self_attention=attn, mlp=mlp, **slots))
 
 
 # --- weights on the sphere --------------------------------------------------------------------
@@ -214,6 +206,7 @@ def ngpt_layer_spec(spec: ModuleSpec, config: NeonConfig) -> ModuleSpec:
 # (and of the embedding tables), columns of [d_model, in] output projections. Under tensor
 # parallelism every such vector is whole on one rank (rows are split for column-parallel layers,
 # columns for row-parallel ones). The dim stored on the parameter is the one summed over.
+# megatron-core's modules, by name:
 UNIT_NORM_DIM = [
     (re.compile(r"(^|\.)embedding\.word_embeddings\.weight$"), 1),  # E_in   [vocab, d]
     (re.compile(r"(^|\.)output_layer\.weight$"), 1),                # E_out  [vocab, d]
@@ -221,15 +214,20 @@ UNIT_NORM_DIM = [
     (re.compile(r"\.linear_fc1\.weight$"), 1),                      # W_gate; W_up  [2 ffn, d]
     (re.compile(r"\.linear_proj\.weight$"), 0),                     # W_o    [d, heads * d_h]
     (re.compile(r"\.linear_fc2\.weight$"), 0),                      # W_down [d, ffn]
-    # FlamingMoE functions (neon/flaming): SwiGLU and low-rank use linear_fc1/fc2 above (rows of
-    # [gate; up] and A, columns of W_down and B); a linear d -> d function by its output columns.
-    (re.compile(r"\.local_experts\.\d+\.linear\.weight$"), 0),       # W_f    [d, d]
-    # FlamingMoE IO functions (neon/flaming/io.py): W_out by its columns in d_model space, a
-    # store's learned query W_q by its rows (own value embeddings and sources stay as they are)
-    (re.compile(r"\.local_experts\.\d+\.out_proj\.weight$"), 0),    # W_out  [d, value_dim]
-    (re.compile(r"\.local_experts\.\d+\.query_proj\.weight$"), 1),  # W_q    [K, d]
 ]
+# Any other module declares its own: `unit_sphere_dims = {parameter name: dim}` (a class or
+# instance attribute; e.g. FlamingMoE's linear functions and IO functions).
 NORM_DIM_ATTR = "ngpt_unit_norm_dim"
+
+
+def unit_norm_dims(model: torch.nn.Module) -> dict[str, int]:
+    """{parameter name: the dim nGPT normalises it over} for every matrix kept on the sphere."""
+    names = [name for name, _ in model.named_parameters()]
+    dims = {name: dim for name in names for pattern, dim in UNIT_NORM_DIM if pattern.search(name)}
+    for prefix, module in model.named_modules():
+        for param, dim in (getattr(module, "unit_sphere_dims", None) or {}).items():
+            dims[f"{prefix}.{param}" if prefix else param] = dim
+    return {name: dims[name] for name in names if name in dims}  # declared parameters that exist
 
 
 def mark_and_normalize_weights(model: torch.nn.Module) -> list[str]:
@@ -237,17 +235,16 @@ def mark_and_normalize_weights(model: torch.nn.Module) -> list[str]:
 
     Returns the tagged parameter names. Called once when the model is built; the optimizer hook
     (`neon.ngpt_optimizer`) keeps them normalised after every step."""
-    tagged = []
-    for name, param in model.named_parameters():
-        for pattern, dim in UNIT_NORM_DIM:
-            if pattern.search(name):
-                if param.dim() != 2:
-                    raise ValueError(f"nGPT expects a matrix for {name}, got shape {tuple(param.shape)}")
-                setattr(param, NORM_DIM_ATTR, dim)
-                with torch.no_grad():
-                    param.copy_(unit_norm(param, dim=dim))
-                tagged.append(name)
-    return tagged
+    params = dict(model.named_parameters())
+    dims = unit_norm_dims(model)
+    for name, dim in dims.items():
+        param = params[name]
+        if param.dim() != 2:
+            raise ValueError(f"nGPT expects a matrix for {name}, got shape {tuple(param.shape)}")
+        setattr(param, NORM_DIM_ATTR, dim)
+        with torch.no_grad():
+            param.copy_(unit_norm(param, dim=dim))
+    return list(dims)
 
 
 class LogitScale(MegatronModule):

@@ -7,7 +7,7 @@ the hard Gumbel selection, r = x + sum_i sel_i f_i(x) (one batched einsum over t
 Both: one bank of bias-free Linear(d, d) functions (the prototype's kind), forward + backward
 in training mode, the same tokens. Printed: median step time per bank size, the ratio
 dense / dispatched measured in the same run, and the dispatched block's TFLOP/s: model FLOPs from
-Neon's one count (neon.training.flops: the "flaming" term, router + top-1 function, x 2 x 3
+Neon's one count (neon.flops: the "flaming" term, router + top-1 function, x 2 x 3
 passes x tokens), which the dense formulation spends n times over on the functions.
 
     python tools/benchmark_flaming_moe.py --sizes 4 16 64 --hidden 256 --tokens 2048
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     from megatron_plugins import cpu_runtime, distributed
     from neon.config import NeonConfig
     from neon.flaming import FlamingMoE
-    from neon.training.flops import flops_terms
+    from neon.flops import flops_terms
 
     distributed.initialize(seed=0)
     device = cpu_runtime.device()

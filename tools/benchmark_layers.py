@@ -11,7 +11,7 @@ every variant is reported as a ratio to it. Variants alternate in rounds (base, 
 fastest step of each are reported (on a contended machine the fastest is the steadier figure).
 
 MFU (with --peak-tflops): model FLOPs of the step / time / peak, the FLOPs from Neon's one count
-(neon.training.flops: the per-layer terms, no logits; causal attention at half, as Megatron-LM
+(neon.flops: the per-layer terms, no logits; causal attention at half, as Megatron-LM
 counts it).
 
 Extend VARIANTS to benchmark a new feature: a name and the NeonConfig switches. nGPT variants
@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_plugins import cpu_runtime, distributed  # noqa: E402
 from neon.config import NeonConfig  # noqa: E402
+from neon.flops import flops_terms  # noqa: E402
 from neon.model import build_model  # noqa: E402
-from neon.training.flops import flops_terms  # noqa: E402
 
 
 @dataclass

@@ -36,8 +36,8 @@ from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 
 from megatron_plugins import cpu_runtime, distributed  # noqa: E402
 from neon.config import NeonConfig  # noqa: E402
+from neon.flops import training_flops_per_token  # noqa: E402
 from neon.model import build_model  # noqa: E402
-from neon.training.flops import training_flops_per_token  # noqa: E402
 from neon.training.metrics import peak_tflops  # noqa: E402
 from neon.training.optim import build_optimizer  # noqa: E402
 from neon.training.step import build_model_chunks, train_step  # noqa: E402
@@ -67,7 +67,7 @@ PRESETS = {
 }
 BASELINE = "base"
 # what flops_per_token counts (docs/training.md, "How MFU is counted")
-FLOPS_SOURCE = ("neon.training.flops.training_flops_per_token: matmuls of every variant (both DiffAttention "
+FLOPS_SOURCE = ("neon.flops.training_flops_per_token: matmuls of every variant (both DiffAttention "
                 "maps, FlamingMoE routers and routed functions), causal attention at half and at full")
 
 
@@ -119,7 +119,7 @@ def make_config(args, variant: Variant) -> NeonConfig:
 
 
 def flops_per_token(cfg: NeonConfig, seq: int, causal_half: bool) -> float:
-    """Model FLOPs per trained token: Neon's one count (neon.training.flops), causal attention
+    """Model FLOPs per trained token: Neon's one count (neon.flops), causal attention
     at half (Megatron-LM's convention) or at full (torchtitan's and PaLM's)."""
     return training_flops_per_token(cfg, seq, causal="half" if causal_half else "full")
 

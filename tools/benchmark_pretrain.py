@@ -52,7 +52,7 @@ def bare_loop(cfg, batch, steps: int, warmup: int) -> list[float]:
 
 
 def framework(cfg, steps: int, warmup: int, run_dir: Path) -> list[float]:
-    from neon.training.loop import pretrain
+    from neon.training.trainer import pretrain
 
     cfg.logging.log_interval = 1
     cfg.logging.run_dir = str(run_dir)

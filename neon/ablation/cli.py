@@ -23,9 +23,10 @@ from neon.ablation import grid, report, runs, slurm
 from neon.ablation.runs import REPO, RunPoint
 from neon.ablation.variants import (
     DEFAULT_VARIANTS,
-    FEATURES_OFF,
     AblationError,
     Variant,
+    ablation_features,
+    features_off,
     parse_variants,
     variant_config,
 )
@@ -33,7 +34,6 @@ from neon.ablation.variants import (
 DEMO_CONFIG = REPO / "examples" / "configs" / "cpu_demo.yaml"
 DEMO_VOCAB_SIZE = 2048  # as examples/cpu_demo.py
 SBATCH = REPO / "examples" / "slurm" / "pretrain_dense.sbatch"
-FEATURE_FLAGS = {f"--{p}{k.replace('_', '-')}" for k in FEATURES_OFF for p in ("", "no-")}
 OWNED_FLAGS = ("--config", "--lr", "--min-lr", "--seed", "--run-dir", "--save", "--load")
 
 
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ablate.py", description=__doc__.split("\n\n")[0],
                                 epilog="Other flags go to every pretrain_neon.py run (see its --help).")
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="VARIANT",
-                   help="built-in names (base, diff, ngpt, flaming, all, '+'-joined combinations) or YAML "
+                   help=f"built-in names (base, {', '.join(ablation_features())}, all, '+'-joined combinations) "
+                        "or YAML "
                         f"overlay files (default: {' '.join(DEFAULT_VARIANTS)}); base is always added")
     p.add_argument("--config", type=Path, default=DEMO_CONFIG,
                    help="base config; every feature is switched off for the base (default: the CPU demo's, on "
@@ -124,7 +125,8 @@ def setup(args, extra: list[str]) -> Setup:
     if owned:
         raise AblationError(f"{owned[0]} is set by the ablation per run. Fix: give the base with --config and the "
                             f"grid with --lrs / --seeds.")
-    switches = [f for f in extra if f.split("=")[0] in FEATURE_FLAGS]
+    feature_flags = {f"--{p}{k.replace('_', '-')}" for k in features_off() for p in ("", "no-")}
+    switches = [f for f in extra if f.split("=")[0] in feature_flags]
     if switches:
         raise AblationError(f"{switches[0]} would switch a feature for every variant, the base included. Fix: name "
                             f"the variants with --variants (e.g. base ngpt) or give an overlay file.")

@@ -1,11 +1,12 @@
 """Variants: the base config with every Neon feature switched off, plus a small overlay each.
 
 A variant is named on the command line:
-- `base`: the config as given, with DiffAttention, nGPT and FlamingMoE off (the Mistral base);
-- a feature, `diff`, `ngpt` or `flaming`, or several joined by `+` (`diff+ngpt`), or `all`:
-  the base with those features on. A feature uses the base config's own settings for it where
-  the config has them (e.g. `diff_attention: expressive`, its FlamingMoE bank sizes), else the
-  settings of examples/configs/cpu_demo.yaml (FEATURES below);
+- `base`: the config as given, with every registered Neon feature off (the Mistral base; each
+  feature's `off()`: its switch at its default);
+- a feature by its `ablation_name` (`diff`, `ngpt`, `flaming` today), or several joined by `+`
+  (`diff+ngpt`), or `all`: the base with those features on. A feature uses the base config's own
+  settings for it where the config has them (e.g. `diff_attention: expressive`, its FlamingMoE
+  bank sizes), else its `ablation_settings` (those of examples/configs/cpu_demo.yaml);
 - the path of a YAML overlay file (`examples/ablations/*.yaml`): sections `model` and
   `optimizer` like a config file, applied over the base; its name is the file's stem.
 
@@ -28,24 +29,28 @@ from pathlib import Path
 
 import yaml
 
-# The switch of each feature and the settings it comes with when the base config has none.
-FEATURES: dict[str, dict] = {
-    "diff": {"diff_attention": "matched"},
-    "ngpt": {"ngpt": True},
-    "flaming": {"flaming_moe": "between", "flaming_global_functions": 8, "flaming_layer_functions": 4,
-                "flaming_router": "topk", "flaming_topk": 1, "flaming_aux_loss_coeff": 0.01},
-}
-SWITCHES = {"diff": "diff_attention", "ngpt": "ngpt", "flaming": "flaming_moe"}
-FEATURES_OFF = {"diff_attention": "off", "ngpt": False, "flaming_moe": "off"}
-GROUPS = {"all": ("diff", "ngpt", "flaming")}
+from neon.errors import AblationError
+from neon.features import FEATURES, Feature
+
+
+def ablation_features() -> dict[str, Feature]:
+    """{ablation name: feature} of the registered features that have built-in variants."""
+    return {f.ablation_name: f for f in FEATURES.values() if f.ablation_name}
+
+
+def features_off() -> dict:
+    """The settings that switch every registered feature off (the `base` variant's)."""
+    return {k: v for f in FEATURES.values() for k, v in f.off().items()}
+
+
+def groups() -> dict[str, tuple[str, ...]]:
+    return {"all": tuple(ablation_features())}
+
+
 OVERLAY_SECTIONS = ("model", "optimizer")
 GRID_OWNED = ("lr", "min_lr")  # optimizer settings the learning-rate grid sets per run
-DEFAULT_VARIANTS = ("base", "diff", "ngpt", "diff+ngpt", "flaming", "all")
+DEFAULT_VARIANTS = ("base", "diff", "ngpt", "diff+ngpt", "flaming", "all")  # the README's ablation
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ${NAME} in an overlay's strings
-
-
-class AblationError(ValueError):
-    """Bad input to the ablation command; the message names the value and the fix."""
 
 
 @dataclass
@@ -55,12 +60,12 @@ class Variant:
     overlay: dict = field(default_factory=dict)  # {section: {setting: value}}
 
 
-def _feature_overlay(feature: str, base_model: dict) -> dict:
-    """The feature's settings: the base config's own where it has them, else FEATURES'."""
+def _feature_overlay(feature: Feature, base_model: dict) -> dict:
+    """The feature's settings: the base config's own where it has them, else its ablation_settings."""
     settings = {}
-    for key, default in FEATURES[feature].items():
+    for key, default in feature.ablation_settings.items():
         value = base_model.get(key, default)
-        if key == SWITCHES[feature] and value in ("off", False, None):
+        if key == feature.name and value in ("off", False, None):
             value = default
         settings[key] = value
     return settings
@@ -119,21 +124,22 @@ def parse_variant(spec: str, base_model: dict) -> Variant:
             raise AblationError(f"variant {spec!r}: overlay file not found. Fix: give the path of a YAML overlay "
                                 f"(see examples/ablations/) or a built-in variant name.")
         name = path.stem
-        if name in DEFAULT_VARIANTS or name in FEATURES or name in GROUPS:
+        if name in DEFAULT_VARIANTS or name in ablation_features() or name in groups():
             raise AblationError(f"overlay {spec!r}: its name {name!r} is a built-in variant's. Fix: rename the file.")
         return Variant(name, str(path), _overlay_file(path))
     if spec == "base":
         return Variant("base", "built-in")
+    by_name, named_groups = ablation_features(), groups()
     features: list[str] = []
     for part in spec.split("+"):
-        if part not in FEATURES and part not in GROUPS:
-            known = ", ".join(["base", *FEATURES, *GROUPS])
+        if part not in by_name and part not in named_groups:
+            known = ", ".join(["base", *by_name, *named_groups])
             raise AblationError(f"unknown variant {spec!r} ({part!r} is not a feature). Fix: use one of {known}, "
                                 f"features joined by '+' (e.g. diff+ngpt), or the path of a YAML overlay file.")
-        features += GROUPS.get(part, (part,))
+        features += named_groups.get(part, (part,))
     model = {}
-    for feature in dict.fromkeys(features):
-        model.update(_feature_overlay(feature, base_model))
+    for name in dict.fromkeys(features):
+        model.update(_feature_overlay(by_name[name], base_model))
     return Variant(spec, "built-in", {"model": model})
 
 
@@ -154,7 +160,7 @@ def variant_config(base_yaml: dict, variant: Variant) -> dict:
     config = copy.deepcopy(base_yaml)
     model = config.setdefault("model", {}) or {}
     config["model"] = model
-    model.update(FEATURES_OFF)
+    model.update(features_off())
     for section, values in variant.overlay.items():
         config.setdefault(section, {})
         config[section] = {**(config[section] or {}), **values}

@@ -22,9 +22,10 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from neon.config import NeonConfig, NeonConfigError
+from neon.config import NeonConfig
 from neon.conversion import hf_dir, neon_checkpoint
 from neon.conversion.errors import ConversionError
+from neon.errors import ConfigError
 from neon.features import FEATURES, active
 from neon.state_dict_adapter import hf_to_megatron, megatron_to_hf, mistral_hf_config, neon_hf_config
 
@@ -47,14 +48,16 @@ def unsupported_settings(config: NeonConfig) -> list[str]:
             if hasattr(config, name) and getattr(config, name) != want]
 
 
-def io_sources(model) -> dict:
-    """{IO function name: the identity of its source} (store: path, entries, key_dim, content
-    sha256; callable: module:function; model: path, layer, sha256 of its config and weights), as
-    the loaded checkpoint checked them; the HF model checks them again when it is loaded."""
-    return {m.spec.name: m.source_identity() for m in model.modules() if getattr(m, "is_io", False)}
+def feature_config_extra(model, config: NeonConfig) -> dict:
+    """What each active feature adds to the exported config from the built model
+    (`Feature.hf_config_extra`; FlamingMoE: its IO sources' identities, checked again at load)."""
+    extra = {}
+    for feature in active(config):
+        extra.update(feature.hf_config_extra(model, config))
+    return extra
 
 
-def hf_config_for(config: NeonConfig, dtype: torch.dtype, token_ids: dict, sources: Optional[dict] = None):
+def hf_config_for(config: NeonConfig, dtype: torch.dtype, token_ids: dict, extra: Optional[dict] = None):
     """(transformers config, model class) of the exported model."""
     if is_plain_mistral(config):
         from transformers import MistralConfig, MistralForCausalLM
@@ -65,7 +68,7 @@ def hf_config_for(config: NeonConfig, dtype: torch.dtype, token_ids: dict, sourc
     else:
         from neon.hf import NeonForCausalLM
 
-        hf_config = neon_hf_config(config, **token_ids, **({"flaming_io_sources": sources} if sources else {}))
+        hf_config = neon_hf_config(config, **token_ids, **(extra or {}))
         hf_config.architectures = ["NeonForCausalLM"]
         hf_config.auto_map = {"AutoConfig": "configuration_neon.NeonHFConfig",
                               "AutoModelForCausalLM": "modeling_neon.NeonForCausalLM"}
@@ -158,7 +161,7 @@ def export_to_hf(load: str | os.PathLike, save: str | os.PathLike, iteration: Op
             plan[name] = t
     plan = {k: plan[k] for k in sorted(plan, key=_hf_order)}
     dtype = next(model.parameters()).dtype
-    hf_config, cls = hf_config_for(config, dtype, token_ids, io_sources(model))
+    hf_config, cls = hf_config_for(config, dtype, token_ids, feature_config_extra(model, config))
     check_against_hf_model(plan, hf_config, cls)
     if sum(t.numel() for t in plan.values()) != params:
         raise ConversionError(f"unknown architecture: the model has {params} parameters, the converted tensors "
@@ -260,7 +263,7 @@ def import_from_hf(hf_path: str | os.PathLike, save: str | os.PathLike, tensor_p
     cfg = from_dict(run)
     try:
         cfg.neon_config()  # the requested layout can split this model
-    except (NeonConfigError, ValueError, AssertionError) as e:
+    except (ConfigError, ValueError, AssertionError) as e:
         raise ConversionError(f"--tensor-model-parallel-size {tensor_parallel} / --pipeline-model-parallel-size "
                               f"{pipeline_parallel}: cannot split this model ({e}).") from e
     sp_file = hf_path / "tokenizer.model"

@@ -1,2 +1,5 @@
-class ConversionError(RuntimeError):
-    """A checkpoint, directory or tokenizer the converters cannot use; the message names it and the fix."""
+"""The converters' error (neon/errors.py holds every Neon error and its exit status)."""
+
+from neon.errors import ConversionError
+
+__all__ = ["ConversionError"]

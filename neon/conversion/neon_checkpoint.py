@@ -18,8 +18,9 @@ from typing import Optional
 
 from megatron.core import dist_checkpointing
 
-from neon.config import NeonConfig, NeonConfigError
+from neon.config import NeonConfig
 from neon.conversion.errors import ConversionError
+from neon.errors import ConfigError
 from neon.training import checkpointing
 from neon.training.config import MODEL_FIELDS, Config, from_dict
 
@@ -136,7 +137,7 @@ def one_process_config(run_config: dict) -> tuple[Config, NeonConfig]:
     cfg.model.perform_initialization = False
     try:
         return cfg, cfg.neon_config()
-    except (NeonConfigError, ValueError, AssertionError, TypeError) as e:
+    except (ConfigError, ValueError, AssertionError, TypeError) as e:
         raise ConversionError(f"unknown architecture: the model settings saved in the checkpoint do not build a "
                               f"Neon model here ({e}). Fix: convert with the Neon version that trained it.") from e
 

@@ -1,5 +1,5 @@
-"""The one error type of the data pipeline."""
+"""The data pipeline's error (neon/errors.py holds every Neon error and its exit status)."""
 
+from neon.errors import DataError
 
-class DataError(ValueError):
-    """A data file or data setting Neon cannot train from; the message names the file and the fix."""
+__all__ = ["DataError"]

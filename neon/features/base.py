@@ -1,34 +1,57 @@
 """The contract of a Neon feature: every hook a feature can provide, in one class.
 
-A feature (DiffAttention, nGPT, FlamingMoE, ...) is a `Feature` subclass in `neon/features/`,
-listed in `neon.features.FEATURES`. Neon's generic code never names a feature: it asks the
-registry for the features a config turns on (`active(config)`, in registry order) and calls
-their hooks. Every hook has a default that does nothing, so a feature implements only what it
-changes. The walk-through for a new feature is docs/adding_a_feature.md.
+A feature (DiffAttention, nGPT, FlamingMoE, ...) is a `Feature` subclass in one file under
+`neon/features/`, registered in `neon.features` (`FEATURES`, or `register()` at run time). Neon's
+generic code never names a feature: it asks the registry for the features a config turns on
+(`active(config)`, in registry order) and calls their hooks. Every hook has a default that does
+nothing, so a feature implements only what it changes. The walk-through for a new feature is
+docs/adding_a_feature.md.
 
 Hooks, by where they are called:
 
-| hook                                  | called by                                            |
-|---------------------------------------|------------------------------------------------------|
-| `name`, `fields`, `validate`          | neon/config.py `NeonConfig.validate`                 |
-| `configure`                           | neon/config.py `NeonConfig.__post_init__`            |
-| `layer_spec`, `block_spec`            | neon/layer_spec.py                                   |
-| `attach`                              | neon/model.py `build_model` (after GPTModel)         |
-| `hf_fields`, `hf_reference`           | state_dict_adapter.neon_hf_config, conversion import |
-| `hf_layer_tensors`, `hf_global_tensors`, `hf_dropped`, `qkv_split` | neon/state_dict_adapter.py |
-| `layer_to_megatron`, `layer_to_hf`, `model_to_megatron`, `model_to_hf` | neon/state_dict_adapter.py |
-| `flops_terms`, `forward_only_flops`   | neon/training/flops.py `training_flops_per_token`    |
-| `recipe`                              | `neon.features.recipes` (the run config's feature defaults) |
+| hook                                     | called by                                          |
+|------------------------------------------|----------------------------------------------------|
+| `settings` (its fields), `name`          | neon/config.py `add_settings`, the model section   |
+| `validate`, `needs`, `lacks`             | neon/config.py `NeonConfig.validate`               |
+| `configure`                              | neon/config.py `NeonConfig.__post_init__`          |
+| `layer_spec`, `block_spec`               | neon/layer_spec.py                                 |
+| `norm_slots`, `residual_slots`           | `neon.features.layer_slots` (nGPT, the HF mapping) |
+| `model_class`, `attach`                  | neon/model.py `build_model`                        |
+| `hf_fields`                              | state_dict_adapter.neon_hf_config, the HF import   |
+| `hf_layer_tensors`, `hf_global_tensors`  | neon/state_dict_adapter.py                         |
+| `hf_dropped`, `qkv_split`                | neon/state_dict_adapter.py                         |
+| `layer_to_megatron`, `layer_to_hf`       | neon/state_dict_adapter.py                         |
+| `model_to_megatron`, `model_to_hf`       | neon/state_dict_adapter.py                         |
+| `hf_config_extra`                        | neon/conversion/convert.py (export)                |
+| `flops_terms`, `forward_only_flops`      | neon/flops.py `training_flops_per_token`           |
+| `recipe`                                 | `neon.features.recipes` (run-config defaults)      |
+| `run_fields`, `architecture_value`       | neon/training/model_match.py (what a resume keeps) |
+| `uses_expert_parallelism`                | neon/training/config/sections.py (EP > 1)          |
+| `wrap_optimizer`                         | neon/training/optim.py `build_optimizer`           |
+| `before_step`                            | neon/training/step.py `train_step`                 |
+| `step_report`                            | neon/training/aux_losses.py (the step's log line)  |
+| `off`, `ablation_name`, `ablation_settings` | neon/ablation/variants.py                       |
+
+Registering the built-in features is part of importing neon.config (their settings become
+NeonConfig's fields), so a feature file imports at its top only what does not import neon.config;
+its own modules that do (they annotate with NeonConfig) are imported inside the hooks.
+
+`hf_reference` is documentation that a test checks (tests/neon/test_features.py: the names
+resolve in neon/hf/modeling_neon.py): the HF files are copied next to exported models and import
+nothing from neon, so they branch on the hf_fields themselves.
 
 Registry order is the order hooks run in: a later feature sees the layer spec (and the built
 model) as the earlier ones left it. nGPT comes last because it rewrites whatever layer the others
-built (normalised residuals, q/k, MLP) and normalises every weight, FlamingMoE's included.
-The HF weight mapping does not depend on the order: the tensors every active feature adds are
-collected first, then those any active feature drops are removed (`hf_dropped`).
+built (every norm and residual slot, q/k, the MLP) and normalises every weight that its module
+declares on the sphere. The HF weight mapping does not depend on the order: the tensors every
+active feature adds are collected first, then those any active feature drops are removed
+(`hf_dropped`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -40,37 +63,77 @@ LayerEntry = tuple  # (str | tuple[str, ...], str, Optional[int])
 # A model-level tensor: (HF name, megatron name, TP split dim or None, "pre" or "post": which
 # pipeline stage holds it, the first (embedding side) or the last (output side)).
 GlobalEntry = tuple  # (str, str, Optional[int], str)
-# fail(setting, value, problem, fix) raises NeonConfigError with one paragraph naming all four.
+# fail(setting, value, problem, fix) raises neon.errors.ConfigError with one paragraph naming all four.
 Fail = Callable[[str, Any, str, str], None]
+
+# The Mistral layer's slots (megatron's TransformerLayer submodule -> its HF name in a layer).
+MISTRAL_NORM_SLOTS = {"input_layernorm": "input_layernorm", "pre_mlp_layernorm": "post_attention_layernorm"}
+MISTRAL_RESIDUAL_SLOTS = {"self_attn_bda": "attn", "mlp_bda": "mlp"}
+
+
+def choices(settings: type, name: str) -> tuple:
+    """The values a `Literal[...]` field of a settings dataclass allows (its type is the one source)."""
+    return typing.get_args(typing.get_type_hints(settings)[name])
 
 
 class Feature:
-    """One Neon feature. Subclass it, override the hooks the feature needs, add it to FEATURES."""
+    """One Neon feature. Subclass it, override the hooks the feature needs, register it."""
 
     name: str = ""
-    """The NeonConfig field that switches the feature on (False / "off" mean off)."""
-    fields: tuple[str, ...] = ()
-    """Every NeonConfig field the feature owns (declared in NeonConfig's section for it)."""
+    """The NeonConfig field that switches the feature on; its default is the value that switches
+    it off (False or "off")."""
+    settings: type = type(None)
+    """A dataclass of every NeonConfig field the feature owns, with its type (Literal[...] for a
+    choice: the one source of the choices), default and docstring (`--help` prints it)."""
     hf_fields: tuple[str, ...] = ()
     """The owned fields NeonHFConfig (neon/hf/configuration_neon.py) carries: copied from the
     NeonConfig on export and back on import, under the same names."""
     hf_reference: tuple[str, ...] = ()
     """Where neon/hf/modeling_neon.py computes the feature from its equations (`Class` or
-    `Class.method`). The HF files are copied next to exported models and import nothing from
-    neon, so they cannot read this registry: they branch on the hf_fields themselves."""
+    `Class.method`)."""
+    run_fields: tuple[str, ...] = ()
+    """Owned fields that say how the model is trained or run, not what it computes: a resume may
+    change them (neon/training/model_match.py); every other owned field must match the checkpoint."""
+    ablation_name: str = ""
+    """Its short name in `tools/ablate.py --variants` (e.g. `diff`); "" keeps it out of the
+    built-in variants (the `base` variant still switches it off)."""
+    ablation_settings: dict[str, Any] = {}
+    """The settings its ablation variant turns it on with where the base config has none."""
+    needs: tuple[str, ...] = ()
+    """Capabilities the feature needs from every other active feature's modules (nGPT:
+    "unit_sphere", every weight and update defined on the sphere); see `lacks`."""
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Every NeonConfig field the feature owns (its settings' fields)."""
+        return tuple(f.name for f in dataclasses.fields(self.settings))
 
     # --- config -----------------------------------------------------------------------------
     def enabled(self, config) -> bool:
         """Whether `config` (a NeonConfig or the run config's model section) turns it on."""
         return getattr(config, self.name) not in (False, None, "off")
 
+    def off(self) -> dict[str, Any]:
+        """The settings that switch it off: its switch at its default."""
+        return {self.name: self.settings.__dataclass_fields__[self.name].default}
+
     def validate(self, config, fail: Fail) -> None:
-        """Reject values the feature cannot build; called for every config, on or off."""
+        """Reject values the feature cannot build; called for every config, on or off. Pure:
+        no file is opened (sources are checked when the model is built)."""
+
+    def lacks(self, config) -> dict[str, str]:
+        """{capability: why} of the capabilities its modules do not provide under `config`;
+        NeonConfig.validate refuses it next to a feature that `needs` one of them."""
+        return {}
 
     def configure(self, config) -> dict[str, Any]:
         """Adjust derived NeonConfig fields before megatron-core's own checks (its
         __post_init__); return {field: value} to set after them."""
         return {}
+
+    def uses_expert_parallelism(self, config) -> bool:
+        """Whether the feature has routed layers whose functions expert parallelism shards."""
+        return False
 
     # --- model --------------------------------------------------------------------------------
     def layer_spec(self, spec, config, use_te: bool):
@@ -81,6 +144,20 @@ class Feature:
     def block_spec(self, block, config):
         """The TransformerBlockSubmodules (layer specs, final norm) with the feature's changes."""
         return block
+
+    def norm_slots(self, config) -> dict[str, str]:
+        """Norm submodules the feature adds to the layer: {megatron slot: HF name within a layer}."""
+        return {}
+
+    def residual_slots(self, config) -> dict[str, str]:
+        """Residual updates (bias-dropout-add slots) the feature adds to the layer: {megatron slot:
+        its HF short name} (Mistral's: self_attn_bda 'attn', mlp_bda 'mlp')."""
+        return {}
+
+    def model_class(self, config) -> Optional[type]:
+        """The GPTModel subclass the feature needs for a pipeline stage, or None (megatron's
+        GPTModel). At most one active feature may ask for one."""
+        return None
 
     def attach(self, model, config, post_process: bool) -> None:
         """Change one built pipeline stage (megatron's GPTModel) in place; `post_process`: this
@@ -119,12 +196,17 @@ class Feature:
     def model_to_hf(self, expert_shards: list[dict], config, out: dict) -> None:
         """Inverse of model_to_megatron."""
 
+    def hf_config_extra(self, model, config) -> dict[str, Any]:
+        """Entries the exported HF config carries besides the hf_fields, read from the built
+        model (FlamingMoE: the identity of each IO function's source)."""
+        return {}
+
     # --- metrics and training -----------------------------------------------------------------
     def flops_terms(self, config, keys: float, terms: dict[str, float]) -> dict[str, float]:
         """Multiply-adds per token of each term of training_flops_per_token, as the feature
         changes them: matmuls only; every term is per layer except "logits" (Mistral's:
         "attn_proj", "attn_scores", "mlp"; a feature may add its own). `keys`: the keys one
-        query attends to on average, under the run's causal convention (neon/training/flops.py)."""
+        query attends to on average, under the run's causal convention (neon/flops.py)."""
         return terms
 
     def forward_only_flops(self, config, seq_length: int, causal: str) -> float:
@@ -136,4 +218,22 @@ class Feature:
     def recipe(self, config) -> dict[str, dict[str, Any]]:
         """Run-config defaults the feature brings when on: {section: {field: value}}, applied
         below the YAML file and the flags (each one can be overridden)."""
+        return {}
+
+    def architecture_value(self, name: str, value):
+        """An owned field's value as the resume check compares it (FlamingMoE compares its IO
+        entries without their `source=`, which each function's checkpoint state checks itself)."""
+        return value
+
+    def wrap_optimizer(self, optimizer, config):
+        """megatron's optimizer with the feature's post-step work (nGPT: the weights back on the
+        unit sphere after every step)."""
+        return optimizer
+
+    def before_step(self, config, num_microbatches: int) -> None:
+        """Called on every rank before a training step's forward-backward passes."""
+
+    def step_report(self, chunks: list, config, *, step_time_s: float, num_microbatches: int) -> dict[str, float]:
+        """Values to log for the step just taken ({name: value}, e.g. router losses). Called on
+        every rank after each step, collectively: every rank must make the same collective calls."""
         return {}

@@ -1,22 +1,36 @@
-"""DiffAttention (neon/diff_attention.py) under the feature contract."""
+"""DiffAttention (neon/diff_attention.py, neon/diff_attention_v2.py) under the feature contract.
+
+Its modules import neon.config, which registers this feature: the hooks import them on use."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
+from typing import Literal, Optional
 
-from neon.diff_attention import DiffCoreAttention, DiffSelfAttention, diff_layout
-from neon.diff_attention_v2 import DiffV2CoreAttention, DiffV2SelfAttention, diff_v2_layout
-from neon.features.base import Feature
+from neon.features.base import Feature, choices
 
-MODES = ("off", "matched", "expressive", "v2")
+
+@dataclass
+class DiffAttentionSettings:
+    diff_attention: Literal["off", "matched", "expressive", "v2"] = "off"
+    """DiffAttention layout, one of 'off', 'matched', 'expressive', 'v2': 'matched' keeps the
+    Mistral parameter count, 'expressive' doubles Q/K, 'v2' (DiffAttention V2) doubles the query
+    heads over the same key/value heads (docs/diff_attention.md)."""
+    diff_lambda_init: Optional[float] = None
+    """A constant lambda_init; None uses 0.8 - 0.6 * exp(-0.3 * (l - 1)) for 1-based layer l."""
+
+
+MODES = choices(DiffAttentionSettings, "diff_attention")
 
 
 class DiffAttentionFeature(Feature):
     name = "diff_attention"
-    fields = ("diff_attention", "diff_lambda_init")
-    hf_fields = fields
+    settings = DiffAttentionSettings
+    hf_fields = ("diff_attention", "diff_lambda_init")
     hf_reference = ("NeonAttention.diff_lambda", "NeonAttention.diff_v2", "NeonAttention.forward")
+    ablation_name = "diff"
+    ablation_settings = {"diff_attention": "matched"}
 
     def validate(self, config, fail) -> None:
         heads = config.num_attention_heads
@@ -51,17 +65,22 @@ class DiffAttentionFeature(Feature):
 
     @staticmethod
     def validate_v2(config, fail) -> None:
-        """What the 'v2' layout has no place for: lambda_init, and nGPT (not built for v2)."""
+        """What the 'v2' layout has no place for: lambda_init."""
         if config.diff_lambda_init is not None:
             fail("diff_lambda_init", config.diff_lambda_init, "has no meaning for diff_attention='v2' "
                  "(lambda = sigmoid(W_lambda x) per token and head; there is no lambda_init)",
                  "leave diff_lambda_init unset, or use diff_attention='matched' or 'expressive'")
-        if config.ngpt:
-            fail("ngpt", True, "is not built together with diff_attention='v2' (nGPT's s_qk and "
-                 "unit-norm weights are not defined for its doubled query heads and W_lambda)",
-                 "set ngpt=False, or use diff_attention='matched' or 'expressive' with nGPT")
+
+    def lacks(self, config):
+        if config.diff_attention == "v2":
+            return {"unit_sphere": "the unit-sphere form of its doubled query heads and W_lambda is not built; "
+                                   "'matched' and 'expressive' have it"}
+        return {}
 
     def layer_spec(self, spec, config, use_te):
+        from neon.diff_attention import DiffCoreAttention, DiffSelfAttention
+        from neon.diff_attention_v2 import DiffV2CoreAttention, DiffV2SelfAttention
+
         v2 = config.diff_attention == "v2"
         attn = spec.submodules.self_attention
         attn = replace(attn, module=DiffV2SelfAttention if v2 else DiffSelfAttention, submodules=replace(
@@ -77,6 +96,9 @@ class DiffAttentionFeature(Feature):
                 for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2", "subln.weight")]
 
     def qkv_split(self, config):
+        from neon.diff_attention import diff_layout
+        from neon.diff_attention_v2 import diff_v2_layout
+
         if config.diff_attention == "v2":  # [Q of the group's 2r query heads] [K] [V]
             lay = diff_v2_layout(config)
             return lay.groups, [2 * lay.heads_per_group * lay.head_dim, lay.head_dim, lay.head_dim]
@@ -87,6 +109,8 @@ class DiffAttentionFeature(Feature):
         """Both maps: 2 n heads of Q K^T (width d) and A V (width d_v) over `keys` keys, with the
         layout's projections; 'v2' also W_lambda (d_model -> H). The lambdas of 'matched' and
         'expressive' are four d-vectors per layer, not per token: no term."""
+        from neon.diff_attention import diff_layout
+
         h = config.hidden_size
         if config.diff_attention == "v2":
             # 2H query heads of head_dim over the H_kv key/value heads; out W_o: H * head_dim -> h

@@ -16,20 +16,72 @@ is megatron's `flaming_global_functions.local_experts.j.<param>` of the EP rank 
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import dataclass, field, fields, replace
+from typing import Literal, Optional
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from neon.features.base import Feature
+from neon.errors import ConfigError, IOSourceError
+from neon.features.base import Feature, choices
 from neon.flaming import FlamingMoE, FlamingTransformerLayer, FlamingTransformerLayerSubmodules, attach_global_bank
 from neon.flaming.block import bank_size, num_learned  # a bank's entries: learned, then IO
 
-PLACEMENTS = ("off", "between", "mlp")
-KINDS = ("linear", "swiglu", "lowrank")
-ROUTERS = ("gumbel", "topk")
-DISPATCHERS = ("alltoall", "allgather")
+
+@dataclass
+class FlamingMoESettings:
+    flaming_moe: Literal["off", "between", "mlp"] = "off"
+    """Where the FlamingMoE block sits: 'between' attention and MLP (own pre-norm and residual,
+    the prototype's place) or in place of the 'mlp'."""
+    flaming_global_functions: int = 0
+    """G: functions of the global bank shared by every layer (0: no global bank)."""
+    flaming_layer_functions: int = 0
+    """F: functions of each layer's own bank (0: no per-layer bank)."""
+    flaming_global_kind: Literal["linear", "swiglu", "lowrank"] = "linear"
+    """Function kind of the global bank: bias-free Linear(d, d), SwiGLU MLP, or low-rank d -> r -> d."""
+    flaming_layer_kind: Literal["linear", "swiglu", "lowrank"] = "linear"
+    """Function kind of the per-layer banks: bias-free Linear(d, d), SwiGLU MLP, or low-rank d -> r -> d."""
+    flaming_ffn_hidden_size: Optional[int] = None
+    """Width of the 'swiglu' functions (None: ffn_hidden_size)."""
+    flaming_lowrank_rank: int = 16
+    """r of the 'lowrank' functions."""
+    flaming_router: Literal["gumbel", "topk"] = "gumbel"
+    """'gumbel': straight-through hard Gumbel-softmax (the prototype's; weight 1 for chosen
+    functions, noise only in training); 'topk': megatron's top-k softmax router."""
+    flaming_topk: int = 1
+    """Functions applied per token per bank."""
+    flaming_gumbel_temperature: float = 1.0
+    """Temperature of the Gumbel-softmax router."""
+    flaming_aux_loss_coeff: float = 0.0
+    """Switch-style load-balancing loss per bank (megatron's aux_loss)."""
+    flaming_z_loss_coeff: float = 0.0
+    """Router z-loss per bank (ST-MoE)."""
+    flaming_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    """megatron-core's token dispatcher for the banks."""
+    flaming_identity: bool = True
+    """The block's output includes its normalized input (the prototype's r = x' + sum ...)."""
+    flaming_init_seed: int = 4321
+    """Seed of the global bank's initialisation: function g gets the same weights on every
+    pipeline stage and at every expert-parallel size."""
+    flaming_io_functions: list[str] = field(default_factory=list)
+    """One entry per IO function, 'name=...,kind=store|callable|model,source=...[,key=value...]';
+    they join the per-layer bank after its learned functions, or with 'bank=global' the global
+    bank after its learned ones (see docs/flaming_moe.md)."""
+    flaming_io_context_window: int = 8
+    """W: token ids (the token itself and the W - 1 before it) in each token's context row."""
+    flaming_io_store_swap: bool = False
+    """At checkpoint load, accept stores other than the ones the checkpoint recorded."""
+    flaming_io_reuse_search: bool = True
+    """Search each global-bank `context`-query store once per micro-batch for all its tokens and
+    reuse the result in every layer (neon/flaming/search_reuse.py); False: each layer searches
+    for the tokens it routes there."""
+
+
+PLACEMENTS = choices(FlamingMoESettings, "flaming_moe")
+KINDS = choices(FlamingMoESettings, "flaming_layer_kind")
+ROUTERS = choices(FlamingMoESettings, "flaming_router")
+DISPATCHERS = choices(FlamingMoESettings, "flaming_token_dispatcher")
 
 # FlamingMoE function parameters per kind: (HF names, joined along dim 0) -> megatron name
 FUNCTION_PARAMS = {
@@ -42,17 +94,21 @@ FUNCTION_PARAMS = {
 
 class FlamingMoEFeature(Feature):
     name = "flaming_moe"
-    fields = ("flaming_moe", "flaming_global_functions", "flaming_layer_functions", "flaming_global_kind",
-              "flaming_layer_kind", "flaming_ffn_hidden_size", "flaming_lowrank_rank", "flaming_router",
-              "flaming_topk", "flaming_gumbel_temperature", "flaming_aux_loss_coeff", "flaming_z_loss_coeff",
-              "flaming_token_dispatcher", "flaming_identity", "flaming_init_seed", "flaming_io_functions",
-              "flaming_io_context_window", "flaming_io_store_swap", "flaming_io_reuse_search")
+    settings = FlamingMoESettings
     hf_fields = ("flaming_moe", "flaming_global_functions", "flaming_layer_functions", "flaming_global_kind",
                  "flaming_layer_kind", "flaming_ffn_hidden_size", "flaming_lowrank_rank", "flaming_router",
                  "flaming_topk", "flaming_gumbel_temperature", "flaming_identity", "flaming_io_functions",
                  "flaming_io_context_window", "flaming_io_store_swap")
     hf_reference = ("NeonFlamingMoE", "NeonFunction", "NeonModel.__init__", "NeonModel._build_global_bank",
                     "NeonModel.io_inputs")
+    # how the banks are trained or run, not what they compute (the IO context search: where it
+    # runs, not what it finds)
+    run_fields = ("flaming_aux_loss_coeff", "flaming_z_loss_coeff", "flaming_token_dispatcher",
+                  "flaming_gumbel_temperature", "flaming_init_seed", "flaming_io_store_swap",
+                  "flaming_io_reuse_search")
+    ablation_name = "flaming"
+    ablation_settings = {"flaming_moe": "between", "flaming_global_functions": 8, "flaming_layer_functions": 4,
+                         "flaming_router": "topk", "flaming_topk": 1, "flaming_aux_loss_coeff": 0.01}
 
     def validate(self, config, fail) -> None:
         if config.flaming_moe not in PLACEMENTS:
@@ -91,13 +147,12 @@ class FlamingMoEFeature(Feature):
         if config.flaming_io_context_window < 1:
             fail("flaming_io_context_window", config.flaming_io_context_window, "must be >= 1",
                  "use the number of token ids each context row holds, e.g. 8")
-        from neon.config import NeonConfigError
-        from neon.flaming.io import IOSourceError, check_io_sources
+        from neon.flaming.io import check_io_sources
 
         try:
             check_io_sources(config)
         except IOSourceError as e:
-            raise NeonConfigError(f"flaming_io_functions: {e}") from None
+            raise ConfigError(f"flaming_io_functions: {e}") from None
 
     @staticmethod
     def _validate_values(config, fail) -> None:
@@ -164,8 +219,51 @@ class FlamingMoEFeature(Feature):
             **kept, pre_flaming_layernorm=sub.input_layernorm, flaming_moe=ModuleSpec(module=FlamingMoE),
             flaming_bda=get_bias_dropout_add))
 
+    def norm_slots(self, config):
+        return {"pre_flaming_layernorm": "pre_flaming_layernorm"} if config.flaming_moe == "between" else {}
+
+    def residual_slots(self, config):
+        return {"flaming_bda": "flaming"} if config.flaming_moe == "between" else {}
+
+    def uses_expert_parallelism(self, config):
+        return True  # the banks' functions are sharded like experts
+
+    def model_class(self, config):
+        if config.flaming_io_functions:  # the stage builds the IO functions' token context
+            from neon.flaming.io_model import IOGPTModel
+
+            return IOGPTModel
+        return None
+
     def attach(self, model, config, post_process):
         attach_global_bank(model, config)  # the stage's replica of the global bank, if any
+
+    # --- checkpoints and training --------------------------------------------------------------
+    def architecture_value(self, name, value):
+        """IO entries compare as their parsed fields without `source=`: each IO function's
+        checkpoint state records its source's identity (path, size, content hash) and checks it
+        at load, where flaming_io_store_swap may allow another."""
+        return _without_sources(value) if name == "flaming_io_functions" else value
+
+    def before_step(self, config, num_microbatches):
+        if config.num_moe_experts is None:
+            # megatron's schedules scale MoE router-loss gradients only for configs with MoE MLPs
+            from neon.flaming.losses import set_aux_loss_scale
+
+            set_aux_loss_scale(config, num_microbatches)
+
+    def step_report(self, chunks, config, *, step_time_s, num_microbatches):
+        """The banks' router losses (reduced over ranks) and the frozen models' share of the step."""
+        from neon.flaming.frozen_model import frozen_model_report
+        from neon.flaming.losses import aux_loss_report
+
+        return {**aux_loss_report(num_microbatches), **frozen_model_report(chunks, step_time_s)}
+
+    def hf_config_extra(self, model, config):
+        """{'flaming_io_sources': {name: identity}} of the IO functions, as the checkpoint checked
+        them; the HF model checks them again when it is loaded."""
+        sources = {m.spec.name: m.source_identity() for m in model.modules() if getattr(m, "is_io", False)}
+        return {"flaming_io_sources": sources} if sources else {}
 
     # --- HF weight mapping ----------------------------------------------------------------------
     def hf_layer_tensors(self, config):
@@ -237,16 +335,27 @@ class FlamingMoEFeature(Feature):
 
 def _io_counts(config) -> dict[str, int]:
     """IO functions per bank (keyed by the bank's learned-size setting), from their `bank=` keys;
-    a malformed entry is a NeonConfigError naming it."""
-    from neon.config import NeonConfigError
-    from neon.flaming.io import IOSourceError, io_specs
+    a malformed entry is a ConfigError naming it."""
+    from neon.flaming.io import io_specs
 
     try:
         specs = io_specs(config)
     except IOSourceError as e:
-        raise NeonConfigError(f"flaming_io_functions: {e}") from None
+        raise ConfigError(f"flaming_io_functions: {e}") from None
     return {"flaming_global_functions": sum(s.bank == "global" for s in specs),
             "flaming_layer_functions": sum(s.bank == "layer" for s in specs)}
+
+
+def _without_sources(entries) -> list:
+    """IO entries as parsed fields without `source` (defaults filled in: `bank=layer` is the same
+    as no bank key); entries that do not parse, as their text without `source=`."""
+    from neon.flaming.io import canonical_entries
+
+    try:
+        return canonical_entries(entries)
+    except IOSourceError:
+        return [",".join(p for p in str(e).split(",") if not p.strip().startswith("source="))
+                for e in entries or ()]
 
 
 def _block(config) -> tuple[str, str]:

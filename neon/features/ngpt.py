@@ -1,25 +1,38 @@
-"""nGPT (neon/ngpt.py) under the feature contract."""
+"""nGPT (neon/ngpt.py, neon/ngpt_optimizer.py) under the feature contract.
+
+Its modules import neon.config, which registers this feature: the hooks import them on use."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal
 
-from neon import ngpt
 from neon.features.base import Feature
 
-# no RMSNorm weights anywhere (HF names): the layers' pre-norms and the final norm
-NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "pre_flaming_layernorm.weight",
-         "model.norm.weight")
+
+@dataclass
+class NGPTSettings:
+    ngpt: bool = False
+    """nGPT: hidden states and weights on the unit hypersphere."""
+    ngpt_alpha_sz_scale: Literal["inv_sqrt_d", "inv_d"] = "inv_sqrt_d"
+    """The stored scale of every residual update's alpha (alpha_A, alpha_M, and one per residual
+    slot another feature adds) and s_z, which sets how far Adam moves them per step: 'inv_sqrt_d'
+    (1/sqrt(d_model), the paper's, and every checkpoint's before this setting existed) or 'inv_d'
+    (1/d_model: sqrt(d_model) times the step, nGPT's recipe for new runs, docs/ngpt.md). s_qk stays
+    at 1/sqrt(d_model), s_u and s_v at 1."""
 
 
 class NGPTFeature(Feature):
     name = "ngpt"
-    fields = ("ngpt", "ngpt_alpha_sz_scale")
-    hf_fields = fields
+    settings = NGPTSettings
+    hf_fields = ("ngpt", "ngpt_alpha_sz_scale")
+    needs = ("unit_sphere",)  # every other active feature's weights and updates defined on the sphere
+    ablation_name = "ngpt"
+    ablation_settings = {"ngpt": True}
     hf_reference = ("NeonDecoderLayer.residual", "NeonAttention.transform_qk", "NeonMLP.forward",
                     "NeonForCausalLM.scale_logits", "NeonForCausalLM.normalize_ngpt_weights")
 
@@ -52,35 +65,48 @@ class NGPTFeature(Feature):
         return {}
 
     def layer_spec(self, spec, config, use_te):
-        return ngpt.ngpt_layer_spec(spec, config)  # no norms, residual updates on the sphere
+        from neon import ngpt
+        from neon.features import layer_slots
+
+        return ngpt.ngpt_layer_spec(spec, config, *layer_slots(config))  # no norms, residual updates on the sphere
 
     def block_spec(self, block, config):
         return replace(block, layer_norm=None)  # no final norm
 
     def attach(self, model, config, post_process):
+        from neon import ngpt
+
         if post_process:
             ngpt.attach_logit_scale(model, config)  # z <- z * s_z
-        # E_in, E_out, W_q/k/v/o, W_gate/up/down on the sphere (FlamingMoE's functions included)
+        # E_in, E_out, W_q/k/v/o, W_gate/up/down and every matrix a module declares on the sphere
         ngpt.mark_and_normalize_weights(model)
+
+    def wrap_optimizer(self, optimizer, config):
+        from neon.ngpt_optimizer import add_weight_normalization
+
+        return add_weight_normalization(optimizer)  # the weights back on the sphere after every step
 
     # --- HF weight mapping: the scaling vectors, stored values as they are ---------------------
     def hf_layer_tensors(self, config):
-        entries = [
-            ("attn_alpha", "self_attn_bda.alpha", None),                  # alpha_A [d_model]
-            ("mlp_alpha", "mlp_bda.alpha", None),                         # alpha_M [d_model]
+        from neon.features import layer_slots
+
+        _, residuals = layer_slots(config)
+        return [
             ("self_attn.s_qk", "self_attention.core_attention.s_qk", 0),  # [heads * head_dim]
             ("mlp.s_u", "mlp.s_u", 0),                                    # [ffn]
             ("mlp.s_v", "mlp.s_v", 0),                                    # [ffn]
+            # alpha_A, alpha_M and every other residual update's alpha [d_model]
+            *[(f"{hf}_alpha", f"{slot}.alpha", None) for slot, hf in residuals.items()],
         ]
-        if config.flaming_moe == "between":  # alpha_F of FlamingMoE's normalized update
-            entries.append(("flaming_alpha", "flaming_bda.alpha", None))
-        return entries
 
     def hf_global_tensors(self, config):
         return [("lm_head.s_z", "logit_scale.s_z", 0, "post")]  # [vocab]
 
     def hf_dropped(self, config):
-        return NORMS
+        from neon.features import layer_slots
+
+        norms, _ = layer_slots(config)  # no RMSNorm weights anywhere: the layers' norms and the final norm
+        return (*(f"{hf}.weight" for hf in norms.values()), "model.norm.weight")
 
     def recipe(self, config):
         # - the weights live on the unit sphere: decay would only fight the normalisation (the

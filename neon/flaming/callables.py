@@ -18,27 +18,13 @@ and W_out are learned:
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 
 import numpy as np
 import torch
 
-from neon.flaming.io import IOFunction, IOFunctionSpec, IOSourceError
-
-
-class IOFunctionError(RuntimeError):
-    """An IO function failed while running; the message names it and the call (and, raised
-    through `at_training_step`, the training step)."""
-
-
-@contextlib.contextmanager
-def at_training_step(step: int):
-    """Name the training step in an IO function's error raised inside (the Trainer's step)."""
-    try:
-        yield
-    except IOFunctionError as e:
-        raise IOFunctionError(f"training step {step}: {e}") from None
+from neon.errors import IOFunctionError, IOSourceError
+from neon.flaming.io import IOFunction, IOFunctionSpec
 
 
 def resolve_callable(spec: IOFunctionSpec):

@@ -1,4 +1,4 @@
-"""Multiply-adds per token of a FlamingMoE block, for Neon's FLOP count (neon/training/flops.py).
+"""Multiply-adds per token of a FlamingMoE block, for Neon's FLOP count (neon/flops.py).
 
 Per layer, for each bank of n > 0 functions (F learned + the m IO functions of that bank):
 
@@ -18,7 +18,7 @@ A `model` function's frozen model runs forward only, once per micro-batch and pi
 is shared by every layer and bank): `frozen_forward_macs`, per token, is its linear layers'
 weights (every matmul but attention's; the LM head included, since the causal-LM forward computes
 logits at every position) + per layer 2 keys H_A d_A (Q K^T and A V over its own causal keys).
-neon/features/flaming.py (`forward_only_flops`) reports it; neon/training/flops.py multiplies it by 2
+neon/features/flaming.py (`forward_only_flops`) reports it; neon/flops.py multiplies it by 2
 FLOPs and the model chunks, not by the training passes. With re-tokenization it is counted at
 Neon's tokens (the frozen sequence may be longer or shorter); a frozen MoE counts every expert.
 
@@ -87,7 +87,7 @@ def flaming_macs(config) -> float:
 def frozen_forward_macs(config, seq_length: int, causal: str = "half") -> float:
     """Multiply-adds per token of the frozen models' forward passes (one per distinct source)."""
     from neon.flaming.frozen_model import frozen_config
-    from neon.training.flops import attention_keys
+    from neon.flops import attention_keys
 
     total = 0.0
     for source, spec in {s.source: s for s in io_specs(config) if s.kind == "model"}.items():

@@ -15,7 +15,6 @@ Kinds:
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +46,8 @@ def function_config(config: TransformerConfig, kind: str) -> dict:
 
 class LinearFunction(MegatronModule):
     """f(x) = W x, bias-free d -> d; `per_token_scale` p gives p * W x (megatron's expert call)."""
+
+    unit_sphere_dims = {"linear.weight": 0}  # W [d, d]: its columns live in d_model space (for nGPT)
 
     def __init__(self, config: TransformerConfig, tp_group=None):
         super().__init__(config=config)
@@ -160,7 +161,11 @@ class SharedFunctions(MegatronModule):
 
 
 def bank_config(config: TransformerConfig, n: int, kind: str, **overrides) -> TransformerConfig:
-    """The megatron MoE config of one bank: n experts, top-k, dispatcher, losses, kind."""
+    """The megatron MoE config of one bank: n experts, top-k, dispatcher, losses, kind.
+
+    A copy of the model's config (which passed Neon's checks) with the bank's MoE fields, checked
+    by megatron-core's own __post_init__: the bank's config describes its functions, while the
+    model's features act on the layer around the block."""
     fields = dict(
         num_moe_experts=n,
         moe_router_topk=config.flaming_topk,
@@ -175,11 +180,11 @@ def bank_config(config: TransformerConfig, n: int, kind: str, **overrides) -> Tr
         moe_shared_expert_intermediate_size=None,
         moe_layer_recompute=False,
         expert_tensor_parallel_size=1,
-        ngpt=False,  # the bank's MoE config only describes its functions (nGPT acts on the layer)
         **function_config(config, kind),
     )
     fields.update(overrides)
-    names = {f.name for f in dataclasses.fields(config)}
-    cfg = dataclasses.replace(config, **{k: v for k, v in fields.items() if k in names})
+    cfg = copy.copy(config)
+    for name, value in fields.items():
+        setattr(cfg, name, value)
+    TransformerConfig.__post_init__(cfg)
     return cfg
-

@@ -38,15 +38,13 @@ from typing import Optional
 import torch
 from megatron.core.transformer.module import MegatronModule
 
+from neon.errors import IOSourceError
+
 IO_KINDS = ("store", "callable", "model")
 BANKS = ("global", "layer")
 QUERY_KINDS = ("context", "hidden")
 RETURN_KINDS = ("tokens", "vectors")
 CONTEXT_FIXED_COLUMNS = 2  # position, sequence; then the W ids
-
-
-class IOSourceError(ValueError):
-    """An IO function's source cannot be used; the message names the function, source and fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +173,9 @@ class IOFunction(MegatronModule):
     (their learned query projection included) and set `value_dim` before calling `build_out`."""
 
     is_io = True
+    # matrices in d_model space (for nGPT): W_out [d, value_dim] by its columns, a learned query
+    # W_q [K, d] by its rows; own value embeddings are not in d_model space and stay as they are
+    unit_sphere_dims = {"out_proj.weight": 0, "query_proj.weight": 1}
 
     def __init__(self, config, spec: IOFunctionSpec):
         super().__init__(config=config)

@@ -1,18 +1,20 @@
-"""Router auxiliary losses of a step (FlamingMoE banks and megatron MoE MLPs), for the logs."""
+"""Per-step reports of the routed layers: megatron MoE MLPs' router losses and what each active
+feature reports (`Feature.step_report`: FlamingMoE's router losses, ...), for the logs."""
 
 from __future__ import annotations
 
 from neon.config import NeonConfig
+from neon.features import active
 
 
-def router_aux_losses(config: NeonConfig, iteration: int, num_microbatches: int) -> dict:
-    """Router auxiliary losses of this step (FlamingMoE banks and/or megatron MoE MLPs), reduced
-    over ranks via megatron's aux-loss tracker; empty without routed layers. Collective."""
+def step_reports(chunks: list, config: NeonConfig, *, iteration: int, num_microbatches: int,
+                 step_time_s: float) -> dict:
+    """{name: value} of this step: megatron MoE MLPs' router losses (reduced over ranks via its
+    aux-loss tracker) and every active feature's report. Collective."""
     report: dict = {}
-    if config.flaming_moe != "off":
-        from neon.flaming.losses import aux_loss_report
-
-        report.update(aux_loss_report(num_microbatches))
+    for feature in active(config):
+        report.update(feature.step_report(chunks, config, step_time_s=step_time_s,
+                                          num_microbatches=num_microbatches))
     if config.num_moe_experts:
         from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
@@ -24,9 +26,8 @@ def router_aux_losses(config: NeonConfig, iteration: int, num_microbatches: int)
     return report
 
 
-def clear_router_aux_losses(config: NeonConfig) -> None:
+def clear_router_aux_losses() -> None:
     """Drop what megatron's aux-loss tracker gathered (an evaluation's forward passes add to it)."""
-    if config.num_moe_experts or config.flaming_moe != "off":
-        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
-        clear_aux_losses_tracker()
+    clear_aux_losses_tracker()

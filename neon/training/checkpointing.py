@@ -27,7 +27,6 @@ import queue
 import random
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -40,16 +39,12 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
-from neon.flaming.io import IOSourceError
+from neon.errors import CheckpointError, IOSourceError
 from neon.training import checksums, model_match
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # any TP/PP/DP on load
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the path and the fix."""
 
 
 @dataclass
@@ -245,8 +240,6 @@ def save(root: str | os.PathLike, iteration: int, chunks, optimizer, scheduler, 
                            with_rng=optimizer is not None, rng_per_dp_rank=common["rng_per_dp_rank"],
                            common=common)
     dist_checkpointing.save(state, str(tmp))
-    if os.environ.get("NEON_FAULT_PAUSE_SAVE_AT") == str(iteration):
-        time.sleep(300)  # fault injection for tests: be killed between writing and committing
     _barrier()  # every rank has finished writing
     checksums.record(tmp)  # collective; before the checkpoint is committed
     if rank0:

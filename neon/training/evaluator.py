@@ -35,5 +35,5 @@ class Evaluator:
         loss = evaluate(self.chunks, self.data.valid_batches(), num_batches=self.schedule.eval_iters,
                         num_microbatches=self.num_microbatches, seq_length=self.seq_length,
                         micro_batch_size=self.schedule.micro_batch_size)
-        clear_router_aux_losses(self.model_config)
+        clear_router_aux_losses()
         return from_reporting_rank([loss])[0]

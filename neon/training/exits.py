@@ -1,10 +1,9 @@
-"""How a run ends: one exit status per cause, each with a one-paragraph message.
+"""How a run ends: the paragraph it prints and its exit status.
 
-See STATUSES below (pretrain_neon.py --help prints it).
-
-Every ending leaves the previous checkpoint loadable: a checkpoint is committed only after all
-of its files and their checksums are written (neon/training/checkpointing.py). pretrain_neon.py
-lists these in its --help; docs/training.md explains them.
+The statuses and the error classes that carry them are neon/errors.py's (`STATUSES`, printed by
+pretrain_neon.py --help; docs/training.md explains them). Every ending leaves the previous
+checkpoint loadable: a checkpoint is committed only after all of its files and their checksums
+are written (neon/training/checkpointing.py).
 """
 
 from __future__ import annotations
@@ -13,35 +12,14 @@ import sys
 import traceback
 from typing import Optional
 
-from megatron_plugins.distributed import PortInUse
-from neon.flaming.callables import IOFunctionError
+from neon.errors import CRASHED, INTERRUPTED, NeonError
 from neon.training import checkpointing
-from neon.training.run_lock import RunDirectoryInUse
-
-STATUSES = """\
-    0    finished, or saved and stopped on SIGTERM/SIGUSR1, --exit-interval or --skip-train
-    1    an unexpected error (a bug or a failing machine): Python's traceback, then a paragraph
-         naming the latest checkpoint, which is intact
-    2    bad configuration or input (settings, data files, tokenizer, an IO function's source),
-         before anything is built; or a FlamingMoE IO function failed when called (it raised or
-         returned the wrong shape: the function and the training step are named, nothing saved)
-    3    the loss or gradient norm became NaN/inf (that step is not saved)
-    4    the checkpoint to load cannot be used: damaged (the file is named), another model
-         architecture (the settings are named), or missing
-    5    --save / the run directory is in use by another live run
-    6    MASTER_PORT is fixed and already in use
-    130  interrupted by SIGINT (Ctrl-C) without saving
-"""
-
-OK, CRASHED, BAD_CONFIG, DIVERGED, BAD_CHECKPOINT, DIRECTORY_IN_USE, PORT_IN_USE, INTERRUPTED = 0, 1, 2, 3, 4, 5, 6, 130
-EXPECTED = {checkpointing.CheckpointError: BAD_CHECKPOINT, RunDirectoryInUse: DIRECTORY_IN_USE,
-            PortInUse: PORT_IN_USE, IOFunctionError: BAD_CONFIG}
 
 
 def _latest(save_dir: Optional[str]) -> str:
     try:
         it = checkpointing.latest_iteration(save_dir) if save_dir else None
-    except checkpointing.CheckpointError:
+    except NeonError:
         it = None
     if it is None:
         return "there is no checkpoint to resume from"
@@ -53,11 +31,10 @@ def report(e: BaseException, *, first_rank: bool, save_dir: Optional[str]) -> in
     """Print the paragraph for how the run ended and return its exit status (SystemExit passes)."""
     if isinstance(e, SystemExit):
         raise e
-    status = next((code for cls, code in EXPECTED.items() if isinstance(e, cls)), None)
-    if status is not None:
+    if isinstance(e, NeonError):
         if first_rank:
             print(f"pretrain_neon.py: error: {e}", file=sys.stderr, flush=True)
-        return status
+        return e.exit_status
     if isinstance(e, KeyboardInterrupt):
         if first_rank:
             print(f"pretrain_neon.py: interrupted (SIGINT) before saving; {_latest(save_dir)}. To stop with a "

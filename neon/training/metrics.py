@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from neon.training.flops import training_flops_per_token  # noqa: F401  (re-exported: the one count)
-
 if TYPE_CHECKING:
     from neon.training.config import LoggingConfig, ScheduleConfig
 
@@ -61,7 +59,7 @@ class _Window:
 class MetricsLogger:
     """Built from the run's `logging` section (intervals, sinks, progress bar, peak TFLOP/s) and
     what a step's numbers need: `schedule` (train_iters, global_batch_size), the sequence length,
-    the model's FLOPs per token (neon.training.flops, causal attention at half: `mfu`; and, if
+    the model's FLOPs per token (neon.flops, causal attention at half: `mfu`; and, if
     given, at full: `mfu_full_attention`) and the number of devices."""
 
     def __init__(self, settings: LoggingConfig, schedule: ScheduleConfig, *, seq_length: int,

@@ -7,19 +7,19 @@ the tensors happen to have the same names and shapes, and trains on as another a
 
 Must match (ARCHITECTURE):
   - every field that Neon adds to megatron-core's TransformerConfig (the Mistral settings and
-    every Neon feature switch and shape: vocab_size, rope_theta, sliding_window, diff_attention,
-    ngpt, flaming_*, ...), found from the dataclass, so a new feature's fields are covered
-    without editing this file;
+    every registered feature's fields), found from the dataclass, so a new feature's fields are
+    covered without editing this file; a feature lists the fields of its own that may differ
+    (`Feature.run_fields`) and may say how a value compares (`Feature.architecture_value`);
   - megatron-core's fields that change the parameters or the function the model computes
     (MEGATRON_ARCHITECTURE: layers, widths, heads, norms, biases, MoE layout, ...);
   - the precision (PRECISION: bf16, fp16) when the optimizer state is loaded: it decides which
     tensors that state holds, and megatron-core 0.16.1 cannot load an fp32 run's optimizer
     state into a bf16 run. Weights alone (--no-load-optim, converted checkpoints) may change it.
-May differ (MAY_DIFFER and every other megatron-core field): how the same model is trained or
-run, which leaves its parameters and its function unchanged: dropout, recompute, kernel
-fusions, CPU offloading, communication overlap, FP8/FP4 recipes, router aux/z-loss
-coefficients, the token dispatcher, init settings (the weights are loaded over them), and
-max_position_embeddings (RoPE has no parameters: a longer context may continue a shorter one).
+May differ (MAY_DIFFER, the features' run_fields and every other megatron-core field): how the
+same model is trained or run, which leaves its parameters and its function unchanged: dropout,
+recompute, kernel fusions, CPU offloading, communication overlap, FP8/FP4 recipes, init settings
+(the weights are loaded over them), and max_position_embeddings (RoPE has no parameters: a
+longer context may continue a shorter one).
 The parallel layout (TP/PP/EP/DP) lives in another section and may differ too: loading reshards.
 
 A setting missing from an older checkpoint's config is compared as its default (the value that
@@ -34,6 +34,7 @@ from typing import Optional
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from neon.config import NeonConfig
+from neon.features import FEATURES
 
 MEGATRON_ARCHITECTURE = (
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "kv_channels",
@@ -54,25 +55,8 @@ PRECISION = ("bf16", "fp16")
 MAY_DIFFER = frozenset({
     "max_position_embeddings", "hidden_dropout", "attention_dropout", "bias_activation_fusion",
     "masked_softmax_fusion", "bias_dropout_fusion", "apply_rope_fusion", "persist_layer_norm",
-    "gradient_accumulation_fusion", "flaming_aux_loss_coeff", "flaming_z_loss_coeff",
-    "flaming_token_dispatcher", "flaming_gumbel_temperature", "flaming_init_seed", "flaming_io_store_swap",
-    "flaming_io_reuse_search",  # where a global-bank context search is done, not what it finds
+    "gradient_accumulation_fusion",
 })
-# compared without their `source=`: each IO function's checkpoint state records its source
-# identity (path, size, content hash) and checks it at load, where flaming_io_store_swap may allow another
-SOURCES_CHECKED_AT_LOAD = frozenset({"flaming_io_functions"})
-
-
-def _without_sources(entries) -> list:
-    """IO entries as parsed fields without `source` (defaults filled in: `bank=layer` is the same
-    as no bank key); entries that do not parse, as their text without `source=`."""
-    from neon.flaming.io import IOSourceError, canonical_entries
-
-    try:
-        return canonical_entries(entries)
-    except IOSourceError:
-        return [",".join(p for p in str(e).split(",") if not p.strip().startswith("source="))
-                for e in entries or ()]
 
 
 def defaults() -> dict:
@@ -89,7 +73,14 @@ def architecture_fields(with_optimizer: bool = True) -> list[str]:
     megatron = {f.name for f in dataclasses.fields(TransformerConfig)}
     neon = [f.name for f in dataclasses.fields(NeonConfig) if f.name not in megatron]
     fields = [*neon, *MEGATRON_ARCHITECTURE, *(PRECISION if with_optimizer else ())]
-    return [n for n in fields if n not in MAY_DIFFER]
+    run = MAY_DIFFER.union(*(f.run_fields for f in FEATURES.values()))
+    return [n for n in fields if n not in run]
+
+
+def _compared(name: str, value):
+    """The value as the check compares it: its owning feature's `architecture_value`."""
+    owner = next((f for f in FEATURES.values() if name in f.fields), None)
+    return owner.architecture_value(name, value) if owner else value
 
 
 def same(a, b) -> bool:
@@ -109,8 +100,7 @@ def differences(saved: dict, current: dict, with_optimizer: bool = True) -> list
         if name not in current:
             continue
         before, now = saved.get(name, defaults_.get(name)), current[name]
-        strip = _without_sources if name in SOURCES_CHECKED_AT_LOAD else (lambda v: v)
-        if not same(strip(before), strip(now)):
+        if not same(_compared(name, before), _compared(name, now)):
             out.append((name, before, now))
     return out
 

@@ -3,8 +3,8 @@
     optimizer = build_optimizer(chunks, optimizer_config(cfg))
     scheduler = scheduler_for(cfg, optimizer)
 
-With nGPT, every optimizer step ends with the weights put back on the unit sphere
-(`neon.ngpt_optimizer`).
+Each active feature may add work to every optimizer step (`Feature.wrap_optimizer`: nGPT puts
+the weights back on the unit sphere).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from neon.ngpt_optimizer import add_weight_normalization
+from neon.features import active
 
 
 def optimizer_config(cfg) -> OptimizerConfig:
@@ -32,11 +32,11 @@ def optimizer_config(cfg) -> OptimizerConfig:
 
 
 def build_optimizer(chunks: list, opt_config: OptimizerConfig):
-    """megatron's optimizer for these chunks; with nGPT, each step ends with the weights put back
-    on the unit sphere (`neon.ngpt_optimizer`)."""
+    """megatron's optimizer for these chunks, wrapped by each active feature (`wrap_optimizer`)."""
     optimizer = get_megatron_optimizer(opt_config, chunks)
-    if chunks[0].config.ngpt:
-        optimizer = add_weight_normalization(optimizer)
+    config = chunks[0].config
+    for feature in active(config):
+        optimizer = feature.wrap_optimizer(optimizer, config)
     return optimizer
 
 

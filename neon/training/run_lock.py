@@ -29,11 +29,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from neon.errors import RunDirectoryInUse
+
 LOCK_FILE = ".neon_run.lock"
-
-
-class RunDirectoryInUse(RuntimeError):
-    """Another live run owns the directory; the message names it and the fix."""
 
 
 class RunLock:

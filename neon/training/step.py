@@ -24,7 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_plugins import cpu_runtime
 from neon.config import NeonConfig
-from neon.flaming.losses import set_aux_loss_scale
+from neon.features import active
 
 
 def build_model_chunks(config: NeonConfig, build_stage: Callable, wrap_ddp: bool = True,
@@ -93,9 +93,8 @@ def train_step(chunks: list, optimizer, data_iterator, config: NeonConfig, *,
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    if config.flaming_moe != "off" and config.num_moe_experts is None:
-        # megatron's schedules scale MoE router-loss gradients only for configs with MoE MLPs
-        set_aux_loss_scale(config, num_microbatches)
+    for feature in active(config):
+        feature.before_step(config, num_microbatches)
     losses = get_forward_backward_func()(
         forward_step_func=forward_step_func,
         data_iterator=data_iterator,  # a list, one per chunk, when interleaved

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,25 +29,21 @@ from megatron.core.num_microbatches_calculator import (
 )
 
 from megatron_plugins import cpu_runtime, distributed
-from neon.flaming.callables import at_training_step
-from neon.flaming.frozen_model import frozen_model_report
+from neon.errors import PortInUseError, StepError, TrainingDiverged
+from neon.flops import training_flops_per_token
 from neon.model import build_model
 from neon.training import recipe_resume, run_lock
-from neon.training.aux_losses import router_aux_losses
+from neon.training.aux_losses import step_reports
 from neon.training.checkpointer import Checkpointer
 from neon.training.checkpointing import latest_iteration
 from neon.training.config import Config, dump_yaml
 from neon.training.data import TrainingData
 from neon.training.evaluator import Evaluator
-from neon.training.metrics import MetricsLogger, training_flops_per_token
+from neon.training.metrics import MetricsLogger
 from neon.training.optim import build_optimizer, current_lr, optimizer_config, scheduler_for
 from neon.training.signals import SignalFlag
 from neon.training.state import TrainerState
 from neon.training.step import build_model_chunks, from_reporting_rank, train_step
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN/inf; nothing of that state was saved."""
 
 
 @dataclass
@@ -69,10 +64,13 @@ def start_parallel(cfg: Config) -> int:
     """torch.distributed, megatron-core's parallel groups and its micro-batch calculator for the
     run's `parallelism` and `schedule` sections. Returns the micro-batches per step and rank."""
     p, s = cfg.parallelism, cfg.schedule
-    distributed.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                           p.expert_model_parallel_size, cfg.virtual_pipeline_size, s.seed,
-                           timeout_s=60 * p.distributed_timeout_minutes,
-                           expert_tensor_parallel=1)  # as neon_config(): experts are whole on each TP rank
+    try:
+        distributed.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                               p.expert_model_parallel_size, cfg.virtual_pipeline_size, s.seed,
+                               timeout_s=60 * p.distributed_timeout_minutes,
+                               expert_tensor_parallel=1)  # as neon_config(): experts are whole on each TP rank
+    except distributed.PortInUse as e:  # megatron_plugins knows no Neon error class
+        raise PortInUseError(str(e)) from None
     if not cpu_runtime.cuda_available():  # the CPU runtime's RNG tracker forks the CPU generator itself
         logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
     destroy_num_microbatches_calculator()
@@ -176,22 +174,22 @@ class Trainer:
         t0, state, s = time.perf_counter(), self.state, self.cfg.schedule
         if state.iteration + 1 in s.iterations_to_skip:
             return self.skip_step()
-        with at_training_step(state.iteration + 1):  # an IO function's error names the step
+        try:
             result = train_step(self.chunks, self.optimizer, self.train_batches, self.model_config,
                                 num_microbatches=self.num_microbatches, seq_length=self.cfg.data.seq_length,
                                 micro_batch_size=s.micro_batch_size)
+        except StepError as e:  # e.g. an IO function that failed: name the step
+            raise e.at_step(state.iteration + 1) from None
         if not result.skipped:
             self.scheduler.step(increment=1)
         state.iteration += 1
         state.consumed_samples += s.global_batch_size
-        aux = router_aux_losses(self.model_config, state.iteration, self.num_microbatches)
         signalled, loss, grad_norm = from_reporting_rank([result.loss, result.grad_norm],
                                                          flags=(float(self.signals.received is not None),))
         step_time = time.perf_counter() - t0
-        aux.update(frozen_model_report(self.chunks, step_time))  # FlamingMoE `model` functions
+        aux = step_reports(self.chunks, self.model_config, iteration=state.iteration,
+                           num_microbatches=self.num_microbatches, step_time_s=step_time)
         has_norm = result.grad_norm is not None
-        if os.environ.get("NEON_FAULT_NAN_AT") == str(state.iteration):
-            loss = math.nan  # fault injection for tests: this iteration's batch gives a NaN loss
         self.check_finite(loss, grad_norm, has_norm)
         state.train_loss = loss
         self.logger.train_step(iteration=state.iteration, loss=loss, grad_norm=grad_norm if has_norm else None,

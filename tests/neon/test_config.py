@@ -2,7 +2,8 @@
 
 import pytest
 
-from neon.config import NeonConfig, NeonConfigError
+from neon.config import NeonConfig
+from neon.errors import ConfigError
 
 GOOD = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
             ffn_hidden_size=96, vocab_size=128)
@@ -39,7 +40,7 @@ def test_bad_config_names_setting_and_fix(overrides, setting, fix):
 
 def assert_names_setting_and_fix(settings: dict, setting: str, fix: str) -> None:
     """NeonConfig(**settings) fails with a message that starts with `setting` and gives `fix`."""
-    with pytest.raises(NeonConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         NeonConfig(**settings)
     message = str(err.value)
     assert message.startswith(setting), message

@@ -8,8 +8,9 @@ import pytest
 import torch
 from megatron.core.transformer.enums import AttnMaskType
 
-from neon.config import NeonConfig, NeonConfigError
+from neon.config import NeonConfig
 from neon.diff_attention import DiffCoreAttention, lambda_init_for_layer
+from neon.errors import ConfigError
 from neon.hf.modeling_neon import NeonAttention, NeonForCausalLM
 from neon.hf.modeling_neon import lambda_init_for_layer as hf_lambda_init
 from neon.state_dict_adapter import neon_hf_config
@@ -129,11 +130,11 @@ ODD_GROUPS = {"num_attention_heads": 6, "num_query_groups": 3, "kv_channels": 8}
 
 
 def test_config_rejects_unbuildable_layouts():
-    with pytest.raises(NeonConfigError, match="num_query_groups=3.*even"):
+    with pytest.raises(ConfigError, match="num_query_groups=3.*even"):
         NeonConfig(**{**TINY, **ODD_GROUPS}, diff_attention="matched")
-    with pytest.raises(NeonConfigError, match="diff_attention='bogus'"):
+    with pytest.raises(ConfigError, match="diff_attention='bogus'"):
         NeonConfig(**TINY, diff_attention="bogus")
-    with pytest.raises(NeonConfigError, match="diff_lambda_init=1.5"):
+    with pytest.raises(ConfigError, match="diff_lambda_init=1.5"):
         NeonConfig(**TINY, diff_attention="matched", diff_lambda_init=1.5)
     # 3 key/value heads: fine for 'expressive' (no pairing)
     NeonConfig(**{**TINY, **ODD_GROUPS}, diff_attention="expressive")

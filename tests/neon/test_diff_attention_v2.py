@@ -9,8 +9,9 @@ import pytest
 import torch
 from megatron.core.transformer.enums import AttnMaskType
 
-from neon.config import NeonConfig, NeonConfigError
+from neon.config import NeonConfig
 from neon.diff_attention_v2 import DiffV2CoreAttention
+from neon.errors import ConfigError
 from neon.hf.configuration_neon import NeonHFConfig
 from neon.hf.modeling_neon import NeonAttention, NeonForCausalLM
 from neon.state_dict_adapter import neon_hf_config
@@ -79,11 +80,11 @@ def test_hf_attention_equals_the_equations():
 
 
 def test_config_rejects_what_v2_cannot_build():
-    with pytest.raises(NeonConfigError, match="diff_lambda_init=0.5.*no meaning.*'v2'"):
+    with pytest.raises(ConfigError, match="diff_lambda_init=0.5.*no meaning.*'v2'"):
         NeonConfig(**TINY, diff_attention="v2", diff_lambda_init=0.5)
-    with pytest.raises(NeonConfigError, match="ngpt=True.*'v2'"):
+    with pytest.raises(ConfigError, match="ngpt=True.*'v2'"):
         NeonConfig(**TINY, diff_attention="v2", ngpt=True)
-    with pytest.raises(NeonConfigError, match="'v2'"):  # the error lists the layouts, v2 among them
+    with pytest.raises(ConfigError, match="'v2'"):  # the error lists the layouts, v2 among them
         NeonConfig(**TINY, diff_attention="v3")
     with pytest.raises(ValueError, match="v2.*ngpt"):
         NeonHFConfig(diff_attention="v2", ngpt=True)

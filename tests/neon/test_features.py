@@ -4,17 +4,19 @@ code that calls it (config, layer spec, attach, HF mapping, FLOPs, run-config re
 
 import dataclasses
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 import neon.hf.modeling_neon as modeling_neon
-from neon.config import NeonConfig, NeonConfigError
+from neon.config import NeonConfig
+from neon.errors import ConfigError
 from neon.features import FEATURES, Feature, active, recipes
+from neon.flops import training_flops_per_token
 from neon.hf.configuration_neon import NeonHFConfig
 from neon.training.config import Config
-from neon.training.metrics import training_flops_per_token
 from tests.dist import run_distributed
 
 TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=96,
@@ -33,7 +35,7 @@ COMBOS = {
     "ngpt+flaming-between": dict(ngpt=True, flaming_moe="between", **FLAMING),
     "all, flaming-mlp": dict(ngpt=True, diff_attention="matched", flaming_moe="mlp", **FLAMING),
 }
-HOOKS = [name for name, v in vars(Feature).items() if inspect.isfunction(v) and name != "enabled"]
+HOOKS = [name for name, v in vars(Feature).items() if inspect.isfunction(v) and name not in ("enabled", "off")]
 
 
 def test_registry_holds_the_three_features_in_hook_order():
@@ -85,7 +87,7 @@ def test_hf_reference_names_resolve_in_modeling_neon():
     (dict(ngpt=True, qk_layernorm=True), "qk_layernorm=True"),
 ])
 def test_each_feature_validates_through_neon_config(bad, setting):
-    with pytest.raises(NeonConfigError, match=setting):
+    with pytest.raises(ConfigError, match=setting):
         NeonConfig(**TINY, **bad)
 
 
@@ -168,3 +170,64 @@ def test_layer_spec_attach_and_hf_mapping_cover_every_combination():
         mode = combo.get("diff_attention")
         want = {None: "SelfAttention", "v2": "DiffV2SelfAttention"}.get(mode, "DiffSelfAttention")
         assert r["attention"] == want, name
+
+
+# --- generic code imports no feature ---------------------------------------------------------------
+GENERIC = ["neon/training", "neon/ablation", "neon/conversion", "neon/model.py"]
+FEATURE_MODULES = ("neon.flaming", "neon.ngpt", "neon.ngpt_optimizer", "neon.diff_attention", "neon.diff_attention_v2")
+
+
+def feature_imports(source: str, package: str) -> list[str]:
+    """The imports of a feature's own module (not through neon.features) in `source`."""
+    from tests.megatron_plugins.test_import_boundary import imported_names
+
+    return sorted({f"line {line}: {name}" for line, name in imported_names(source, package)
+                   if any(name == m or name.startswith(m + ".") for m in FEATURE_MODULES)})
+
+
+def test_generic_code_imports_no_feature():
+    """neon/training/, neon/ablation/, neon/conversion/ and neon/model.py reach features only
+    through the registry (neon.features): they call hooks, they never import a feature's code."""
+    root = Path(__file__).resolve().parents[2]
+    files = [p for g in GENERIC for p in ([root / g] if g.endswith(".py") else sorted((root / g).rglob("*.py")))]
+    assert len(files) > 30, files
+    bad = {}
+    for path in files:
+        rel = path.relative_to(root)
+        found = feature_imports(path.read_text(), ".".join(rel.parent.parts))
+        if found:
+            bad[str(rel)] = found
+    assert not bad, f"generic code imports a feature's module (ask neon.features instead): {bad}"
+
+
+@pytest.mark.parametrize("source", [
+    "from neon.flaming.losses import set_aux_loss_scale",
+    "import neon.ngpt_optimizer",
+    "def f():\n    from neon.diff_attention import diff_layout",
+    "from neon import flaming",
+    "from ..flaming.io import token_context",  # relative, from neon.training
+    "import importlib\nimportlib.import_module('neon.ngpt')",
+])
+def test_the_generic_import_check_flags_a_feature_module(source):
+    assert feature_imports(source, "neon.training"), source
+
+
+@pytest.mark.parametrize("source", ["from neon.features import active", "from neon.flops import attention_keys",
+                                    "import neon.flamingo", "from neon.config import NeonConfig"])
+def test_the_generic_import_check_passes_the_registry(source):
+    assert not feature_imports(source, "neon.training"), source
+
+
+@pytest.mark.parametrize("first", ["neon.attention", "neon.diff_attention_v2", "neon.ngpt_optimizer", "neon.flaming",
+                                   "neon.features.flaming", "neon.config"])
+def test_any_module_can_be_imported_first(first):
+    """Importing neon.config registers the built-in features (their settings are NeonConfig's
+    fields), and the features' modules import neon.config: whichever comes first, both complete."""
+    import subprocess
+    import sys
+
+    code = (f"import {first}\nfrom neon.config import NeonConfig\n"
+            "c = NeonConfig(num_layers=2, hidden_size=64, num_attention_heads=8, diff_attention='matched', ngpt=True)\n"
+            "assert c.diff_attention == 'matched' and c.flaming_moe == 'off'")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]

@@ -17,7 +17,8 @@ import pytest
 import torch
 from megatron.core import parallel_state
 
-from neon.config import NeonConfig, NeonConfigError
+from neon.config import NeonConfig
+from neon.errors import ConfigError, IOSourceError
 from neon.flaming.block import FlamingMoE
 from neon.flaming.frozen_model import (
     FrozenModel,
@@ -28,7 +29,7 @@ from neon.flaming.frozen_model import (
     pack_states,
     unpack_states,
 )
-from neon.flaming.io import IOSourceError, parse_spec, token_context
+from neon.flaming.io import parse_spec, token_context
 from tests.dist import run_distributed
 
 D, SEQ, BATCH, V, W, H, LAYER = 16, 6, 2, 32, 4, 24, 1
@@ -249,10 +250,10 @@ def test_bad_model_sources_fail_at_start(tmp_path):
              (good, "", 64, "vocab_size 64 exceeds"),
              (good, f",tokenizer={tmp_path / 'none.model'}", V, "does not exist")]
     for path, extra, vocab, message in cases:
-        with pytest.raises(NeonConfigError, match=message) as e:
+        with pytest.raises(ConfigError, match=message) as e:
             config(path, extra=extra, vocab=vocab)
         assert "Fix:" in str(e.value)
-    with pytest.raises(NeonConfigError, match="layer=7 is outside"):
+    with pytest.raises(ConfigError, match="layer=7 is outside"):
         NeonConfig(num_layers=2, hidden_size=D, num_attention_heads=2, vocab_size=V, flaming_moe="between",
                    flaming_io_functions=[f"name=a,kind=model,source={good},layer=7"])
 

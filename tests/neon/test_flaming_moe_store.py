@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from neon.config import NeonConfig, NeonConfigError
-from neon.flaming.callables import CallableFunction, IOFunctionError
+from neon.config import NeonConfig
+from neon.errors import ConfigError, IOFunctionError, IOSourceError
+from neon.flaming.callables import CallableFunction
 from neon.flaming.encoder import NgramEncoder, describe
-from neon.flaming.io import IOSourceError, parse_spec, token_context
+from neon.flaming.io import parse_spec, token_context
 from neon.flaming.store import check_identity, exact_topk, open_store
 from neon.flaming.store_build import write_store
 
@@ -84,13 +85,13 @@ def test_bad_sources_fail_at_start_naming_them(tmp_path):
         "name=x,kind=store,source=y,colour=red": ["colour=red", "known key"],
     }
     for entry, words in cases.items():
-        with pytest.raises(NeonConfigError) as e:
+        with pytest.raises(ConfigError) as e:
             _config([entry])
         for w in words:
             assert w in str(e.value), (entry, str(e.value))
     with open(os.path.join(path, "values.bin"), "r+b") as f:  # truncate the values
         f.truncate(8)
-    with pytest.raises(NeonConfigError, match="truncated"):
+    with pytest.raises(ConfigError, match="truncated"):
         _config([f"name=facts,kind=store,source={path}"])
 
 

@@ -21,7 +21,8 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from neon.config import NeonConfig, NeonConfigError
+from neon.config import NeonConfig
+from neon.errors import ConfigError
 from neon.features import FEATURES
 from neon.model import build_model
 from neon.ngpt import NormalizedResidual
@@ -286,7 +287,7 @@ def test_sharded_normalization_equals_whole(dim):
     (dict(qk_layernorm=True), "qk_layernorm"),
 ])
 def test_config_rejects_what_ngpt_cannot_build(bad, setting):
-    with pytest.raises(NeonConfigError, match=setting):
+    with pytest.raises(ConfigError, match=setting):
         NeonConfig(**{**TINY, **bad})
 
 

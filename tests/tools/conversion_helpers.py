@@ -70,12 +70,12 @@ def run_tool_many(name: str, argvs: list[list], timeout: float = 300) -> tuple[l
 
 
 def train_and_reference(runs: list[list[str]], tokens, expert_parallel: int = 1):
-    """In each rank of a torchrun launch: pretrain (neon.training.loop.pretrain, what
+    """In each rank of a torchrun launch: pretrain (neon.training.trainer.pretrain, what
     pretrain_neon.py runs) each argv in turn, then megatron's logits of each saved checkpoint at
     this layout. `expert_parallel` is set after resolve(): its validation does not know
     FlamingMoE's banks yet (it asks for num_moe_experts with EP > 1)."""
     from neon.training.config import resolve
-    from neon.training.loop import pretrain
+    from neon.training.trainer import pretrain
 
     saves = []
     for argv in runs:

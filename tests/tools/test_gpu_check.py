@@ -45,7 +45,7 @@ def test_dry_run_writes_every_section(tmp_path):
         assert abs(rec["loss"] - math.log(model["vocab"])) < 0.5, (name, rec["loss"])
     assert records["base"]["step_vs_base"] == 1.0
     # the FLOPs behind its TFLOP/s are Neon's one count, at both conventions, for each variant
-    from neon.training.flops import training_flops_per_token
+    from neon.flops import training_flops_per_token
 
     bench = load_tool("benchmark_model")
     args = bench.parse_args(["--preset", model["preset"], *[f"--{k}={model[k]}" for k in (

@@ -1,8 +1,9 @@
 """The `model` section: every NeonConfig field that YAML or a flag can express.
 
-It is generated from NeonConfig (Mistral's settings, the Neon switches, megatron-core's
-TransformerConfig), so a feature that adds a field to NeonConfig is configurable without touching
-this package. Left out, because another section owns them or the run derives them:
+It is generated from NeonConfig (Mistral's settings, every registered feature's settings,
+megatron-core's TransformerConfig) and follows it when a feature is registered later, so a
+feature's fields are configurable without touching this package. Left out, because another
+section owns them or the run derives them:
 
     parallelism section      tensor/pipeline/expert model-parallel size, sequence_parallel
     derived by the run       virtual pipeline size, context / expert-tensor parallel size,
@@ -19,7 +20,7 @@ import typing
 from dataclasses import field
 from typing import Any, Literal, Union
 
-from neon.config import NeonConfig
+from neon.config import NeonConfig, extend_dataclass, on_fields_changed
 
 PARALLELISM_OWNED_FIELDS = {"tensor_model_parallel_size", "pipeline_model_parallel_size",
                             "expert_model_parallel_size", "sequence_parallel"}
@@ -68,10 +69,24 @@ def _model_fields() -> dict[str, tuple[Any, Any]]:
     return {f.name: (hints[f.name], _default(f)) for f in fields}
 
 
+def _spec(default) -> dataclasses.Field:
+    return field(default_factory=lambda d=default: copy.copy(d))
+
+
 MODEL_FIELDS = _model_fields()
 
 ModelSection = dataclasses.make_dataclass(
-    "ModelSection",
-    [(name, tp, field(default_factory=lambda d=default: copy.copy(d))) for name, (tp, default) in MODEL_FIELDS.items()],
-)
+    "ModelSection", [(name, tp, _spec(default)) for name, (tp, default) in MODEL_FIELDS.items()])
 ModelSection.__doc__ = "Every NeonConfig field that a YAML file or a flag can express."
+
+
+def _follow_neon_config() -> None:
+    """Give ModelSection (in place) and MODEL_FIELDS the fields NeonConfig has now."""
+    now = _model_fields()
+    extend_dataclass(ModelSection, add=[(n, tp, _spec(d)) for n, (tp, d) in now.items() if n not in MODEL_FIELDS],
+                     remove=[n for n in MODEL_FIELDS if n not in now])
+    MODEL_FIELDS.clear()
+    MODEL_FIELDS.update(now)
+
+
+on_fields_changed(_follow_neon_config)

@@ -24,6 +24,7 @@ from typing import Any, Literal, NamedTuple, Optional
 import yaml
 
 from neon.config import NeonConfig
+from neon.features import FEATURES
 from neon.training.config import data_checks
 from neon.training.config.model_section import MODEL_FIELDS, ModelSection
 from neon.training.config.recipes import applies, feature_recipes, is_on
@@ -155,7 +156,7 @@ def annotation(section: str, name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from neon.training.exits import STATUSES
+    from neon.errors import STATUSES
 
     parser = argparse.ArgumentParser(
         prog="pretrain_neon.py",
@@ -172,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "and exit 0 before anything is built.")
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section, (cls.__doc__ or "").strip().split("\n")[0])
-        docs = field_docs(NeonConfig if cls is ModelSection else cls)
+        docs = model_field_docs() if cls is ModelSection else field_docs(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             help_text = f"{docs.get(f.name, '')} [{section}.{f.name}, default: {default!r}]".strip()
@@ -222,5 +223,13 @@ def field_docs(cls) -> dict[str, str]:
             if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name)
                     and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
                     and isinstance(node.value.value, str)):
-                docs[prev.target.id] = " ".join(node.value.value.split()).replace("%", "%%")[:200]
+                docs[prev.target.id] = " ".join(node.value.value.split()).replace("%", "%%")
+    return docs
+
+
+def model_field_docs() -> dict[str, str]:
+    """The model section's field docs: NeonConfig's (and megatron's) and each registered feature's settings'."""
+    docs = dict(field_docs(NeonConfig))
+    for feature in FEATURES.values():
+        docs.update(field_docs(feature.settings))
     return docs

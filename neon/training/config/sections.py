@@ -20,12 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from neon.config import NeonConfig, NeonConfigError
+from neon.config import NeonConfig
+from neon.errors import ConfigError
+from neon.features import FEATURES
 from neon.training.config.model_section import ModelSection
-
-
-class ConfigError(ValueError):
-    """A setting (or combination) the run cannot use; the message names it and the fix."""
 
 
 @dataclass
@@ -37,7 +35,7 @@ class ParallelismConfig:
     num_layers_per_virtual_pipeline_stage: Optional[int] = None
     """Layers per virtual stage: turns on the interleaved 1F1B schedule (needs PP > 1)."""
     expert_model_parallel_size: int = 1
-    """Expert-parallel size for FlamingMoE layers."""
+    """Expert-parallel size of the routed layers (megatron experts, feature function banks)."""
     sequence_parallel: bool = False
     """Shard norms/dropout activations along the sequence over the TP group (needs TP > 1)."""
     use_distributed_optimizer: bool = False
@@ -229,7 +227,7 @@ class Config:
             virtual_pipeline_model_parallel_size=self.virtual_pipeline_size,
             expert_model_parallel_size=p.expert_model_parallel_size,
             sequence_parallel=p.sequence_parallel,
-            expert_tensor_parallel_size=1,  # Neon's experts (FlamingMoE functions) are never split by TP
+            expert_tensor_parallel_size=1,  # routed functions are never split by TP
             params_dtype=dtype,
             pipeline_dtype=dtype,
             **runtime,
@@ -285,9 +283,11 @@ def _check_layout(cfg: Config) -> None:
         fail("--expert-model-parallel-size", ep, f"does not divide data-parallel x tensor-parallel = {dp * tp}",
              "use an expert-parallel size that divides DP x TP")
     experts = cfg.model.num_moe_experts
-    if ep > 1 and not (experts or cfg.model.flaming_moe != "off"):
-        fail("--expert-model-parallel-size", ep, "needs routed layers (experts or FlamingMoE)",
-             "set --num-experts / --flaming-moe, or use EP=1")
+    routed = [f"--{f.name.replace('_', '-')}" for f in FEATURES.values() if f.uses_expert_parallelism(cfg.model)]
+    if ep > 1 and not (experts or any(f.enabled(cfg.model) and f.uses_expert_parallelism(cfg.model)
+                                      for f in FEATURES.values())):
+        fail("--expert-model-parallel-size", ep, "needs routed layers (megatron experts or a feature that routes "
+             "tokens to functions)", f"set {' / '.join(['--num-experts', *routed])}, or use EP=1")
     if experts and experts % ep:
         fail("--num-experts", experts, f"is not divisible by expert_model_parallel_size={ep}",
              "use a number of experts that is a multiple of EP")
@@ -394,7 +394,7 @@ def _check_model(cfg: Config) -> None:
              "raise --max-position-embeddings or shorten the sequences")
     try:
         cfg.neon_config()
-    except NeonConfigError as e:
+    except ConfigError as e:
         raise ConfigError(f"model: {e}") from None
     except (AssertionError, ValueError) as e:  # megatron-core's own TransformerConfig checks
         raise ConfigError(f"model: megatron-core rejects the model settings: {e}") from None

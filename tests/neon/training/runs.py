@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
+PRETRAIN = REPO / "pretrain_neon.py"
+FAULTS = "tests.faults"  # a module: pretrain_neon.py with the test-only faults its environment arms
 
 
 def tiny_args(tokenizer: str, data: str, **overrides) -> list[str]:
@@ -44,23 +46,28 @@ def _env() -> dict:
     return env
 
 
-def command(args: list[str], nproc: int) -> list[str]:
-    """torchrun with nproc processes; nproc=0: one process started with plain python (no torchrun)."""
+def command(args: list[str], nproc: int, script: Path | str = PRETRAIN) -> list[str]:
+    """torchrun with nproc processes; nproc=0: one process started with plain python (no torchrun).
+    script: pretrain_neon.py, or a module run with -m from the repository root (FAULTS: a run
+    with test-only faults; a test module that registers a feature first)."""
+    target = [str(script)] if isinstance(script, Path) else ["-m", script]
     if nproc == 0:
-        return [sys.executable, str(REPO / "pretrain_neon.py"), *args]
+        return [sys.executable, *target, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", str(REPO / "pretrain_neon.py"), *args]
+            "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", *target, *args]
 
 
-def launch(args: list[str], nproc: int = 1, timeout: float = 150, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(command(args, nproc), cwd=REPO, env={**_env(), **env}, capture_output=True, text=True,
-                          timeout=timeout)
+def launch(args: list[str], nproc: int = 1, timeout: float = 150, script: Path | str = PRETRAIN,
+           **env) -> subprocess.CompletedProcess:
+    return subprocess.run(command(args, nproc, script), cwd=REPO, env={**_env(), **env}, capture_output=True,
+                          text=True, timeout=timeout)
 
 
-def start(args: list[str], nproc: int = 1, log: Path | None = None, **env) -> subprocess.Popen:
+def start(args: list[str], nproc: int = 1, log: Path | None = None, script: Path | str = PRETRAIN,
+          **env) -> subprocess.Popen:
     out = open(log, "w") if log else subprocess.DEVNULL
-    return subprocess.Popen(command(args, nproc), cwd=REPO, env={**_env(), **env}, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(command(args, nproc, script), cwd=REPO, env={**_env(), **env}, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def kill_all(proc: subprocess.Popen) -> None:

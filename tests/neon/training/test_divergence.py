@@ -7,7 +7,7 @@ step is saved. Each test then follows that advice and trains to the end:
   before the stop, so the advice starts from the checkpoint before the last good one. The
   value of --lr is the user's choice (the suggested tenth of 1e30 is still absurd); without
   --override-opt-param-scheduler the new --lr is ignored and the resumed run diverges again;
-- a bad batch (injected with NEON_FAULT_NAN_AT, as a corrupt batch would): the printed flags,
+- a bad batch (injected with tests/faults.py's NEON_TEST_NAN_AT, as a corrupt batch would): the printed flags,
   followed literally, skip it and finish.
 """
 
@@ -16,7 +16,7 @@ import shlex
 
 import pytest
 
-from tests.neon.training.runs import check, latest, launch, metrics, tiny_args
+from tests.neon.training.runs import FAULTS, check, latest, launch, metrics, tiny_args
 
 pytestmark = pytest.mark.slow
 
@@ -82,14 +82,14 @@ def test_bad_batch_stops_and_the_printed_flags_skip_it_and_finish(corpus, tmp_pa
     save = tmp_path / "ckpt"
     args = tiny_args(*corpus, num_layers=2, global_batch_size=4, train_iters=6, eval_iters=0, save=save,
                      save_interval=1)
-    monkeypatch.setenv("NEON_FAULT_NAN_AT", "4")  # stays armed for the resumed run
-    message, advice = _stopped(launch(args), save, 4)
+    monkeypatch.setenv("NEON_TEST_NAN_AT", "4")  # stays armed for the resumed run
+    message, advice = _stopped(launch(args, script=FAULTS), save, 4)
     assert f"Last good checkpoint: {save}/iter_0000003 (iteration 3)" in message
     assert advice == ["--load", str(save), "--ckpt-step", "2", "--iterations-to-skip", "4",
                       "--override-opt-param-scheduler", "--lr", "0.0003", "--min-lr", "3e-05"]
 
     # The flags exactly as printed: iteration 4's batch is skipped, so its fault never fires.
-    out = check(launch(args + advice))
+    out = check(launch(args + advice, script=FAULTS))
     assert " skipped iteration 4 (--iterations-to-skip): its 4 samples consumed" in out
     train = metrics(save)
     assert sorted(train) == [1, 2, 3, 5, 6]

@@ -14,7 +14,7 @@ import signal
 
 import pytest
 
-from tests.neon.training.runs import check, kill_all, latest, launch, metrics, start, tiny_args, wait_for
+from tests.neon.training.runs import FAULTS, check, kill_all, latest, launch, metrics, start, tiny_args, wait_for
 
 pytestmark = pytest.mark.slow
 N = 10
@@ -59,7 +59,7 @@ def test_killed_save_then_sigterm_then_resume_is_exact(corpus, reference, tmp_pa
 
     # 1. SIGKILL every process while iteration 4 is being written (the save pauses after writing,
     #    before committing): iteration 2 stays the latest.
-    proc = start(args, nproc=2, log=tmp_path / "killed.log", NEON_FAULT_PAUSE_SAVE_AT="4")
+    proc = start(args, nproc=2, log=tmp_path / "killed.log", script=FAULTS, NEON_TEST_PAUSE_SAVE_AT="4")
     tmp4 = save / ".tmp_iter_0000004"
     wait_for(lambda: tmp4.exists() and any(tmp4.iterdir()), proc, 120, "the write of iteration 4", poll=0.05)
     kill_all(proc)

@@ -1,4 +1,4 @@
-"""Neon's one FLOP count (neon/training/flops.py) against hand counts, one per variant.
+"""Neon's one FLOP count (neon/flops.py) against hand counts, one per variant.
 
 TINY: d_model 64, 8 query heads of 8, 4 key/value heads, SwiGLU 96, vocab 128, 2 layers, seq 32.
 Multiply-adds (MACs) per token; FLOPs = 2 x 3 passes x (2 layers x layer + logits).
@@ -19,8 +19,8 @@ from neon.config import NeonConfig
 from neon.features.diff_attention import MODES
 from neon.flaming.encoder import describe
 from neon.flaming.store_build import write_store
+from neon.flops import attention_keys, training_flops_per_token
 from neon.training.config.sections import LoggingConfig, ScheduleConfig
-from neon.training.flops import attention_keys, training_flops_per_token
 from neon.training.metrics import MetricsLogger
 
 TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=96,
@@ -161,7 +161,7 @@ def test_flaming_frozen_model_forward_once_per_stage(tmp_path):
     trained part x 8/6 (51712), the frozen forward not recomputed: 70144."""
     from transformers import AutoConfig
 
-    from neon.training.flops import forward_only_flops_per_token
+    from neon.flops import forward_only_flops_per_token
     from tests.neon.test_flaming_moe_io_frozen import write_frozen
 
     frozen = write_frozen(str(tmp_path / "frozen"))
