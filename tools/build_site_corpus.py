@@ -18,8 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
-from neon.data.errors import DataError  # noqa: E402
 from neon.data.site_corpus import DEFAULT_PACKAGES, MAX_FILE_BYTES, build_site_corpus  # noqa: E402
+from neon.errors import NeonError  # noqa: E402
 
 
 def get_args(argv=None):
@@ -37,9 +37,9 @@ def main(argv=None) -> int:
     args = get_args(argv)
     try:
         manifest = build_site_corpus(args.output, args.packages, args.max_file_bytes, show_progress=not args.quiet)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except NeonError as err:
+        print(f"build_site_corpus.py: error: {err}", file=sys.stderr)
+        return err.exit_status
     if args.quiet:
         return 0
     for name, s in manifest["packages"].items():

@@ -38,16 +38,16 @@ def get_args(argv=None):
 def main(argv=None) -> int:
     args = get_args(argv)
     from neon.conversion.convert import import_from_hf
-    from neon.conversion.errors import ConversionError
+    from neon.errors import NeonError
 
     try:
         out = import_from_hf(args.hf, args.save, tensor_parallel=args.tensor_model_parallel_size,
                              pipeline_parallel=args.pipeline_model_parallel_size,
                              expert_parallel=args.expert_model_parallel_size, overwrite=args.overwrite,
                              progress=not args.quiet)
-    except ConversionError as e:
+    except NeonError as e:
         print(f"convert_from_hf.py: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_status
     finally:
         from megatron_plugins import distributed
 

@@ -42,15 +42,15 @@ def get_args(argv=None):
 def main(argv=None) -> int:
     args = get_args(argv)
     from neon.conversion.convert import export_to_hf
-    from neon.conversion.errors import ConversionError
+    from neon.errors import NeonError
 
     try:
         out = export_to_hf(args.load, args.save, iteration=args.iteration, tokenizer_model=args.tokenizer_model,
                            with_tokenizer=not args.no_tokenizer, max_shard_size=args.max_shard_size,
                            overwrite=args.overwrite, progress=not args.quiet)
-    except ConversionError as e:
+    except NeonError as e:
         print(f"convert_to_hf.py: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_status
     finally:
         from megatron_plugins import distributed
 

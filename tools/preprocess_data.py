@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pa
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed")  # megatron-core's import
 
 from neon.data.documents import TEXT_UNITS  # noqa: E402
-from neon.data.errors import DataError  # noqa: E402
 from neon.data.preprocess import preprocess  # noqa: E402
+from neon.errors import NeonError  # noqa: E402
 
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer", "NeonTokenizer")
 
@@ -63,9 +63,9 @@ def main(argv=None) -> int:
         preprocess(args.input, args.output_prefix, args.tokenizer_model, json_keys=args.json_keys,
                    workers=args.workers, append_eod=args.append_eod, input_format=args.input_format,
                    text_unit=args.text_unit, chunk_size=args.chunk_size, show_progress=not args.quiet)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except NeonError as err:
+        print(f"preprocess_data.py: error: {err}", file=sys.stderr)
+        return err.exit_status
     return 0
 
 

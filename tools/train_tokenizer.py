@@ -15,9 +15,9 @@ import sys
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
 from neon.data.documents import TEXT_UNITS  # noqa: E402
-from neon.data.errors import DataError  # noqa: E402
 from neon.data.tokenizer import NeonTokenizer  # noqa: E402
 from neon.data.tokenizer_training import MODEL_TYPES, train_tokenizer  # noqa: E402
+from neon.errors import NeonError  # noqa: E402
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -56,9 +56,9 @@ def main(argv=None) -> int:
             byte_fallback=not args.no_byte_fallback, character_coverage=args.character_coverage,
             input_sentence_size=args.input_sentence_size, num_threads=args.num_threads, seed=args.seed,
             show_progress=not args.quiet, verbose=args.verbose)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except NeonError as err:
+        print(f"train_tokenizer.py: error: {err}", file=sys.stderr)
+        return err.exit_status
     if not args.quiet:
         print(NeonTokenizer(model))
     return 0

@@ -30,6 +30,7 @@ from neon.ablation.variants import (
     parse_variants,
     variant_config,
 )
+from neon.errors import BAD_INPUT, NeonError
 
 DEMO_CONFIG = REPO / "examples" / "configs" / "cpu_demo.yaml"
 DEMO_VOCAB_SIZE = 2048  # as examples/cpu_demo.py
@@ -62,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def fail(message: str) -> int:
+def fail(message: str, status: int = BAD_INPUT) -> int:
     print(f"ablate.py: error: {message}", file=sys.stderr)
-    return 2
+    return status
 
 
 @dataclass
@@ -265,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                 marker.unlink()
         for v in st.variants:  # a run directory made with other flags is refused here, before any run
             variant_state(st, work, v.name, args.seeds, args.max_rates)
-    except AblationError as e:
-        return fail(str(e))
+    except NeonError as e:
+        return fail(str(e), e.exit_status)
     print(f"[ablate] {len(st.variants)} variants ({', '.join(v.name for v in st.variants)}), rates from "
           f"{', '.join(f'{r:g}' for r in st.rates)}, seeds {args.seeds}, {st.train_iters} steps "
           f"({st.budget_tokens} tokens) each; work dir {work}", flush=True)

@@ -110,7 +110,8 @@ def test_trains_saves_and_refuses_a_changed_architecture_field_at_resume(corpus,
     save = tmp_path / "ckpt"
     args = tiny_args(*corpus, num_layers=2, train_iters=4, eval_interval=4, save=save, save_interval=2)
     gated = check(launch([*args, "--mlp-gate"], nproc=0, script=LAUNCHER))
-    assert "mlp_gate: true  # command line" in check(launch([*args, "--mlp-gate", "--print-config"], nproc=0, script=LAUNCHER))
+    printed = check(launch([*args, "--mlp-gate", "--print-config"], nproc=0, script=LAUNCHER))
+    assert "mlp_gate: true  # command line" in printed
     losses = metrics(save)
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in losses.values()), gated
     plain = check(launch(tiny_args(*corpus, num_layers=2, train_iters=4, eval_interval=4, run_dir=tmp_path / "plain"),
