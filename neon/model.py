@@ -21,6 +21,8 @@ def build_model(
     """One pipeline stage (the whole model when pipeline parallelism is off): megatron's GPTModel
     (or the subclass an active feature asks for, `model_class`), then each active feature's
     `attach` (e.g. a replica of a bank shared by every layer, nGPT's s_z and unit-norm weights)."""
+    for feature in active(config):  # external sources opened first: a bad one fails before anything is built
+        feature.prepare(config)
     model = model_class(config)(
         config=config,
         transformer_layer_spec=get_neon_block_spec(config, use_te=use_te, vp_stage=vp_stage),

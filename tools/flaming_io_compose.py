@@ -90,7 +90,7 @@ def train_b(cfg, facts, steps: int, seed: int, batch_size: int = 16, lr: float =
     the frozen model's share of the training time)."""
     times = []
     model = train(cfg, facts, steps, seed, batch_size, lr, step_times=times)
-    frozen = sum(f.seconds for f in getattr(model, "frozen_models", {}).values())
+    frozen = sum(p.seconds for p in getattr(model, "io_providers", ()) if hasattr(p, "seconds"))  # FrozenModels
     return model, sum(times[5:]) / max(1, len(times) - 5), frozen / sum(times)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 r"""Knowledge outside the weights: a synthetic task for FlamingMoE's `store` IO function (CPU).
 
-    python tools/flaming_io_knowledge.py [--steps 300] [--names 200] [--query context]
+    python tools/flaming_io_knowledge.py [--steps 300] [--names 200] [--query context] [--index hnsw]
 
 Facts "the code of <name> is <code>" (name: 2 random name tokens, code: 2 random code tokens).
 Training sequences hold FACTS_PER_SEQ facts of training names; evaluation asks the codes of
@@ -97,11 +97,12 @@ def train(cfg, facts, steps: int, seed: int, batch_size: int = 16, lr: float = 3
 
 
 def run(steps: int = 300, names: int = 200, unseen: int = 50, query: str = "context", seed: int = 0,
-        workdir: str | None = None) -> dict:
-    """Train with and without the store; the four answer-token losses on unseen names."""
-    from neon.flaming.encoder import describe
-    from neon.flaming.store import swap_store
-    from neon.flaming.store_build import write_store
+        workdir: str | None = None, index: str = "exact") -> dict:
+    """Train with and without the store (searched with `index`: exact, or a faiss index of
+    neon/io/index.py); the four answer-token losses on unseen names."""
+    from neon.io.encoder import describe
+    from neon.io.index import index_params
+    from neon.io.store import swap_store, token_entries, write_store
 
     gen = torch.Generator().manual_seed(seed)
     facts = make_facts(names + unseen, gen)
@@ -109,8 +110,9 @@ def run(steps: int = 300, names: int = 200, unseen: int = 50, query: str = "cont
     workdir = workdir or tempfile.mkdtemp(prefix="flaming_io_")
     full, seen_only = os.path.join(workdir, "all_facts"), os.path.join(workdir, "train_facts")
     enc = describe("random:7", 4, 64, VOCAB)
-    write_store(full, enc, facts, value_width=1)
-    write_store(seen_only, enc, train_facts, value_width=1)
+    for path, docs in ((full, facts), (seen_only, train_facts)):
+        entries = sum(len(token_entries(d, 4, 1)[0]) for d in docs)
+        write_store(path, enc, docs, value_width=1, index=index_params(index, entries, 64))
     eval_seqs = batch(eval_facts, 64, torch.Generator().manual_seed(seed + 1))
 
     model = train(config(full, query, True), train_facts, steps, seed)
@@ -140,10 +142,12 @@ def main(argv=None) -> int:
     p.add_argument("--unseen", type=int, default=50, help="evaluation names, never in training")
     p.add_argument("--query", choices=["context", "hidden"], default="context")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--index", choices=["exact", "ivf_flat", "ivf_pq", "hnsw"], default="exact",
+                   help="the stores' search index (neon/io/index.py)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     init_single_process()
-    r = run(args.steps, args.names, args.unseen, args.query, args.seed)
+    r = run(args.steps, args.names, args.unseen, args.query, args.seed, index=args.index)
     for k, v in r.items():
         print(f"{k:>15}: {v:.3f} nats")
     ok = r["with store"] <= 0.5 * r["no store"]

@@ -57,6 +57,14 @@ def feature_config_extra(model, config: NeonConfig) -> dict:
     return extra
 
 
+def feature_code(config: NeonConfig) -> dict[str, str]:
+    """The files each active feature ships with the exported modeling code (`Feature.hf_code`)."""
+    code = {}
+    for feature in active(config):
+        code.update(feature.hf_code(config))
+    return code
+
+
 def hf_config_for(config: NeonConfig, dtype: torch.dtype, token_ids: dict, extra: Optional[dict] = None):
     """(transformers config, model class) of the exported model."""
     if is_plain_mistral(config):
@@ -186,7 +194,7 @@ def export_to_hf(load: str | os.PathLike, save: str | os.PathLike, iteration: Op
         cache.clear()
         hf_config.save_pretrained(str(tmp))
         if not is_plain_mistral(config):
-            hf_dir.copy_modeling_code(tmp)
+            hf_dir.copy_modeling_code(tmp, feature_code(config))
         from transformers import GenerationConfig
 
         GenerationConfig(**{k: v for k, v in token_ids.items() if v is not None}).save_pretrained(str(tmp))
@@ -241,6 +249,9 @@ class _Recording:
     def __getitem__(self, name):
         self.read.add(name)
         return self.weights[name]
+
+    def keys(self):
+        return self.weights.keys()
 
 
 def import_from_hf(hf_path: str | os.PathLike, save: str | os.PathLike, tensor_parallel: int = 1,

@@ -7,12 +7,16 @@ is renamed into place at the end.
 
 from __future__ import annotations
 
+import ast
+import importlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Optional
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
@@ -87,16 +91,67 @@ def write_safetensors(out_dir: Path, plan: dict[str, torch.Tensor], produce: Cal
     return index
 
 
-def copy_modeling_code(out_dir: Path) -> list[str]:
-    """Copy neon/hf/configuration_neon.py, modeling_neon.py and the files they import relatively."""
-    from transformers.dynamic_module_utils import get_relative_import_files
+SHIPPED = ("neon.io.", "neon.errors")  # neon modules an export carries: plain PyTorch, importing only each other
+NEON_IMPORT = re.compile(r"^(\s*)from neon\.(?:io\.(\w+)|(errors)) import ", re.MULTILINE)
 
-    files = {HF_DIR / "configuration_neon.py", HF_DIR / "modeling_neon.py"}
-    for f in list(files):
-        files.update(Path(p) for p in get_relative_import_files(str(f)))
-    for f in sorted(files):
-        shutil.copy(f, out_dir / f.name)
-    return sorted(f.name for f in files)
+
+def self_contained(source: str, name: str) -> str:
+    """`source` with its imports of shipped neon modules made relative (`from neon.io.store import`
+    -> `from .store import`, `from neon.errors import` -> `from .errors import`). Any other import
+    of neon is a ConversionError: the file would not load next to the model without Neon."""
+    rewritten = NEON_IMPORT.sub(lambda m: f"{m.group(1)}from .{m.group(2) or m.group(3)} import ", source)
+    for node in ast.walk(ast.parse(rewritten)):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        bad = [n for n in names if n == "neon" or n.startswith("neon.")]
+        if bad:
+            raise ConversionError(f"{name}: imports {bad[0]} (line {node.lineno}), which an exported model cannot "
+                                  f"carry. Fix: import only torch, numpy, the standard library, neon.errors and "
+                                  f"neon.io.* in code the export ships.")
+    return rewritten
+
+
+def _imports(source: str, here: Optional[Path]) -> list[tuple[str, Optional[Path]]]:
+    """(file name, path) of the neon modules `source` (a file in `here`) imports: shipped ones
+    (path None until resolved) and relative ones."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ImportFrom) or not node.module:
+            continue
+        if node.level == 1 and here is not None:
+            found.append((f"{node.module}.py", here / f"{node.module}.py"))
+        elif node.level == 0 and (node.module.startswith(SHIPPED[0]) or node.module == SHIPPED[1]):
+            found.append((node.module.rsplit(".", 1)[-1] + ".py", None))
+    return found
+
+
+def _module_path(name: str) -> Path:
+    """The source file of shipped module `name` (a file name: store.py -> neon/io/store.py)."""
+    module = "neon.errors" if name == "errors.py" else f"neon.io.{name[:-3]}"
+    return Path(importlib.import_module(module).__file__)
+
+
+def copy_modeling_code(out_dir: Path, extra: Optional[dict[str, str]] = None) -> list[str]:
+    """Write configuration_neon.py, modeling_neon.py, the neon modules they import (the IO kinds,
+    neon/errors.py: the same code training runs) and `extra` ({file name: source}, e.g. the
+    registry of the IO kinds the model uses and their modules), each self-contained (neon
+    imports made relative), into out_dir. Returns the file names."""
+    sources = dict(extra or {})
+    pending = [(p.name, p) for p in (HF_DIR / "configuration_neon.py", HF_DIR / "modeling_neon.py")]
+    pending += [(n, None) for n in sources]
+    done = set()
+    while pending:
+        name, path = pending.pop()
+        if name in done:
+            continue
+        done.add(name)
+        if name not in sources:
+            path = path or _module_path(name)
+            sources[name] = path.read_text()
+        pending += _imports(sources[name], path.parent if path is not None else None)
+    for name, source in sources.items():
+        (out_dir / name).write_text(self_contained(source, name))
+    return sorted(sources)
 
 
 # --- tokenizer ------------------------------------------------------------------------------

@@ -16,13 +16,13 @@ Hooks, by where they are called:
 | `configure`                              | neon/config.py `NeonConfig.__post_init__`          |
 | `layer_spec`, `block_spec`               | neon/layer_spec.py                                 |
 | `norm_slots`, `residual_slots`           | `neon.features.layer_slots` (nGPT, the HF mapping) |
-| `model_class`, `attach`                  | neon/model.py `build_model`                        |
+| `prepare`, `model_class`, `attach`       | neon/model.py `build_model`                        |
 | `hf_fields`                              | state_dict_adapter.neon_hf_config, the HF import   |
 | `hf_layer_tensors`, `hf_global_tensors`  | neon/state_dict_adapter.py                         |
 | `hf_dropped`, `qkv_split`                | neon/state_dict_adapter.py                         |
 | `layer_to_megatron`, `layer_to_hf`       | neon/state_dict_adapter.py                         |
 | `model_to_megatron`, `model_to_hf`       | neon/state_dict_adapter.py                         |
-| `hf_config_extra`                        | neon/conversion/convert.py (export)                |
+| `hf_config_extra`, `hf_code`             | neon/conversion/convert.py (export)                |
 | `flops_terms`, `forward_only_flops`      | neon/flops.py `training_flops_per_token`           |
 | `recipe`                                 | `neon.features.recipes` (run-config defaults)      |
 | `run_fields`, `architecture_value`       | neon/training/model_match.py (what a resume keeps) |
@@ -154,6 +154,10 @@ class Feature:
         its HF short name} (Mistral's: self_attn_bda 'attn', mlp_bda 'mlp')."""
         return {}
 
+    def prepare(self, config) -> None:
+        """Open what the model will read from outside (files, services, other models) before it is
+        built, so a bad source fails first with a NeonError naming it; config validation stays pure."""
+
     def model_class(self, config) -> Optional[type]:
         """The GPTModel subclass the feature needs for a pipeline stage, or None (megatron's
         GPTModel). At most one active feature may ask for one."""
@@ -199,6 +203,12 @@ class Feature:
     def hf_config_extra(self, model, config) -> dict[str, Any]:
         """Entries the exported HF config carries besides the hf_fields, read from the built
         model (FlamingMoE: the identity of each IO function's source)."""
+        return {}
+
+    def hf_code(self, config) -> dict[str, str]:
+        """Files the exported modeling code carries besides modeling_neon.py and what it imports:
+        {file name: Python source} (FlamingMoE: the modules of the IO kinds the model uses, and their
+        registry). neon/conversion/hf_dir.py makes their neon imports relative."""
         return {}
 
     # --- metrics and training -----------------------------------------------------------------

@@ -8,15 +8,16 @@ the model-level `flaming_global_functions.local_experts.j` on every pipeline sta
 function's linear_fc1 is [gate; up]. Functions and routers are replicated over TP.
 IO functions (`bank=layer`: the per-layer bank's entries F, F + 1, ...): HF
 `<block>.io_functions.<name>.<param>` is megatron's `<block>.layer_bank.experts.local_experts.j.<param>`
-of the EP rank holding entry g = F + i (query_proj, value_embedding / embedding, out_proj:
-`io_param_names`). Global IO functions (`bank=global`: the global bank's entries G, G + 1, ...;
-G may be 0, an IO-only global bank with its router): HF `model.flaming_global_io_functions.<name>.<param>`
+of the EP rank holding entry g = F + i (every parameter of the function, whatever its kind).
+Global IO functions (`bank=global`: the global bank's entries G, G + 1, ...; G may be 0, an
+IO-only global bank with its router): HF `model.flaming_global_io_functions.<name>.<param>`
 is megatron's `flaming_global_functions.local_experts.j.<param>` of the EP rank holding g = G + i.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -27,6 +28,7 @@ from neon.errors import ConfigError, IOSourceError
 from neon.features.base import Feature, choices
 from neon.flaming import FlamingMoE, FlamingTransformerLayer, FlamingTransformerLayerSubmodules, attach_global_bank
 from neon.flaming.block import bank_size, num_learned  # a bank's entries: learned, then IO
+from neon.flaming.io import io_specs
 
 
 @dataclass
@@ -98,7 +100,7 @@ class FlamingMoEFeature(Feature):
     hf_fields = ("flaming_moe", "flaming_global_functions", "flaming_layer_functions", "flaming_global_kind",
                  "flaming_layer_kind", "flaming_ffn_hidden_size", "flaming_lowrank_rank", "flaming_router",
                  "flaming_topk", "flaming_gumbel_temperature", "flaming_identity", "flaming_io_functions",
-                 "flaming_io_context_window", "flaming_io_store_swap")
+                 "flaming_io_context_window", "flaming_io_store_swap", "flaming_io_reuse_search")
     hf_reference = ("NeonFlamingMoE", "NeonFunction", "NeonModel.__init__", "NeonModel._build_global_bank",
                     "NeonModel.io_inputs")
     # how the banks are trained or run, not what they compute (the IO context search: where it
@@ -140,19 +142,11 @@ class FlamingMoEFeature(Feature):
 
     @staticmethod
     def _validate_io(config, fail) -> None:
-        """IO functions: window, and every source opened now (store files, callable import), so a
-        wrong or missing source fails at start naming it."""
-        if not config.flaming_io_functions:
-            return
-        if config.flaming_io_context_window < 1:
+        """IO functions: the window (their entries were parsed, options checked, by _io_counts).
+        No source is opened here: `prepare` does, before the model is built."""
+        if config.flaming_io_functions and config.flaming_io_context_window < 1:
             fail("flaming_io_context_window", config.flaming_io_context_window, "must be >= 1",
                  "use the number of token ids each context row holds, e.g. 8")
-        from neon.flaming.io import check_io_sources
-
-        try:
-            check_io_sources(config)
-        except IOSourceError as e:
-            raise ConfigError(f"flaming_io_functions: {e}") from None
 
     @staticmethod
     def _validate_values(config, fail) -> None:
@@ -235,6 +229,16 @@ class FlamingMoEFeature(Feature):
             return IOGPTModel
         return None
 
+    def prepare(self, config):
+        """Open every IO function's source (a missing or foreign one fails here, exit status 2)."""
+        if config.flaming_io_functions:
+            from neon.flaming.io import check_io_sources
+
+            try:
+                check_io_sources(config)
+            except IOSourceError as e:
+                raise IOSourceError(f"flaming_io_functions: {e}") from None
+
     def attach(self, model, config, post_process):
         attach_global_bank(model, config)  # the stage's replica of the global bank, if any
 
@@ -253,17 +257,41 @@ class FlamingMoEFeature(Feature):
             set_aux_loss_scale(config, num_microbatches)
 
     def step_report(self, chunks, config, *, step_time_s, num_microbatches):
-        """The banks' router losses (reduced over ranks) and the frozen models' share of the step."""
-        from neon.flaming.frozen_model import frozen_model_report
+        """The banks' router losses (reduced over ranks) and what the IO context providers report
+        (a frozen model's share of the step and its memory), summed over this rank's providers."""
         from neon.flaming.losses import aux_loss_report
 
-        return {**aux_loss_report(num_microbatches), **frozen_model_report(chunks, step_time_s)}
+        report = aux_loss_report(num_microbatches)
+        providers = {id(p): p for c in chunks for m in c.modules() for p in (getattr(m, "io_providers", None) or ())}
+        for provider in providers.values():
+            for key, value in provider.report(step_time_s).items():
+                report[key] = report.get(key, 0.0) + value
+        return report
 
     def hf_config_extra(self, model, config):
         """{'flaming_io_sources': {name: identity}} of the IO functions, as the checkpoint checked
         them; the HF model checks them again when it is loaded."""
         sources = {m.spec.name: m.source_identity() for m in model.modules() if getattr(m, "is_io", False)}
         return {"flaming_io_sources": sources} if sources else {}
+
+    def hf_code(self, config):
+        """The modules of the IO kinds the model uses and a registry of just those (kinds.py): the
+        exported model runs the same IO code as training."""
+        import inspect
+
+        from neon.io.base import kind_of
+
+        kinds = [kind_of(k) for k in dict.fromkeys(spec.kind for spec in io_specs(config))]
+        code = {Path(inspect.getsourcefile(type(k))).name: Path(inspect.getsourcefile(type(k))).read_text()
+                for k in kinds}
+        imports = "".join(f"from neon.io.{Path(inspect.getsourcefile(type(k))).stem} import {type(k).__name__}\n"
+                          for k in kinds)
+        code["kinds.py"] = ('"""The IO kinds of this exported model, registered (written by Neon\'s export; '
+                            'neon/io/kinds.py lists every built-in kind)."""\n\n'
+                            f"from neon.io.base import KINDS, register\n{imports}\n"
+                            f"for _kind in ({''.join(f'{type(k).__name__}(), ' for k in kinds)}):\n"
+                            "    register(_kind)\n\n__all__ = [\"KINDS\"]\n")
+        return code
 
     # --- HF weight mapping ----------------------------------------------------------------------
     def hf_layer_tensors(self, config):
@@ -328,16 +356,14 @@ class FlamingMoEFeature(Feature):
 
     def forward_only_flops(self, config, seq_length, causal):
         """The frozen models of `model` IO functions: one forward per micro-batch and stage."""
-        from neon.flaming.flops import frozen_forward_macs
+        from neon.flaming.flops import forward_only_macs
 
-        return frozen_forward_macs(config, seq_length, causal)
+        return forward_only_macs(config, seq_length, causal)
 
 
 def _io_counts(config) -> dict[str, int]:
     """IO functions per bank (keyed by the bank's learned-size setting), from their `bank=` keys;
     a malformed entry is a ConfigError naming it."""
-    from neon.flaming.io import io_specs
-
     try:
         specs = io_specs(config)
     except IOSourceError as e:
@@ -347,12 +373,12 @@ def _io_counts(config) -> dict[str, int]:
 
 
 def _without_sources(entries) -> list:
-    """IO entries as parsed fields without `source` (defaults filled in: `bank=layer` is the same
-    as no bank key); entries that do not parse, as their text without `source=`."""
-    from neon.flaming.io import canonical_entries
+    """IO entries as their kinds' canonical fields (neon/io/base.py `canonical`: defaults filled in,
+    no `source`, no run options); entries that do not parse, as their text without `source=`."""
+    from neon.io.base import canonical, parse_spec
 
     try:
-        return canonical_entries(entries)
+        return [canonical(parse_spec(e)) for e in entries or ()]
     except IOSourceError:
         return [",".join(p for p in str(e).split(",") if not p.strip().startswith("source="))
                 for e in entries or ()]
@@ -370,42 +396,24 @@ def _banks(config) -> list[str]:
 
 def _io_to_megatron(hf: dict, hf_prefix: str, mg_prefix: str, config, bank: str, ep_rank: int, ep_size: int,
                     out: dict) -> None:
-    """The IO functions of `bank` (its entries g = learned + i, n / EP per rank) held by `ep_rank`."""
+    """The IO functions of `bank` (its entries g = learned + i, n / EP per rank) held by `ep_rank`:
+    every HF tensor under `<hf_prefix><name>.` (whatever its kind's parameters are)."""
     first = num_learned(config, bank)
     local = bank_size(config, bank) // ep_size
-    for g, (name, params) in enumerate(io_param_names(config, bank), start=first):
+    for g, spec in enumerate(io_specs(config, bank), start=first):
         if g // local == ep_rank:
-            for p in params:
-                out[f"{mg_prefix}local_experts.{g % local}.{p}"] = hf[f"{hf_prefix}{name}.{p}"].clone()
+            src = f"{hf_prefix}{spec.name}."
+            for name in [k for k in hf.keys() if k.startswith(src)]:
+                out[f"{mg_prefix}local_experts.{g % local}.{name[len(src):]}"] = hf[name].clone()
 
 
 def _io_to_hf(expert_shards: list[dict], mg_prefix: str, hf_prefix: str, config, bank: str, out: dict) -> None:
     first = num_learned(config, bank)
     local = bank_size(config, bank) // len(expert_shards)
-    for g, (name, params) in enumerate(io_param_names(config, bank), start=first):
-        shard = expert_shards[g // local]
-        for p in params:
-            out[f"{hf_prefix}{name}.{p}"] = shard[f"{mg_prefix}local_experts.{g % local}.{p}"]
-
-
-def io_param_names(config, bank: str | None = None) -> list[tuple[str, list[str]]]:
-    """[(name, its parameter names)] of the IO functions (all, or `bank`'s) in bank order
-    (neon/flaming/store.py, callables.py, frozen_model.py): a store's query_proj (query=hidden)
-    and value_embedding (token values), a callable's embedding (returns=tokens), and every
-    function's out_proj."""
-    from neon.flaming.io import io_specs
-    from neon.flaming.store import open_store
-
-    out = []
-    for spec in io_specs(config, bank):
-        params = []
-        if spec.kind == "store":
-            params += ["query_proj.weight"] if spec.query == "hidden" else []
-            params += ["value_embedding.weight"] if open_store(spec.source).meta["values"] == "tokens" else []
-        elif spec.kind == "callable" and spec.returns == "tokens":
-            params.append("embedding.weight")
-        out.append((spec.name, [*params, "out_proj.weight"]))
-    return out
+    for g, spec in enumerate(io_specs(config, bank), start=first):
+        shard, src = expert_shards[g // local], f"{mg_prefix}local_experts.{g % local}."
+        for name in [k for k in shard if k.startswith(src) and not k.endswith("_extra_state")]:
+            out[f"{hf_prefix}{spec.name}.{name[len(src):]}"] = shard[name]
 
 
 def _functions_to_megatron(hf: dict, hf_prefix: str, mg_prefix: str, kind: str, n: int,

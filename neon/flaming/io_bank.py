@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
-from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sharded_state_dict_default
 
 from megatron_plugins.context_dispatch import context_dispatcher
 from neon.flaming.functions import FunctionBankExperts
@@ -50,8 +50,8 @@ class MixedFunctionExperts(FunctionBankExperts):
         outs = []
         for expert, x, p, c in zip(self.local_experts, torch.split(tokens, counts),
                                    torch.split(probs, counts), torch.split(context, counts)):
-            if getattr(expert, "is_io", False):  # the context columns this function reads
-                y, _ = expert(x, p, context=expert.own_context(c))
+            if getattr(expert, "is_io", False):  # it reads its tokens' context rows
+                y = expert(x, c, scale=p)
             else:
                 y, _ = expert(x, p)
             outs.append(y)
@@ -80,7 +80,7 @@ class MixedFunctionExperts(FunctionBankExperts):
             else:
                 sharded_prefix = f"{prefix}experts."
                 offsets = (*sharded_offsets, (len(sharded_offsets), g, self.num_learned))
-            sd = expert.sharded_state_dict(local_prefix, offsets, metadata)
+            sd = sharded_state_dict_default(expert, local_prefix, offsets, metadata)  # IO functions: plain modules
             replace_prefix_for_sharding(sd, local_prefix, sharded_prefix)
             for sh in sd.values():  # replicated over expert-DP (modulo EP), as megatron's experts
                 sh.replica_id = (*sh.replica_id[:2], self.dp_group.rank())

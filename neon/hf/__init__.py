@@ -1,8 +1,8 @@
 """The Hugging Face side of Neon: `NeonHFConfig` and the plain-PyTorch reference `NeonForCausalLM`.
 
 Importing this package registers model_type "neon" with transformers' Auto classes; a saved
-model carries its own copy of the files (configuration_neon.py, modeling_neon.py and io_neon.py)
-and loads with `trust_remote_code=True`.
+model carries its own copy of the files (configuration_neon.py, modeling_neon.py and the IO kinds
+it uses, neon/io/) and loads with `trust_remote_code=True`.
 """
 
 from transformers import AutoConfig, AutoModelForCausalLM

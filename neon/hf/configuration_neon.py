@@ -2,8 +2,9 @@
 
 Mistral's fields plus the Neon switches. With every switch off it describes a Mistral model and
 `NeonForCausalLM` computes exactly what `MistralForCausalLM` computes. This file is copied next
-to a saved model (with modeling_neon.py and io_neon.py) so `AutoConfig`/`AutoModelForCausalLM` load it with
-`trust_remote_code=True`: it imports nothing from the neon package.
+to a saved model (with modeling_neon.py and the IO kinds it uses) so `AutoConfig`/`AutoModelForCausalLM`
+load it with `trust_remote_code=True`: it imports nothing from the neon package. Its choices are
+the features' settings' (tests/neon/test_features.py checks they agree).
 """
 
 from __future__ import annotations
@@ -70,13 +71,15 @@ class NeonHFConfig(PreTrainedConfig):
     flaming_gumbel_temperature: float = 1.0
     flaming_identity: bool = True
     flaming_io_functions: list[str] = field(default_factory=list)
-    """IO functions of the per-layer bank (io_neon.py), Neon's strings with their sources:
+    """IO functions (neon/io/), Neon's strings with their sources:
     'name=facts,kind=store,source=/data/store,...', 'kind=callable,source=module:function',
     'kind=model,source=/models/a,layer=-1'."""
     flaming_io_context_window: int = 8
     """W: the token ids (the token and the W - 1 before it) in each IO context row."""
     flaming_io_store_swap: bool = False
     """Accept a store / frozen model other than the one recorded in flaming_io_sources."""
+    flaming_io_reuse_search: bool = True
+    """Search a global-bank `context`-query store once per forward for every layer (the same result)."""
     # written by tools/convert_to_hf.py (not a Neon setting): name -> the identity of the source
     # the model was trained with (store: entries, key_dim, content sha256; model: sha256, layer)
     flaming_io_sources: dict | None = None

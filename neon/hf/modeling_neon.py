@@ -4,8 +4,9 @@ Written straight from the equations (Mistral; DiffAttention, Ye et al. 2024, arX
 and its V2, Ye, Dong, Sun and Wei 2026),
 independently of the megatron implementation in neon/, which is tested against it. With every
 Neon feature off it computes what transformers' MistralForCausalLM computes, with the same
-parameter names. This file, configuration_neon.py and io_neon.py are copied next to a saved model, so it
-imports nothing from the neon package.
+parameter names. This file and configuration_neon.py are copied next to a saved model with the IO
+kinds it uses (neon/io/, the same code training runs, and neon/errors.py), so it imports nothing
+from the neon package but those, and the export makes those imports relative.
 
 Shapes: b batch, s new tokens, t cached + new tokens, D hidden size, n heads, g key/value heads,
 d query/key width per head (per half under DiffAttention), d_v value/output width per head.
@@ -29,13 +30,14 @@ FlamingMoE (Neon's own; x' the block's normalized input, per token and per bank 
     'topk':   p = softmax(logits); chosen = top-k(p), weight p
     r = x' + sum_B sum_{i chosen} weight_i f_i(x')    ('between': h <- h + r; 'mlp': r replaces the MLP)
 The global bank's functions belong to the model and serve every layer; each layer owns its own bank.
-IO functions (io_neon.py, flaming_io_functions) join a bank after its learned ones: `bank=layer`
+IO functions (neon/io/, flaming_io_functions) join a bank after its learned ones: `bank=layer`
 the per-layer bank (router outputs F, F + 1, ...), `bank=global` the global bank (router outputs
 G, G + 1, ...; the functions belong to the model like the global learned ones) and also read each routed token's context
     c_t = (position_t, batch row, id_{t-W+1} .. id_t)     (W = flaming_io_context_window, -1 before the start)
     g(x'_t, c_t) = W_out read(q(x'_t, c_t), c_t)          (store top-k read, a callable, a frozen LM's state)
-The context and the frozen models' states are built once per forward (`NeonModel.io_inputs`);
-under generation the last W - 1 ids and each frozen model's KV cache are kept on the cache.
+The context (and the IO kinds' own columns: a frozen model's states, a search every layer would
+repeat) is built once per forward (`NeonModel.io_inputs`); under generation the last W - 1 ids and
+each frozen model's KV cache are kept on the cache.
 
 nGPT (Loshchilov et al. 2024, arXiv 2410.01131), Norm(x) = x / ||x||_2, no RMSNorm layers:
     h <- Norm(h + |alpha_A| (Norm(ATTN(h)) - h)),  h <- Norm(h + |alpha_M| (Norm(MLP(h)) - h))
@@ -59,8 +61,37 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from neon.io.base import (
+    ContextLayout,
+    IOCacheState,
+    IOSettings,
+    build_context,
+    context_providers,
+    io_specs,
+    kind_of,
+)
+from neon.io.kinds import KINDS  # noqa: F401  (registers the IO kinds)
+
 from .configuration_neon import NeonHFConfig
-from .io_neon import FrozenModels, IOCacheState, build_io_function, io_specs, token_context
+
+
+def io_settings(config: NeonHFConfig) -> IOSettings:
+    return IOSettings(hidden_size=config.hidden_size, vocab_size=config.vocab_size,
+                      context_window=config.flaming_io_context_window, init_std=config.initializer_range,
+                      source_swap=config.flaming_io_store_swap, reuse_search=config.flaming_io_reuse_search)
+
+
+def build_io_function(config: NeonHFConfig, spec):
+    """The IO function of `spec`; with the sources recorded at export (flaming_io_sources), its
+    source must be the recorded one unless flaming_io_store_swap (then of the same shape)."""
+    settings = io_settings(config)
+    kind = kind_of(spec.kind)
+    kind.check_source(spec, settings)
+    fn = kind.build(spec, settings)
+    recorded = (config.flaming_io_sources or {}).get(spec.name)
+    if recorded:
+        fn.check_source(recorded)
+    return fn
 
 
 def ngpt_scaling(config) -> dict:
@@ -269,8 +300,8 @@ class NeonFlamingMoE(nn.Module):
         super().__init__()
         self.config = config
         D, G, n = config.hidden_size, config.flaming_global_functions, config.flaming_layer_functions
-        specs = io_specs(config, "layer")  # IO functions: per-layer bank entries n, n + 1, ...
-        G += len(io_specs(config, "global"))  # global IO functions: global bank entries G, G + 1, ...
+        specs = io_specs(config.flaming_io_functions, "layer")  # IO functions: per-layer bank entries n, n + 1, ...
+        G += len(io_specs(config.flaming_io_functions, "global"))  # global IO functions: entries G, G + 1, ...
         self.global_router = nn.Linear(D, G, bias=False) if G else None
         self.layer_router = nn.Linear(D, n + len(specs), bias=False) if n + len(specs) else None
         self.layer_functions = nn.ModuleList([NeonFunction(config, config.flaming_layer_kind) for _ in range(n)])
@@ -297,8 +328,7 @@ class NeonFlamingMoE(nn.Module):
     @staticmethod
     def apply_functions(functions, weights, chosen, x, io=None):
         """sum_i weight_i f_i(x) over the chosen functions only (tokens gathered per function).
-        IO functions also get their tokens' context rows and frozen states: io = (context [T, C],
-        {(source, layer): [T, H]})."""
+        IO functions also get their tokens' context rows: io = context [T, C]."""
         out = torch.zeros_like(x)
         for i, f in enumerate(functions):
             rows = chosen[:, i].nonzero().squeeze(-1)
@@ -306,8 +336,7 @@ class NeonFlamingMoE(nn.Module):
                 if isinstance(f, NeonFunction):
                     y = f(x[rows])
                 else:
-                    context, states = io
-                    y = f(x[rows], context[rows], {k: v[rows] for k, v in states.items()})
+                    y = f(x[rows], io[rows])
                 out = out.index_add(0, rows, (weights[rows, i, None] * y).to(x.dtype))
         return out
 
@@ -410,8 +439,11 @@ class NeonModel(NeonPreTrainedModel):
         self.norm = nn.Identity() if config.ngpt else NeonRMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.flaming_moe != "off":
             self._build_global_bank(config)
-        self.io_specs = io_specs(config) if config.flaming_moe != "off" else []
-        self.frozen_models = FrozenModels(self.io_specs)  # not a submodule: no weights of ours
+        self.io_specs = io_specs(config.flaming_io_functions) if config.flaming_moe != "off" else []
+        if self.io_specs:  # the token context's layout and its providers (not submodules: no weights of ours)
+            self.io_layout = ContextLayout(self.io_specs, io_settings(config))
+            self.io_providers = context_providers(self.io_specs, io_settings(config))
+            self.io_layout.attach([m for m in self.modules() if getattr(m, "is_io", False)])
         self.post_init()
 
     def _build_global_bank(self, config: NeonHFConfig) -> None:
@@ -423,7 +455,7 @@ class NeonModel(NeonPreTrainedModel):
             self.flaming_global_functions = nn.ModuleList(
                 [NeonFunction(config, config.flaming_global_kind) for _ in range(config.flaming_global_functions)])
             learned = list(self.flaming_global_functions)
-        specs = io_specs(config, "global")
+        specs = io_specs(config.flaming_io_functions, "global")
         if specs:
             self.flaming_global_io_functions = nn.ModuleDict({s.name: build_io_function(config, s) for s in specs})
             io = list(self.flaming_global_io_functions.values())
@@ -432,28 +464,21 @@ class NeonModel(NeonPreTrainedModel):
             block._global = (learned, io)
 
     def io_inputs(self, input_ids, position_ids, attention_mask, cache, seen: int, like: torch.Tensor):
-        """(context [b * s, 2 + W], frozen states {(source, layer): [b * s, H]}) of the s new tokens.
+        """The context [b * s, C] of the s new tokens (the ids window and the IO kinds' columns).
         With a cache, the ids before them and the frozen models' caches come from its `neon_io` state."""
         if input_ids is None:
             raise ValueError("a model with FlamingMoE IO functions needs input_ids (they give the token context)")
         b, s = input_ids.shape
-        ids = input_ids.long()
-        if attention_mask is not None:  # padding is not part of any sequence
-            ids = ids.masked_fill(attention_mask[:, -s:] == 0, -1)
         state = getattr(cache, "neon_io", None) if cache is not None else None
         if cache is not None and (state is None or seen == 0):
             if seen:
                 raise ValueError("the cache holds earlier tokens but no FlamingMoE IO state: build it by calling "
                                  "this model with use_cache=True from the first token")
-            state = cache.neon_io = IOCacheState(ids.new_full((b, self.config.flaming_io_context_window - 1), -1))
-        history = state.history if state is not None else ids.new_full(
-            (b, self.config.flaming_io_context_window - 1), -1)
-        context = token_context(ids, history, position_ids)  # [b, s, 2 + W]
-        if state is not None:
-            joined = torch.cat([history, ids], dim=1)
-            state.history = joined[:, joined.shape[1] - history.shape[1]:]
-        states = self.frozen_models.states(input_ids, attention_mask, state, like)
-        return context.reshape(b * s, -1), states
+            state = cache.neon_io = IOCacheState(input_ids.new_full((b, self.config.flaming_io_context_window - 1),
+                                                                    -1, dtype=torch.long))
+        context = build_context(self.io_layout, self.io_providers, input_ids, position_ids, dtype=like.dtype,
+                                attention_mask=attention_mask, cache=state)
+        return context.reshape(b * s, -1)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
                 inputs_embeds=None, use_cache: bool | None = None, past_key_values: Cache | None = None,

@@ -1,4 +1,4 @@
-"""FlamingMoE IO functions (neon/flaming/io.py, store.py, callables.py) in a bank with a learned
+"""FlamingMoE IO functions (neon/io/: store, callable; neon/flaming/io_bank.py) in a bank with a learned
 function, against a dense plain-PyTorch reference: every function on every token, weighted by
 the same routing; the store read by brute force over the whole key file (read with numpy, not
 the memmap code), the `context` query from an independent implementation of the documented
@@ -7,7 +7,7 @@ output projections, value and callable embeddings) agree in fp32 at EP=1 and EP=
 alltoall and the allgather dispatcher, in real gloo processes, for the bank in each place: the
 per-layer bank, and the global bank (the model-level module run through the layer's
 SharedFunctions, its `context` query's search done once for all tokens and carried in the
-context: neon/flaming/search_reuse.py). The callable sees only context rows made of its token
+context: neon/io/store.py's ContextSearch). The callable sees only context rows made of its token
 and earlier tokens of the same sequence."""
 
 import os
@@ -19,10 +19,9 @@ from megatron.core import parallel_state
 
 from neon.config import NeonConfig
 from neon.flaming.block import FlamingMoE, build_global_bank
-from neon.flaming.encoder import describe
-from neon.flaming.io import token_context
-from neon.flaming.search_reuse import append_searches, build_context_searches
-from neon.flaming.store_build import write_store
+from neon.flaming.io import model_context, token_context
+from neon.io.encoder import describe
+from neon.io.store import write_store
 from tests.dist import run_distributed
 from tests.neon import io_callables
 
@@ -68,10 +67,9 @@ def io_block(cfg: NeonConfig, bank: str):
     return block, block.global_bank, functions
 
 
-def block_context(cfg: NeonConfig, ids: torch.Tensor, bank: str) -> torch.Tensor:
+def block_context(cfg: NeonConfig, ids: torch.Tensor) -> torch.Tensor:
     """The context IOGPTModel builds: with the global bank, the reused search's columns after it."""
-    ctx = token_context(ids, W)
-    return append_searches(ctx, build_context_searches(cfg)) if bank == "global" else ctx
+    return model_context(cfg, ids)
 
 
 # --- the plain-PyTorch reference ---------------------------------------------------------------
@@ -167,7 +165,7 @@ def _case(store: str, dispatcher: str, bank: str) -> dict:
                 module_param(expert, first + i, name).copy_(t)
     io_callables.RECORDED.clear()
     x = xs[rank].clone().requires_grad_(True)
-    out, _ = block(x, context=block_context(cfg, ids[rank], bank.bank))
+    out, _ = block(x, context=block_context(cfg, ids[rank]))
     (out * rs[rank]).sum().backward()
 
     ref_w = w_router.clone().requires_grad_(True)

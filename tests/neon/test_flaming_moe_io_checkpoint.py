@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from torch.distributed.checkpoint import FileSystemReader
 
-from neon.flaming.encoder import describe
-from neon.flaming.store_build import write_store
+from neon.io.encoder import describe
+from neon.io.store import write_store
 from tests.neon.training.corpus import make_corpus
 from tests.neon.training.runs import check, latest, launch, metrics, tiny_args
 
@@ -122,7 +122,7 @@ def test_bad_source_fails_clearly_and_writes_no_checkpoint(corpus, tmp_path, bad
     expected = {"truncated": ["IO function 'facts'", "keys.f32", "truncated", "Fix: rebuild the store"],
                 "unimportable": ["IO function 'add'", "cannot import module 'no_such_module'", "Fix:"],
                 "wrong_shape": ["training step 1", "IO function 'add'", "returned shape", "Fix:"],
-                "raises": ["training step 1", "IO function 'add'", "raised KeyError", "service unavailable"]}
+                "raises": ["training step 1", "IO function 'add'", "raised: KeyError", "service unavailable"]}
     for part in expected[bad]:
         assert part in text, (part, text[-3000:])
     assert latest(save) is None and not list(save.glob("iter_*")) and not list(save.glob(".tmp_iter_*"))

@@ -1,4 +1,4 @@
-"""FlamingMoE IO kind `model` (neon/flaming/frozen_model.py): a frozen `transformers` causal LM,
+"""FlamingMoE IO kind `model` (neon/io/frozen_model.py): a frozen `transformers` causal LM,
 saved locally, as a routed function.
 
 - Parity: a bank [learned linear, model function] against a dense plain-PyTorch reference (every
@@ -18,18 +18,12 @@ import torch
 from megatron.core import parallel_state
 
 from neon.config import NeonConfig
-from neon.errors import ConfigError, IOSourceError
+from neon.errors import IOSourceError
+from neon.features import FEATURES
 from neon.flaming.block import FlamingMoE
-from neon.flaming.frozen_model import (
-    FrozenModel,
-    Retokenizer,
-    append_frozen_states,
-    build_frozen_models,
-    frozen_model_report,
-    pack_states,
-    unpack_states,
-)
-from neon.flaming.io import parse_spec, token_context
+from neon.flaming.io import io_settings, io_specs, model_context, recorded, token_context
+from neon.io.base import parse_spec
+from neon.io.frozen_model import FrozenModels, ModelFunction, Retokenizer, pack_states, unpack_states
 from tests.dist import run_distributed
 
 D, SEQ, BATCH, V, W, H, LAYER = 16, 6, 2, 32, 4, 24, 1
@@ -90,7 +84,7 @@ def _case(frozen: str, dispatcher: str) -> dict:
                 expert.linear.weight.copy_(w_lin)
             else:
                 expert.out_proj.weight.copy_(w_out)
-    ctx = append_frozen_states(token_context(ids[rank], W), ids[rank], cfg, build_frozen_models(cfg))
+    ctx = model_context(cfg, ids[rank])
     x = xs[rank].clone().requires_grad_(True)
     out, _ = block(x, context=ctx)
     (out * rs[rank]).sum().backward()
@@ -151,7 +145,8 @@ def check_frozen(frozen: str) -> dict:
 
     cfg = config(frozen)
     model = build_model(cfg)
-    (fm,) = model.frozen_models.values()
+    (fm,) = [p for p in model.io_providers if isinstance(p, FrozenModels)]
+    fm.load(torch.device("cpu"), torch.float32)  # as the first forward does
     before = {k: v.clone() for k, v in fm.model.state_dict().items()}
     fired: list = []
     handles = _hooks(fm.model, fired)
@@ -167,7 +162,7 @@ def check_frozen(frozen: str) -> dict:
         w = model.decoder.layers[0].flaming_moe.layer_bank.experts.local_experts[1].out_proj.weight
         out_before = w.detach().clone() if out_before is None else out_before
     trained_proj = not torch.equal(out_before, w.detach())
-    report = [frozen_model_report([model], 1.0) for _ in range(2)]  # the second: count restarted
+    report = [fm.report(1.0) for _ in range(2)]  # the second: count restarted
     hooks_in_training = len(fired)
     # positive control: the same hooks fire when the model runs with gradients
     fm.model.requires_grad_(True)
@@ -203,17 +198,18 @@ def test_frozen_model_is_never_trained(tmp_path):
 
 
 def test_frozen_model_is_loaded_without_grad(tmp_path):
-    fm = FrozenModel(parse_spec(f"name=a,kind=model,source={write_frozen(str(tmp_path / 'f'))}"),
-                     config(str(tmp_path / "f")))
-    assert not any(p.requires_grad for p in fm.model.parameters()) and not fm.model.training
+    frozen = write_frozen(str(tmp_path / "f"))
+    fm = FrozenModels([parse_spec(f"name=a,kind=model,source={frozen}")], io_settings(config(frozen)))
     ids = torch.randint(0, V, (2, 5))
-    assert fm.states(ids, [LAYER])[LAYER].grad_fn is None
+    cols = fm.compute(ids, token_context(ids, W).transpose(0, 1), dtype=torch.float32)["a"]
+    assert not any(p.requires_grad for p in fm.model.parameters()) and not fm.model.training
+    assert cols.grad_fn is None and cols.dtype == torch.int64
 
 
 def test_states_pack_bit_exactly():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = torch.randn(7, 3, 13).to(dtype)
-        assert torch.equal(unpack_states(pack_states(x), 13, dtype), x), dtype
+        assert torch.equal(unpack_states(pack_states(x), 13).to(dtype), x), dtype
 
 
 # --- identity and bad input ------------------------------------------------------------------------
@@ -221,13 +217,13 @@ def test_states_pack_bit_exactly():
 
 def test_changed_model_at_resume_is_refused(tmp_path):
     a, b = write_frozen(str(tmp_path / "a"), seed=0), write_frozen(str(tmp_path / "b"), seed=1)
-    from neon.flaming.frozen_model import ModelFunction
 
     def fn(path, **kw):
         cfg = config(path)
         for k, v in kw.items():
             setattr(cfg, k, v)
-        return ModelFunction(cfg, parse_spec(f"name=anchor,kind=model,source={path},layer={LAYER}"))
+        return recorded(ModelFunction)(parse_spec(f"name=anchor,kind=model,source={path},layer={LAYER}"),
+                                       io_settings(cfg))
 
     state = fn(a).state_dict()
     fn(a).load_state_dict(state)  # the same model
@@ -239,7 +235,7 @@ def test_changed_model_at_resume_is_refused(tmp_path):
         fn(wider, flaming_io_store_swap=True).load_state_dict(state)
 
 
-def test_bad_model_sources_fail_at_start(tmp_path):
+def test_bad_model_sources_fail_before_the_model_is_built(tmp_path):
     from transformers import BertConfig
 
     BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=1, num_attention_heads=2,
@@ -249,13 +245,14 @@ def test_bad_model_sources_fail_at_start(tmp_path):
              (str(tmp_path / "bert"), "", V, "not a causal LM"),
              (good, "", 64, "vocab_size 64 exceeds"),
              (good, f",tokenizer={tmp_path / 'none.model'}", V, "does not exist")]
+    prepare = FEATURES["flaming_moe"].prepare  # build_model's first step (the config itself opens nothing)
     for path, extra, vocab, message in cases:
-        with pytest.raises(ConfigError, match=message) as e:
-            config(path, extra=extra, vocab=vocab)
+        with pytest.raises(IOSourceError, match=message) as e:
+            prepare(config(path, extra=extra, vocab=vocab))
         assert "Fix:" in str(e.value)
-    with pytest.raises(ConfigError, match="layer=7 is outside"):
-        NeonConfig(num_layers=2, hidden_size=D, num_attention_heads=2, vocab_size=V, flaming_moe="between",
-                   flaming_io_functions=[f"name=a,kind=model,source={good},layer=7"])
+    with pytest.raises(IOSourceError, match="layer=7 is outside"):
+        prepare(NeonConfig(num_layers=2, hidden_size=D, num_attention_heads=2, vocab_size=V, flaming_moe="between",
+                           flaming_io_functions=[f"name=a,kind=model,source={good},layer=7"]))
 
 
 # --- re-tokenization between two vocabularies ---------------------------------------------------------
@@ -299,8 +296,9 @@ def test_retokenization_gives_the_last_frozen_token_ending_by_t(tmp_path):
 
     # the states the function reads: the frozen model's own state at frozen token src[t]
     cfg = config(frozen, extra=f",tokenizer={neon_tok}", vocab=neon.get_piece_size())
-    (fm,) = build_frozen_models(cfg).values()
-    got = fm.states(torch.tensor([ids]), [LAYER])[LAYER][0]  # [s, H]
+    fm = FrozenModels(io_specs(cfg), io_settings(cfg))
+    batch = torch.tensor([ids])
+    got = unpack_states(fm.compute(batch, token_context(batch, W), dtype=torch.float32)["anchor"][0], H)  # [s, H]
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(frozen, local_files_only=True)
@@ -358,7 +356,8 @@ def train_with_model_function(frozen: str, recompute: bool) -> dict:
     layout_init(chunks[0].module)
     losses, norms = sgd_losses(chunks, cfg, batches(STEPS * MICROBATCHES), steps=STEPS, num_microbatches=MICROBATCHES,
                                seq_length=8, micro_batch_size=MB)
-    (fm,) = [f for m in chunks[0].modules() for f in (getattr(m, "frozen_models", None) or {}).values()]
+    (fm,) = [p for m in chunks[0].modules() for p in (getattr(m, "io_providers", None) or ())
+             if isinstance(p, FrozenModels)]
     last = parallel_state.is_pipeline_last_stage()
     return dict(losses=losses if last else None, norms=norms, calls=fm.calls, expected_calls=STEPS * MICROBATCHES)
 

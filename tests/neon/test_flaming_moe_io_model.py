@@ -6,7 +6,7 @@ kept as state would feed a recomputed layer the wrong micro-batch's ids and chan
 
 The model has IO functions in both banks: a store and a callable in the per-layer bank, and a
 `context`-query store in the global bank (one module per stage, shared by the layers), whose
-search is done once per micro-batch and carried in the context (neon/flaming/search_reuse.py).
+search is done once per micro-batch and carried in the context (neon/io/store.py, ContextSearch).
 Searching in every layer instead (`flaming_io_reuse_search=False`) gives the same losses bit
 for bit, with more store rows scanned; `swap_store` attaches another store to the shared
 function and to the stage's search alike. In the 'mlp' placement (the block in the MLP's place,
@@ -20,9 +20,8 @@ import torch
 from megatron.core import parallel_state
 
 from neon.config import NeonConfig
-from neon.flaming.encoder import describe
-from neon.flaming.store import swap_store
-from neon.flaming.store_build import write_store
+from neon.io.encoder import describe
+from neon.io.store import ContextSearch, swap_store, write_store
 from neon.model import build_model
 from neon.training.step import build_model_chunks
 from tests.dist import run_distributed
@@ -72,11 +71,12 @@ def train_io(store: str, recompute: bool, reuse: bool = True, placement: str = "
     model = chunks[0].module
     usage = [b.usage.tolist() for m in model.modules() if hasattr(m, "layer_bank") for b in m.banks()]
     scanned = sum(getattr(f, "searched_rows", 0) for f in model.flaming_global_functions.local_experts)
-    scanned += sum(s.rows for s in model.context_searches.values())
+    searches = [p for p in model.io_providers if isinstance(p, ContextSearch)]
+    scanned += sum(s.rows for s in searches)
     # another store attached after training reaches the shared function and the stage's search
     old = model.flaming_global_functions.local_experts[2].store
     swapped = swap_store(model, "shared", store)
-    users = [model.flaming_global_functions.local_experts[2].store, *(s.store for s in model.context_searches.values())]
+    users = [model.flaming_global_functions.local_experts[2].store, *(s.store for s in searches)]
     last = parallel_state.is_pipeline_last_stage()
     return dict(losses=losses if last else None, norms=norms, usage=usage, scanned=scanned,
                 swapped=(swapped, len(users), all(u is users[0] and u is not old for u in users)))

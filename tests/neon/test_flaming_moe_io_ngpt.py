@@ -10,9 +10,9 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 
 from neon.config import NeonConfig
-from neon.flaming.encoder import describe
 from neon.flaming.io import token_context
-from neon.flaming.store_build import write_store
+from neon.io.encoder import describe
+from neon.io.store import write_store
 from neon.model import build_model
 from neon.ngpt import NORM_DIM_ATTR, scaling_constants
 from neon.training.optim import build_optimizer

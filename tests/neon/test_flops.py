@@ -17,9 +17,9 @@ import torch
 
 from neon.config import NeonConfig
 from neon.features.diff_attention import MODES
-from neon.flaming.encoder import describe
-from neon.flaming.store_build import write_store
 from neon.flops import attention_keys, training_flops_per_token
+from neon.io.encoder import describe
+from neon.io.store import write_store
 from neon.training.config.sections import LoggingConfig, ScheduleConfig
 from neon.training.metrics import MetricsLogger
 

@@ -3,7 +3,7 @@ with a positive step time, and the store it writes opens as a valid store (sizes
 
 import re
 
-from neon.flaming.store import content_hash, open_store
+from neon.io.store import content_hash, open_store
 from tests.data_helpers import load_tool
 
 

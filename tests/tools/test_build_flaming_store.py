@@ -11,8 +11,8 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from neon.flaming.encoder import NgramEncoder
-from neon.flaming.store import open_store
+from neon.io.encoder import NgramEncoder
+from neon.io.store import open_store
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,3 +65,34 @@ def test_bad_input_fails_clearly_and_writes_no_store(tmp_path):
         r = run_cli(*args, "--output", tmp_path / "out")
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_index_and_one_split_of_a_megatron_prefix(tmp_path):
+    """A .bin/.idx prefix with --split/--split-name gives the entries of exactly that split's
+    documents (no validation document in a training datastore), with a faiss index recorded in
+    meta.json and built with a progress bar."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from neon.data.datasets import _split_ranges, parse_split
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(30, 60, (40,), generator=gen)
+    docs = [torch.randint(2, 60, (int(n),), generator=gen).tolist() for n in lengths]
+    prefix = tmp_path / "corpus_text_document"
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for d in docs:
+        builder.add_document(torch.tensor(d), [len(d)])
+    builder.finalize(f"{prefix}.idx")
+    r = run_cli("--input", prefix, "--split", "80,20,0", "--split-name", "train", "--vocab-size", 64, "--ngram", 2,
+                "--key-dim", 8, "--index", "ivf_flat", "--output", tmp_path / "train")
+    assert r.returncode == 0, r.stderr
+    assert "index add" in r.stderr and "ivf_flat" in r.stdout  # progress bars and the summary
+    store = open_store(str(tmp_path / "train"), verify=True)
+    begin, end = _split_ranges(parse_split("80,20,0"), len(docs))[0]
+    train = docs[begin:end]
+    assert store.values[:, 0].tolist() == [t for d in train for t in d[1:]]  # exactly the training documents
+    valid = {tuple(d) for d in docs[end:]}
+    assert valid and not valid & {tuple(d) for d in train}
+    assert store.meta["index"]["type"] == "ivf_flat" and store.meta["index"]["nlist"] >= 1
+    r = run_cli("--input", prefix, "--split", "80,20,0", "--vocab-size", 64, "--output", tmp_path / "bad")
+    assert r.returncode == 2 and "--split-name" in r.stderr and "Traceback" not in r.stderr

@@ -1,5 +1,5 @@
-"""FlamingMoE IO functions in the HF reference (neon/hf/io_neon.py): the context rows a callable
-receives are Neon's (neon.flaming.io.token_context, sequence = batch row) in a full forward, in
+"""FlamingMoE IO functions in the HF reference (neon/io/, run by neon/hf/modeling_neon.py): the
+context rows a callable receives are Neon's (neon.flaming.io.token_context, sequence = batch row) in a full forward, in
 cached decoding (the ids before the new token come from the cache's IO state) and with left
 padding (padded positions read -1); a `bank=global` function is one module of the model that every
 layer's global bank routes to."""

@@ -8,7 +8,7 @@ paragraph naming the function, both identities and the fix. Three launches in al
 import pytest
 from torch.distributed.checkpoint import FileSystemReader
 
-from neon.flaming.frozen_model import model_identity
+from neon.io.frozen_model import model_identity
 from tests.neon.test_flaming_moe_io_frozen import write_frozen
 from tests.neon.training.runs import check, latest, launch, metrics, tiny_args
 

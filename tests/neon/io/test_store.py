@@ -1,7 +1,8 @@
-"""The FlamingMoE store: exact blocked search equals brute force; the stored encoder equals the
-documented one; the token context holds only a token and earlier ones; bad sources fail at
-config time naming the function, or at the first call naming the function and the call; a
-checkpoint's store identity refuses another store unless a swap is asked for."""
+"""The `store` and `callable` IO kinds (neon/io/): exact blocked search equals brute force; the
+stored encoder equals the documented one; the token context holds only a token and earlier ones;
+a malformed entry fails at config time and a bad source before the model is built, naming the
+function; a failed call names the function and the call; a store built from the tokenizer fits a
+padded vocabulary; a checkpoint's store identity refuses another store unless a swap is asked for."""
 
 import json
 import os
@@ -12,11 +13,13 @@ import torch
 
 from neon.config import NeonConfig
 from neon.errors import ConfigError, IOFunctionError, IOSourceError
-from neon.flaming.callables import CallableFunction
-from neon.flaming.encoder import NgramEncoder, describe
-from neon.flaming.io import parse_spec, token_context
-from neon.flaming.store import check_identity, exact_topk, open_store
-from neon.flaming.store_build import write_store
+from neon.features import FEATURES
+from neon.flaming.io import io_settings, recorded, token_context
+from neon.io.base import parse_spec
+from neon.io.callables import CallableFunction
+from neon.io.encoder import NgramEncoder, describe
+from neon.io.index import exact_topk
+from neon.io.store import StoreFunction, check_identity, open_store, write_store
 
 V = 32
 
@@ -67,59 +70,83 @@ def test_token_context_holds_only_the_token_and_earlier_ones():
             assert ctx[t, b].tolist() == [t, b] + want
 
 
+def _kwargs(io, **kw):
+    return {**dict(num_layers=2, hidden_size=16, num_attention_heads=2, ffn_hidden_size=24, vocab_size=V,
+                   max_position_embeddings=16, flaming_moe="between", flaming_layer_functions=1,
+                   flaming_io_functions=io, flaming_io_context_window=4), **kw}
+
+
 def _config(io, **kw):
-    return NeonConfig(num_layers=2, hidden_size=16, num_attention_heads=2, ffn_hidden_size=24,
-                      vocab_size=V, max_position_embeddings=16, flaming_moe="between",
-                      flaming_layer_functions=1, flaming_io_functions=io, flaming_io_context_window=4, **kw)
+    return NeonConfig(**_kwargs(io, **kw))
 
 
-def test_bad_sources_fail_at_start_naming_them(tmp_path):
+def test_bad_entries_fail_at_config_and_bad_sources_before_the_model_is_built(tmp_path):
     path = small_store(tmp_path / "s")
-    cases = {
-        f"name=facts,kind=store,source={tmp_path}/missing": ["facts", "missing", "does not exist"],
-        "name=api,kind=callable,source=no_such_module_xyz:f": ["api", "no_such_module_xyz", "cannot import"],
-        "name=api,kind=callable,source=tests.neon.io_callables:not_a_function": ["api", "not_a_function"],
-        "name=api,kind=callable,source=justamodule": ["api", "module:function"],
-        f"name=facts,kind=stor,source={path}": ["facts", "kind='stor'"],
+    malformed = {
+        f"name=facts,kind=stor,source={path}": ["kind='stor'", "'store'"],
         "name=facts,source=x": ["has no kind"],
-        "name=x,kind=store,source=y,colour=red": ["colour=red", "known key"],
+        "name=x,kind=store,source=y,colour=red": ["'colour'", "store options"],
+        "name=x,kind=store,source=y,query=guess": ["query='guess'", "'hidden'"],
+        "name=x,kind=store,source=y,topk=0": ["topk=0", ">= 1"],
+        "name=x,kind=callable,source=m:f,timeout=soon": ["timeout='soon'", "float"],
     }
-    for entry, words in cases.items():
+    for entry, words in malformed.items():  # config validation: the entry alone, no file opened
         with pytest.raises(ConfigError) as e:
             _config([entry])
         for w in words:
             assert w in str(e.value), (entry, str(e.value))
+    bad_sources = {
+        f"name=facts,kind=store,source={tmp_path}/missing": ["facts", "missing", "does not exist"],
+        "name=api,kind=callable,source=no_such_module_xyz:f": ["api", "no_such_module_xyz", "cannot import"],
+        "name=api,kind=callable,source=tests.neon.io_callables:not_a_function": ["api", "not_a_function"],
+        "name=api,kind=callable,source=justamodule": ["api", "module:function"],
+    }
+    for entry, words in bad_sources.items():
+        config = _config([entry])  # pure: the config builds
+        with pytest.raises(IOSourceError) as e:
+            FEATURES["flaming_moe"].prepare(config)  # build_model's first step
+        for w in words:
+            assert w in str(e.value), (entry, str(e.value))
     with open(os.path.join(path, "values.bin"), "r+b") as f:  # truncate the values
         f.truncate(8)
-    with pytest.raises(ConfigError, match="truncated"):
-        _config([f"name=facts,kind=store,source={path}"])
+    with pytest.raises(IOSourceError, match="truncated"):
+        FEATURES["flaming_moe"].prepare(_config([f"name=facts,kind=store,source={path}"]))
 
 
-def test_store_for_another_vocabulary_or_window_fails(tmp_path):
-    from neon.flaming.store import StoreFunction
+def _store_function(config, entry):
+    FEATURES["flaming_moe"].prepare(NeonConfig(**{**_kwargs([entry]), "vocab_size": config.vocab_size}))
+    return StoreFunction(parse_spec(entry), io_settings(config))
 
+
+def test_store_for_a_larger_vocabulary_or_window_fails_and_a_padded_vocabulary_fits(tmp_path):
     other = tmp_path / "v"
-    write_store(str(other), describe("random:1", 6, 8, V + 1), [[1, 2, 3]], value_width=1)
-    spec = parse_spec(f"name=facts,kind=store,source={other},topk=1")
-    with pytest.raises(IOSourceError, match="vocab_size 33"):
-        StoreFunction(_config([]), spec)
+    write_store(str(other), describe("random:1", 3, 8, V + 1), [[1, 2, 3]], value_width=1)
+    with pytest.raises(IOSourceError, match="vocabulary of 33 ids, the model has 32"):
+        _store_function(_config([]), f"name=facts,kind=store,source={other},topk=1")
     wide = tmp_path / "w"
     write_store(str(wide), describe("random:1", 6, 8, V), [[1, 2, 3]], value_width=1)
     with pytest.raises(IOSourceError, match="flaming_io_context_window >= 6"):
-        StoreFunction(_config([]), parse_spec(f"name=facts,kind=store,source={wide},topk=1"))
+        _store_function(_config([]), f"name=facts,kind=store,source={wide},topk=1")
+    # the tokenizer's 32 ids, a model padded to 128: the padded ids never occur, the store fits
+    padded = _config([], vocab_size=128)
+    fn = _store_function(padded, f"name=facts,kind=store,source={small_store(tmp_path / 'p')},topk=2")
+    ctx = token_context(torch.randint(0, V, (1, 5)), 4).view(-1, 6)
+    assert fn(torch.zeros(5, 16), ctx).shape == (5, 16)
 
 
 def test_callable_errors_name_the_function_and_call():
     cfg = _config([])
     ctx = token_context(torch.randint(0, V, (1, 5)), 4).view(-1, 6)
     x = torch.zeros(5, 16)
-    fn = CallableFunction(cfg, parse_spec("name=broken,kind=callable,source=tests.neon.io_callables:raises,width=2"))
-    with pytest.raises(IOFunctionError, match=r"'broken'.*call 1.*KeyError.*service unavailable"):
-        fn(x, torch.ones(5), context=ctx)
+    settings = io_settings(cfg)
+    fn = CallableFunction(parse_spec("name=broken,kind=callable,source=tests.neon.io_callables:raises,width=2"),
+                          settings)
+    with pytest.raises(IOFunctionError, match=r"'broken'.*call 1.*raised: KeyError.*service unavailable"):
+        fn(x, ctx)
     spec = parse_spec("name=shape,kind=callable,source=tests.neon.io_callables:wrong_shape,width=2")
-    fn = CallableFunction(cfg, spec)
+    fn = CallableFunction(spec, settings)
     with pytest.raises(IOFunctionError, match=r"'shape'.*returned shape \(6, 2\), expected \[5, 2\]"):
-        fn(x, torch.ones(5), context=ctx)
+        fn(x, ctx)
 
 
 def test_checkpoint_store_identity(tmp_path):
@@ -137,15 +164,14 @@ def test_checkpoint_store_identity(tmp_path):
 
 
 def test_state_dict_records_the_store_and_refuses_another(tmp_path):
-    from neon.flaming.store import StoreFunction
-
     a, b = small_store(tmp_path / "a"), small_store(tmp_path / "b", docs=[[1, 2, 3, 4]])
     spec = "name=facts,kind=store,source={},topk=1"
-    trained = StoreFunction(_config([]), parse_spec(spec.format(a)))
+    settings, Store = io_settings(_config([])), recorded(StoreFunction)  # training's: the identity in its state
+    trained = Store(parse_spec(spec.format(a)), settings)
     state = trained.state_dict()
     assert state["_extra_state"]["io_source"]["content_sha256"] == open_store(a).meta["content_sha256"]
-    StoreFunction(_config([]), parse_spec(spec.format(a))).load_state_dict(state)  # same store
+    Store(parse_spec(spec.format(a)), settings).load_state_dict(state)  # same store
     with pytest.raises(IOSourceError, match="differs from the checkpoint's store"):
-        StoreFunction(_config([]), parse_spec(spec.format(b))).load_state_dict(state)
-    swapped = StoreFunction(_config([], flaming_io_store_swap=True), parse_spec(spec.format(b)))
+        Store(parse_spec(spec.format(b)), settings).load_state_dict(state)
+    swapped = Store(parse_spec(spec.format(b)), io_settings(_config([], flaming_io_store_swap=True)))
     swapped.load_state_dict(state)  # asked for

@@ -1,0 +1,367 @@
+"""`store`: a read-only key-value store on disk as a FlamingMoE IO function.
+
+    "name=facts,kind=store,source=/data/facts_store,query=context,topk=4[,nprobe=32][,ef_search=64]"
+
+Layout (a directory, written by tools/build_flaming_store.py):
+
+    meta.json     format, entries N, key_dim K, values ('tokens' | 'vectors'), value_width M,
+                  the encoder of the keys (neon/io/encoder.py), file sizes, content sha256, and
+                  the search index (neon/io/index.py: type, parameters, sha256)
+    keys.f32      [N, K] float32, row i = encoder(text chunk i)
+    values.bin    [N, M] int32 continuation token ids (-1: none) or float32 vectors
+    index.faiss   the faiss index of the keys (absent for the exact search)
+
+The files are memory-mapped: the store may be far larger than memory. Per routed token t (all of
+a micro-batch's routed tokens in one search):
+
+    q_t = encoder(ids_{t-n+1..t})          query='context' (frozen, as in Engram)
+    q_t = W_q x_t                          query='hidden'  (learned)
+    i = top-k of <q_t, key_j> over j       (the store's index: exact, IVF or HNSW)
+    s = <q_t, key_i> rescored exactly;  w = softmax(s / temperature)   (gradient reaches W_q)
+    read_t = sum_k w_k value(i_k);  value = concat_m Emb[id_m] (tokens, own embedding) or the vector
+    f(x_t, c_t) = W_out read_t
+
+A global-bank `context`-query store is searched once per forward pass for every layer
+(`ContextSearch`, a context provider): its query depends only on the token's ids, so every layer
+would find the same entries; the layers read them from the context's columns.
+
+Options: query, topk, temperature, embed_dim (own embedding width of token values, 0: the hidden
+size), and the search parameters nprobe (IVF cells scanned) and ef_search (HNSW candidates), which
+change how the search runs, not what was trained: they may differ at a resume or in the export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+
+from neon.errors import IOSourceError
+from neon.io.base import ContextProvider, IOFunction, IOKind, IOSettings, IOSpec, context_ids
+from neon.io.encoder import NgramEncoder
+from neon.io.index import open_index
+
+FORMAT, VERSION = "neon-flaming-store", 1
+KEYS, VALUES, META = "keys.f32", "values.bin", "meta.json"
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    query: Literal["context", "hidden"] = "context"
+    topk: int = 4
+    temperature: float = 1.0
+    embed_dim: int = 0
+    nprobe: int = 0
+    ef_search: int = 0
+
+
+# --- the store on disk ----------------------------------------------------------------------------
+
+
+class Store:
+    """An opened store: its meta, memory-mapped keys [N, K] and values [N, M], and its search."""
+
+    def __init__(self, path: str, meta: dict, keys: np.memmap, values: np.memmap, search):
+        self.path, self.meta, self.keys, self.values, self.index = path, meta, keys, values, search
+
+    @property
+    def entries(self) -> int:
+        return self.meta["entries"]
+
+    def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        return self.index.search(queries, k)
+
+    def identity(self) -> dict:
+        """What a checkpoint records: path, size and content hash (not the contents), and the index."""
+        out = {"path": os.path.abspath(self.path), "entries": self.meta["entries"], "key_dim": self.meta["key_dim"],
+               "bytes": self.meta["keys_bytes"] + self.meta["values_bytes"],
+               "content_sha256": self.meta["content_sha256"]}
+        index = self.meta.get("index")
+        if index and index["type"] != "exact":
+            out["index"] = {k: index[k] for k in ("type", "sha256")}
+        return out
+
+
+def content_hash(path: str, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    for name in (KEYS, VALUES):
+        with open(os.path.join(path, name), "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _fail(where: str, path: str, problem: str, fix: str):
+    raise IOSourceError(f"{where}: store {path!r} {problem}. Fix: {fix}.")
+
+
+def open_store(path: str, where: str = "store", verify: bool = False, nprobe: int = 0, ef_search: int = 0) -> Store:
+    """Open (memory-map) a store and its index; a missing, foreign or truncated store is a clear error."""
+    meta_path = os.path.join(path, META)
+    if not os.path.isfile(meta_path):
+        _fail(where, path, "does not exist (no meta.json)", "build it with tools/build_flaming_store.py or give the "
+              "right path in flaming_io_functions")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        _fail(where, path, f"is not a {FORMAT} v{VERSION} store", "rebuild it with tools/build_flaming_store.py")
+    n, k, m = meta["entries"], meta["key_dim"], meta["value_width"]
+    vdtype = np.int32 if meta["values"] == "tokens" else np.float32
+    for name, expect in ((KEYS, n * k * 4), (VALUES, n * m * 4)):
+        file = os.path.join(path, name)
+        size = os.path.getsize(file) if os.path.isfile(file) else -1
+        if size != expect:
+            _fail(where, path, f"has {name} of {size} bytes, expected {expect} (truncated or missing file)",
+                  "rebuild the store")
+    if verify and content_hash(path) != meta["content_sha256"]:
+        _fail(where, path, "does not match its recorded content hash", "rebuild the store")
+    keys = np.memmap(os.path.join(path, KEYS), dtype=np.float32, mode="r", shape=(n, k))
+    values = np.memmap(os.path.join(path, VALUES), dtype=vdtype, mode="r", shape=(n, m))
+    try:
+        search = open_index(path, meta.get("index"), keys, nprobe=nprobe, ef_search=ef_search)
+    except IOSourceError as e:
+        raise IOSourceError(f"{where}: {e}") from None
+    return Store(path, meta, keys, values, search)
+
+
+def check_identity(recorded: dict, store: Store, swap: bool = False, where: str = "store") -> None:
+    """At checkpoint load: the store (and its index) must be the one the checkpoint was trained
+    with, unless the user asks for a swap (another store attached without retraining)."""
+    now = store.identity()
+    if swap:
+        if now["key_dim"] != recorded["key_dim"]:
+            _fail(where, store.path, f"has key_dim {now['key_dim']}, the checkpoint's store had {recorded['key_dim']}",
+                  "swap in a store built with the same encoder")
+        return
+    if now["content_sha256"] != recorded["content_sha256"] or now["entries"] != recorded["entries"]:
+        _fail(where, store.path, f"differs from the checkpoint's store {recorded['path']!r} ({recorded['entries']} "
+              f"entries, sha256 {recorded['content_sha256'][:12]}...)",
+              "attach the original store, or ask for a swap (flaming_io_store_swap=True) to use this one")
+    if now.get("index") != recorded.get("index"):
+        _fail(where, store.path, f"has the index {now.get('index') or 'exact'}, the checkpoint's store had "
+              f"{recorded.get('index') or 'exact'} (another index finds other entries)",
+              "attach the store with the original index, or ask for a swap (flaming_io_store_swap=True)")
+
+
+# --- writing a store (tools/build_flaming_store.py) -----------------------------------------------------
+
+
+def token_entries(ids: list[int], n: int, width: int, stride: int = 1):
+    """-> (windows [E, n] int64, values [E, width] int32) of one document: for every position i
+    (stride `stride`), key window ids[i-n+1 .. i] and value ids[i+1 .. i+width] (-1 past the ends)."""
+    ids = list(ids)
+    pad = [-1] * (n - 1) + ids + [-1] * width
+    wins, vals = [], []
+    for i in range(0, len(ids) - 1, stride):  # positions with at least one continuation token
+        wins.append(pad[i:i + n])
+        vals.append(pad[i + n:i + n + width])
+    return np.asarray(wins, dtype=np.int64).reshape(-1, n), np.asarray(vals, dtype=np.int32).reshape(-1, width)
+
+
+def write_store(path: str, encoder_desc: dict, records: Iterable, values: str = "tokens", value_width: int = 1,
+                stride: int = 1, progress: Optional[Callable] = None, batch: int = 4096,
+                index: Optional[dict] = None, index_progress: Optional[Callable] = None) -> dict:
+    """records: token-id lists (values='tokens') or (ids, vector) pairs (values='vectors').
+    Writes keys.f32, values.bin, the index (`index`: neon/io/index.py's parameters; None: exact)
+    and meta.json, last, under `path`; returns the meta."""
+    from neon.io.index import build_index
+
+    os.makedirs(path, exist_ok=True)
+    enc = NgramEncoder(encoder_desc)
+    n = enc.n
+    entries = 0
+    with open(os.path.join(path, KEYS), "wb") as fk, open(os.path.join(path, VALUES), "wb") as fv:
+        for rec in records:
+            if values == "tokens":
+                wins, vals = token_entries(rec, n, value_width, stride)
+            else:
+                ids, vec = rec
+                wins = np.asarray([([-1] * n + list(ids))[-n:]], dtype=np.int64)
+                vals = np.asarray([vec], dtype=np.float32).reshape(1, value_width)
+            for s in range(0, len(wins), batch):
+                keys = enc(torch.from_numpy(wins[s:s + batch])).numpy().astype(np.float32)
+                fk.write(keys.tobytes())
+                fv.write(np.ascontiguousarray(vals[s:s + batch]).tobytes())
+            entries += len(wins)
+            if progress is not None:
+                progress(1)
+    k = encoder_desc["key_dim"]
+    meta = {"format": FORMAT, "version": VERSION, "entries": entries, "key_dim": k, "values": values,
+            "value_width": value_width, "encoder": encoder_desc, "keys_bytes": entries * k * 4,
+            "values_bytes": entries * value_width * 4}
+    meta["content_sha256"] = content_hash(path)
+    if index and index["type"] != "exact":
+        keys = np.memmap(os.path.join(path, KEYS), dtype=np.float32, mode="r", shape=(entries, k))
+        meta["index"] = build_index(path, keys, index, progress=index_progress)
+    with open(os.path.join(path, META + ".tmp"), "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(os.path.join(path, META + ".tmp"), os.path.join(path, META))  # meta last: complete
+    return meta
+
+
+# --- the IO function ---------------------------------------------------------------------------------
+
+
+class StoreFunction(IOFunction):
+    def __init__(self, spec: IOSpec, settings: IOSettings):
+        super().__init__(spec, settings)
+        o = spec.options
+        self.store = open_store(spec.source, where=spec.where(), nprobe=o.nprobe, ef_search=o.ef_search)
+        meta = self.store.meta
+        self.encoder = NgramEncoder(meta["encoder"])
+        if o.query == "hidden":  # learned query W_q x
+            self.query_proj = torch.nn.Linear(settings.hidden_size, meta["key_dim"], bias=False)
+            torch.nn.init.normal_(self.query_proj.weight, std=settings.init_std)
+        if meta["values"] == "tokens":
+            self.embed_dim = o.embed_dim or settings.hidden_size
+            self.value_embedding = torch.nn.Embedding(meta["encoder"]["vocab_size"], self.embed_dim)
+            torch.nn.init.normal_(self.value_embedding.weight, std=settings.init_std)
+            value_dim = meta["value_width"] * self.embed_dim
+        else:
+            value_dim = meta["value_width"]
+        self.build_out(value_dim)
+        self.searched_rows = 0  # queries this function searched itself (not read from the context)
+
+    def query(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.spec.options.query == "context":
+            return self.encoder(context_ids(context, self.settings.context_window)).to(x.device)
+        return self.query_proj(x.to(self.query_proj.weight.dtype)).float()
+
+    def value_vectors(self, idx: torch.Tensor, device) -> torch.Tensor:
+        """idx [T, k] (valid entries) -> [T, k, value_dim]."""
+        raw = torch.from_numpy(np.array(self.store.values[idx.reshape(-1).numpy()]))
+        raw = raw.view(*idx.shape, -1).to(device)  # [T, k, M]
+        if self.store.meta["values"] != "tokens":
+            return raw.float()
+        emb = self.value_embedding(raw.long().clamp(min=0)) * (raw >= 0).unsqueeze(-1)  # [T, k, M, e]
+        return emb.flatten(2)
+
+    def read(self, x, context, extra):
+        q = self.query(x, context)  # [T, K]
+        if extra is not None:  # the model's search, done once for every layer (ContextSearch)
+            idx = extra.cpu()
+        else:
+            self.searched_rows += q.shape[0]
+            idx = self.store.search(q, self.spec.options.topk)  # [T, k], -1: not found
+        found = idx >= 0
+        idx = idx.clamp(min=0)
+        sel = torch.from_numpy(np.array(self.store.keys[idx.reshape(-1).numpy()]))
+        sel = sel.view(*idx.shape, -1).to(q.device)  # [T, k, K]
+        scores = (q.unsqueeze(1) * sel).sum(-1)  # [T, k], differentiable in q
+        scores = scores.masked_fill(~found.to(q.device), float("-inf"))
+        w = torch.softmax(scores / self.spec.options.temperature, dim=-1).nan_to_num(0.0)  # none found: reads 0
+        return (w.unsqueeze(-1) * self.value_vectors(idx, q.device)).sum(1)  # [T, value_dim]
+
+    def source_identity(self) -> dict:
+        return {**super().source_identity(), **self.store.identity()}
+
+    def check_source(self, recorded: dict) -> None:
+        check_identity(recorded, self.store, swap=self.settings.source_swap, where=self.spec.where())
+
+
+class ContextSearch(ContextProvider):
+    """A global-bank `context`-query store searched once per forward pass for all its tokens: the
+    entry indices go into the context, where every layer's read finds them."""
+
+    def __init__(self, spec: IOSpec, settings: IOSettings):
+        o = spec.options
+        self.spec, self.window = spec, settings.context_window
+        self.store = open_store(spec.source, where=spec.where(), nprobe=o.nprobe, ef_search=o.ef_search)
+        self.encoder = NgramEncoder(self.store.meta["encoder"])
+        self.columns = {spec.name: o.topk}
+        self.rows = 0  # token searches done (the benchmark and tests read it)
+
+    @torch.no_grad()
+    def compute(self, input_ids, context, *, dtype, attention_mask=None, cache=None):
+        b, s, c = context.shape
+        rows = context.reshape(b * s, c)
+        q = self.encoder(context_ids(rows, self.window))
+        self.rows += q.shape[0]
+        idx = self.store.search(q.to(input_ids.device), self.spec.options.topk)
+        return {self.spec.name: idx.view(b, s, -1)}
+
+
+def reuses_search(spec: IOSpec, settings: IOSettings) -> bool:
+    """A global-bank `context`-query store, whose search the model does once for every layer."""
+    return settings.reuse_search and spec.bank == "global" and spec.options.query == "context"
+
+
+class StoreKind(IOKind):
+    name = "store"
+    options = StoreOptions
+    run_options = ("nprobe", "ef_search")
+
+    def validate(self, spec):
+        o = spec.options
+        for key in ("topk",):
+            if getattr(o, key) < 1:
+                raise IOSourceError(f"{spec.where()}: {key}={getattr(o, key)} must be >= 1. Fix: e.g. {key}=4.")
+        for key in ("embed_dim", "nprobe", "ef_search"):
+            if getattr(o, key) < 0:
+                raise IOSourceError(f"{spec.where()}: {key}={getattr(o, key)} must be >= 0 (0: the default).")
+        if o.temperature <= 0:
+            raise IOSourceError(f"{spec.where()}: temperature={o.temperature} must be > 0. Fix: e.g. temperature=1.")
+
+    def check_source(self, spec, settings):
+        store = open_store(spec.source, where=spec.where(), nprobe=spec.options.nprobe,
+                           ef_search=spec.options.ef_search)
+        meta, o = store.meta, spec.options
+        if store.entries < o.topk:
+            raise IOSourceError(f"{spec.where()}: the store has {store.entries} entries, fewer than topk={o.topk}. "
+                                "Fix: lower topk or build a larger store.")
+        vocab = meta["encoder"]["vocab_size"]
+        if vocab > settings.vocab_size:
+            raise IOSourceError(f"{spec.where()}: the store was built for a vocabulary of {vocab} ids, the model "
+                                f"has {settings.vocab_size}. Fix: build the store with the model's tokenizer.")
+        n = meta["encoder"]["n"]
+        if o.query == "context" and n > settings.context_window:
+            raise IOSourceError(f"{spec.where()}: its encoder reads n={n} ids but flaming_io_context_window="
+                                f"{settings.context_window}. Fix: set flaming_io_context_window >= {n}.")
+
+    def build(self, spec, settings):
+        return StoreFunction(spec, settings)
+
+    def providers(self, specs, settings):
+        return [ContextSearch(s, settings) for s in specs if s.kind == self.name and reuses_search(s, settings)]
+
+    def context_columns(self, specs, settings):
+        return {s.name: s.options.topk for s in specs if s.kind == self.name and reuses_search(s, settings)}
+
+    def macs(self, spec, settings):
+        """[d * K] + k * K + k * V + V * d: [W_q x if query='hidden'], the k rescored keys, the
+        weighted sum of their values, W_out (V: the value width, value_width * embed_dim for
+        token values). The search runs on the index, off the matmul count."""
+        with open(os.path.join(spec.source, META)) as f:
+            meta = json.load(f)
+        d, key_dim, k = settings.hidden_size, meta["key_dim"], spec.options.topk
+        value = meta["value_width"] * ((spec.options.embed_dim or d) if meta["values"] == "tokens" else 1)
+        return (d * key_dim if spec.options.query == "hidden" else 0) + k * key_dim + k * value + value * d
+
+
+def swap_store(model: torch.nn.Module, name: str, path: str) -> int:
+    """Attach another store to every StoreFunction named `name` (evaluation or generation without
+    retraining: the knowledge lives outside the weights), and to the model's once-per-forward
+    search of it. Its encoder and value layout must match the current store's. Returns the number
+    of functions and searches swapped."""
+    users = [m for m in model.modules() if isinstance(m, StoreFunction) and m.spec.name == name]
+    users += [p for m in model.modules() for p in (getattr(m, "io_providers", None) or ())
+              if isinstance(p, ContextSearch) and p.spec.name == name]
+    if not users:
+        raise IOSourceError(f"no store IO function named {name!r} in the model")
+    where = users[0].spec.where()
+    o = users[0].spec.options
+    new = open_store(path, where=where, nprobe=o.nprobe, ef_search=o.ef_search)
+    old = users[0].store.meta
+    for key in ("encoder", "values", "value_width", "key_dim"):
+        if new.meta[key] != old[key]:
+            _fail(where, path, f"has {key}={new.meta[key]!r}, the attached store has {old[key]!r}",
+                  "swap in a store built with the same encoder and values")
+    for user in users:
+        user.store = new
+    return len(users)
