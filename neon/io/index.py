@@ -176,7 +176,7 @@ def build_index(store_path: str, keys: np.ndarray, params: dict, progress: Optio
     if meta["type"] == "hnsw":
         index.hnsw.efConstruction = meta["ef_construction"]
     if not index.is_trained:
-        sample = min(n, max(256 * meta["nlist"], 39 * meta["nlist"]))  # faiss' k-means wants >= 39 per cell
+        sample = min(n, 64 * meta["nlist"])  # faiss' k-means wants 39 to 256 points per cell
         rows = np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
         if progress:
             progress("train", 0, sample)
