@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = pretrain(cfg)
     except BaseException as e:  # every ending: one paragraph, a documented status (neon/training/exits.py)
-        return exits.report(e, first_rank=first_rank, save_dir=cfg.checkpointing.save)
+        return exits.report(e, first_rank=first_rank, save_dir=cfg.checkpointing.save,
+                            timeout_minutes=cfg.parallelism.distributed_timeout_minutes)
     finally:
         distributed.shutdown()
     if first_rank:

@@ -10,8 +10,10 @@ port is taken, `PortInUse` says so in one paragraph instead of torch's EADDRINUS
 from __future__ import annotations
 
 import os
+import random
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -30,7 +32,7 @@ def initialize(
     expert_parallel: int = 1,
     virtual_pipeline: int | None = None,
     seed: int = 1234,
-    timeout_s: int = 600,
+    timeout_s: float = 600,
     expert_tensor_parallel: int | None = None,
 ) -> None:
     """Join the process group (env:// rendezvous, as torchrun sets it) and split it into
@@ -49,6 +51,7 @@ def initialize(
         virtual_pipeline_model_parallel_size=virtual_pipeline,
         expert_model_parallel_size=expert_parallel,
         expert_tensor_parallel_size=expert_tensor_parallel,
+        distributed_timeout_minutes=timeout_s / 60,  # every group's collectives time out as the default group's
     )
     set_seed(seed)
 
@@ -76,8 +79,12 @@ def _join(timeout: timedelta) -> None:
 
 
 def set_seed(seed: int) -> None:
-    """Same seed on every rank for the default generator; megatron's tracker derives the
-    per-tensor-parallel-rank stream used by dropout inside tensor-parallel regions."""
+    """Same seed on every rank for Python's, numpy's and torch's default generators (as
+    Megatron-LM's _set_random_seed; a checkpoint records all three, so two runs of the same
+    command write the same bytes); megatron's tracker derives the per-tensor-parallel-rank
+    stream used by dropout inside tensor-parallel regions."""
+    random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
 

@@ -48,6 +48,9 @@ class NeonError(Exception):
     """An error Neon raises on purpose; the message names what is wrong and the fix."""
 
     exit_status = CRASHED
+    every_rank = False
+    """True for errors one rank may raise alone (a step's, the machine's): each rank that has it
+    prints it, naming itself; the others are printed once, by the first rank."""
 
 
 class ConfigError(NeonError, ValueError):
@@ -68,6 +71,8 @@ class IOSourceError(ConfigError):
 
 class StepError(NeonError, RuntimeError):
     """A failure inside a training step that the Trainer names the step of (`at_step`)."""
+
+    every_rank = True
 
     def at_step(self, step: int) -> StepError:
         return type(self)(f"training step {step}: {self}")
@@ -108,6 +113,7 @@ class InfrastructureError(NeonError, RuntimeError):
     """The machine failed the run (disk, a rank, a collective, a file that changed): not a bug."""
 
     exit_status = INFRASTRUCTURE
+    every_rank = True
 
 
 class ConversionError(NeonError, RuntimeError):

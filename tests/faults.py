@@ -3,7 +3,8 @@ pretrain_neon.py's place, `python -m tests.faults ...`: `runs.command(..., scrip
 
     NEON_TEST_NAN_AT=N          iteration N's loss reads NaN (as a corrupt batch would give)
     NEON_TEST_PAUSE_SAVE_AT=N   the save of iteration N sleeps after writing its files, before
-                                committing them (a test kills the job there)
+                                committing them (a test kills the job there); an asynchronous
+                                save's writer process sleeps after writing, while training goes on
     NEON_TEST_RAISE_AT=N:R      rank R raises RuntimeError at iteration N
     NEON_TEST_HANG_AT=N:R       rank R stops answering at iteration N (sleeps; the others wait in
                                 the next collective)
@@ -58,9 +59,18 @@ def arm() -> None:
             @staticmethod
             def save(state, path, *args, **kwargs):
                 out = real.save(state, path, *args, **kwargs)
-                if Path(path).name.endswith(f"{pause[0]:07d}"):
+                if not Path(path).name.endswith(f"{pause[0]:07d}"):
+                    return out
+                if out is None:  # a synchronous save: pause before the commit
                     time.sleep(300)
-                return out
+                    return out
+                write = out.async_fn
+
+                def write_then_pause(*a, **kw):
+                    write(*a, **kw)
+                    time.sleep(300)
+
+                return out._replace(async_fn=write_then_pause)
 
         checkpointing.dist_checkpointing = PausingSave()
 

@@ -7,8 +7,9 @@ process, no GPU needed.
 writes config.json, generation_config.json, model-0000X-of-0000N.safetensors +
 model.safetensors.index.json, the tokenizer (tokenizer.model, tokenizer_config.json,
 tokenization_neon.py) and, for a model with Neon features on, configuration_neon.py,
-modeling_neon.py and io_neon.py (FlamingMoE's IO functions; their sources, a store, a callable or
-a frozen model, are referenced in config.json, not copied). Load with:
+modeling_neon.py and the IO kinds' modules it uses (neon/io/, FlamingMoE's IO functions; their
+sources, a store, a callable or a frozen model, are referenced in config.json, not copied). Load
+with:
 
     AutoModelForCausalLM.from_pretrained(dir)                          # every Neon feature off: Mistral
     AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)  # Neon features on

@@ -5,8 +5,9 @@
 #              and once with sliding_window 1024 (tools/benchmark_model.py) -> benchmark_model.{txt,json}
 #   attention  Neon's windowed kernel against SDPA with a mask, seq 4096
 #              and 8192, window 1024 (tools/benchmark_attention.py)         -> benchmark_attention.{txt,json}
-#   io         a FlamingMoE store IO function's step against store size 1e4-1e6 (its search runs
-#              on the host CPU by design; tools/benchmark_flaming_io.py)  -> benchmark_flaming_io.txt
+#   io         a FlamingMoE store IO function's step against store size 1e4-1e6 with the exact
+#              search, which runs on the GPU when the keys fit (tools/benchmark_flaming_io.py)
+#              -> benchmark_flaming_io.txt
 # That machine has no network, a Python 3.12 with its own CUDA torch and Triton, and no
 # Transformer Engine; megatron-core travels as a wheel in .whl/ (git-ignored).
 #
@@ -65,7 +66,8 @@ export PYTHONUNBUFFERED=1
 if ((dry_run)); then
     # the CPU: this checkout's Python and megatron-core, tiny sizes, short timeouts
     : "${TESTS_TIMEOUT:=120}" "${MODEL_TIMEOUT:=240}" "${ATTENTION_TIMEOUT:=240}" "${IO_TIMEOUT:=120}"
-    io_opts=(--entries 1000 --tokens 16 --hidden 32 --key-dim 16 --vocab 256 --repeats 1)
+    io_opts=(--entries 1000 --indexes exact ivf_flat --nprobe 4 --queries 20 --tokens 16 --hidden 32 --key-dim 16
+             --vocab 256 --repeats 1)
     preset=tiny
     model_opts=(--steps 2 --warmup 1)
     attention_opts=()
@@ -74,7 +76,7 @@ if ((dry_run)); then
     log "dry run on the CPU (tiny sizes) with $PYTHON, results in $OUT"
 else
     : "${TESTS_TIMEOUT:=110}" "${MODEL_TIMEOUT:=150}" "${ATTENTION_TIMEOUT:=80}" "${IO_TIMEOUT:=45}"
-    io_opts=(--entries 10000 100000 1000000 --tokens 1024 --repeats 2 --work-dir /tmp)
+    io_opts=(--entries 10000 100000 1000000 --indexes exact --tokens 1024 --repeats 2 --work-dir /tmp)
     preset=gpu
     model_opts=(--steps 5 --warmup 2)
     attention_opts=()

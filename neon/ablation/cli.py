@@ -90,7 +90,8 @@ class Setup:
 
 def _check(variants: list[Variant], configs: dict[str, Path], flags: list[str], world_size: int):
     """Each variant's config through pretrain_neon.py's own resolution; the base's resolved Config."""
-    from neon.training.config import ConfigError, resolve
+    from neon.features import active
+    from neon.training.config import resolve
 
     resolved = {}
     for v in variants:
@@ -99,7 +100,10 @@ def _check(variants: list[Variant], configs: dict[str, Path], flags: list[str], 
         try:
             resolved[v.name] = resolve(["--config", str(configs[v.name]), *flags, "--run-dir", run, "--save", run,
                                         "--load", run], world_size=world_size, check_files=False)
-        except ConfigError as e:
+            model = resolved[v.name].neon_config()
+            for feature in active(model):  # what the runs will open (an IO function's source), before any run
+                feature.prepare(model)
+        except NeonError as e:
             raise AblationError(f"{where}: {e}") from None
         except SystemExit:  # argparse already printed which flag it did not know
             raise AblationError(f"pretrain_neon.py does not accept the run flags {flags} (above). Fix: give only "

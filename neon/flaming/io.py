@@ -27,6 +27,7 @@ import functools
 from typing import Optional
 
 import neon.io  # noqa: F401  (registers the built-in IO kinds)
+from neon.errors import InfrastructureError, IOSourceError
 from neon.io.base import ContextLayout, IOFunction, IOSettings, IOSpec, kind_of
 from neon.io.base import io_specs as parse_entries
 
@@ -69,7 +70,12 @@ def recorded(cls: type) -> type:
 
     class Recorded(cls):
         def get_extra_state(self) -> dict:
-            return {"io_source": self.source_identity()}
+            try:
+                return {"io_source": self.source_identity()}
+            except (OSError, IOSourceError) as e:  # at a save: the source is not the one opened at start
+                raise InfrastructureError(f"{self.spec.where()}: its source changed or vanished during the run "
+                                          f"({type(e).__name__}: {e}). Fix: restore it, then resume from the latest "
+                                          "checkpoint.") from None
 
         def set_extra_state(self, state) -> None:
             if isinstance(state, dict) and "io_source" in state:

@@ -78,7 +78,11 @@ class Store:
         return self.index.search(queries, k)
 
     def identity(self) -> dict:
-        """What a checkpoint records: path, size and content hash (not the contents), and the index."""
+        """What a checkpoint records: path, size and content hash (not the contents), and the
+        index. Its files must still be the ones opened (OSError / IOSourceError otherwise)."""
+        for name, expect in ((KEYS, self.meta["keys_bytes"]), (VALUES, self.meta["values_bytes"])):
+            if os.path.getsize(os.path.join(self.path, name)) != expect:
+                raise IOSourceError(f"store {self.path!r}: {name} no longer has the {expect} bytes it had")
         out = {"path": os.path.abspath(self.path), "entries": self.meta["entries"], "key_dim": self.meta["key_dim"],
                "bytes": self.meta["keys_bytes"] + self.meta["values_bytes"],
                "content_sha256": self.meta["content_sha256"]}

@@ -8,9 +8,10 @@ micro-batches of size mbs from each consecutive block of mbs * dp samples. Resum
 Worker processes ignore the stop signals (SIGTERM, SIGUSR1, SIGINT). Slurm and torchrun send
 them to the trainer's whole process group, DataLoader workers included; torch's workers die on
 SIGTERM by default and the trainer's next batch then fails ("DataLoader worker (pid N) is killed
-by signal: Terminated") before it can save. Ignoring them lets the trainer finish the step,
-save and exit; its exit shuts the workers down (and a worker whose trainer died exits on its
-own: torch's worker watchdog notices the parent is gone).
+by signal: Terminated") before it can save. Ignoring them lets the trainer finish the step, save
+and exit. Every way out of the Trainer shuts the workers down (`shut_down`; an exit that skipped
+it would wait for them forever at interpreter shutdown), and a worker whose trainer was killed
+exits on its own (torch's worker watchdog notices the parent is gone).
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ def loader(dataset, *, consumed_samples: int, micro_batch_size: int, dp_rank: in
                       worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator().manual_seed(0))
+
+
+def shut_down(iterator) -> None:
+    """Stop an iterator's worker processes now (torch's own shutdown of a multi-process iterator)."""
+    stop = getattr(iterator, "_shutdown_workers", None)
+    if stop is not None:
+        stop()
 
 
 def iterators(dataset, *, num_chunks: int, **kwargs) -> list:

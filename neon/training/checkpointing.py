@@ -22,6 +22,8 @@ parameters are re-copied from the loaded weights.
 
 from __future__ import annotations
 
+import errno
+import multiprocessing
 import os
 import queue
 import random
@@ -39,7 +41,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
-from neon.errors import CheckpointError, IOSourceError
+from neon.errors import CheckpointError, InfrastructureError, IOSourceError, NeonError
 from neon.training import checksums, model_match
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -55,19 +57,21 @@ class Loaded:
     resharded: bool
 
 
-def prepare_writer() -> None:
-    """Give megatron's checkpoint writer an in-process result queue.
+def prepare_writer(asynchronous: bool = False) -> None:
+    """Give megatron's checkpoint writer a result queue without its spawned Manager.
 
     megatron-core collects the forked writer processes' results through a module-level queue
-    that it makes a spawned multiprocessing Manager, for its asynchronous saves. Neon saves
-    synchronously: the results are gathered in the training process and read back there, so a
-    plain queue does. The Manager cost a process per rank that imports torch to unpickle the
-    first results (about 3 CPU-seconds at the first save), and it died of the SIGTERM/SIGUSR1
-    that Slurm and torchrun send the whole process group, failing the save the signal asks for."""
+    that it makes a spawned multiprocessing Manager. A synchronous save gathers the results in
+    the training process and reads them back there, so a plain queue does; an asynchronous save
+    writes from a forked process, whose results come back through a pipe (a fork-context
+    queue, made here before the fork). The Manager cost a process per rank that imports torch to
+    unpickle the first results (about 3 CPU-seconds at the first save), and it died of the
+    SIGTERM/SIGUSR1 that Slurm and torchrun send the whole process group, failing the save the
+    signal asks for."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if not isinstance(filesystem_async._results_queue, queue.Queue):
-        filesystem_async._results_queue = queue.Queue()
+    filesystem_async._results_queue = (multiprocessing.get_context("fork").Queue() if asynchronous
+                                       else queue.Queue())
 
 
 def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
@@ -220,42 +224,134 @@ def _write_marker(root: Path, iteration: int) -> None:
 
 
 def save(root: str | os.PathLike, iteration: int, chunks, optimizer, scheduler, *,
-         consumed_train_samples: int, config: dict, keep_last: int = 0) -> Path:
+         consumed_train_samples: int, config: dict, keep_last: int = 0, asynchronous: bool = False):
     """Write a complete checkpoint of `iteration` (collective: every rank calls it). With
-    optimizer=None only the model is written (a weights-only checkpoint)."""
-    prepare_writer()  # every save (training runs, tools/convert_from_hf.py) without megatron's Manager
+    optimizer=None only the model is written (a weights-only checkpoint). Returns its directory;
+    with `asynchronous`, (its directory, megatron's AsyncRequest): the files are written by a
+    forked process and the request's finalize functions commit the checkpoint (the caller
+    schedules it, neon/training/checkpointer.py). A failure that is the machine's (a full or
+    read-only disk) is an InfrastructureError naming the directory, the space and the intact
+    checkpoint; the partial directory is removed."""
+    prepare_writer(asynchronous)  # every save (training runs, tools/convert_from_hf.py) without megatron's Manager
     root = Path(root)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     tmp, final = _tmp_dir(root, iteration), iteration_dir(root, iteration)
-    if rank0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp_iter_*"):  # left by a crash during an earlier save
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
+    try:
+        if rank0:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp_iter_*"):  # left by a crash during an earlier save
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+    except OSError as e:
+        raise save_failure(e, root, iteration) from None
     _barrier()
     common = {"iteration": iteration, "consumed_train_samples": consumed_train_samples,
               "config": config, "layout": layout(), "format_version": FORMAT_VERSION,
               "weights_only": optimizer is None, "rng_per_dp_rank": rng_per_data_parallel_rank()}
-    state = _sharded_state(chunks, optimizer, scheduler, is_loading=False, with_optimizer=optimizer is not None,
-                           with_rng=optimizer is not None, rng_per_dp_rank=common["rng_per_dp_rank"],
-                           common=common)
-    dist_checkpointing.save(state, str(tmp))
+    try:
+        state = _sharded_state(chunks, optimizer, scheduler, is_loading=False, with_optimizer=optimizer is not None,
+                               with_rng=optimizer is not None, rng_per_dp_rank=common["rng_per_dp_rank"],
+                               common=common)
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=asynchronous)
+    except NeonError:  # e.g. an IO function's source that vanished: named already
+        discard(root, iteration)
+        raise
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - torch DCP's is a BaseException
+        raise save_failure(e, root, iteration) from None
+    if asynchronous:
+        request.add_finalize_fn(lambda: commit(root, iteration, keep_last))
+        return final, request
+    return commit(root, iteration, keep_last)
+
+
+def commit(root: str | os.PathLike, iteration: int, keep_last: int = 0) -> Path:
+    """Make the written .tmp_iter directory of `iteration` the latest checkpoint: after every
+    rank has written, its files' checksums are recorded, rank 0 renames it and moves the marker
+    (atomically), then removes checkpoints past `keep_last`. Collective."""
+    root = Path(root)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    tmp, final = _tmp_dir(root, iteration), iteration_dir(root, iteration)
     _barrier()  # every rank has finished writing
-    checksums.record(tmp)  # collective; before the checkpoint is committed
-    if rank0:
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        _write_marker(root, iteration)
-        if keep_last > 0:
-            kept = sorted(root.glob("iter_*"), key=lambda p: p.name)
-            for old in kept[:-keep_last]:
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
+    try:
+        checksums.record(tmp)  # collective; before the checkpoint is committed
+        if rank0:
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(root)
+            _write_marker(root, iteration)
+    except OSError as e:
+        raise save_failure(e, root, iteration) from None
+    if rank0 and keep_last > 0:
+        kept = sorted(root.glob("iter_*"), key=lambda p: p.name)
+        for old in kept[:-keep_last]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+# how a full disk reads through torch's writers (the zip writer of torch.save counts bytes it could not write)
+DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "unexpected pos")
+
+
+def _failures(e: BaseException):
+    """`e` and what it wraps: its causes and, for torch DCP's CheckpointException, every rank's."""
+    seen, todo = [], [e]
+    while todo:
+        err = todo.pop()
+        if err is None or any(err is s for s in seen):
+            continue
+        seen.append(err)
+        todo += [err.__cause__, err.__context__]
+        for failure in (getattr(err, "failures", None) or {}).values():
+            todo.append(failure[0] if isinstance(failure, tuple) else failure)
+    return seen
+
+
+def save_failure(e: BaseException, root: Path, iteration: int) -> BaseException:
+    """The error of a failed save: an InfrastructureError when the disk is full or read-only
+    (naming the directory, the bytes free against a checkpoint's size, the intact checkpoint and
+    the fixes), else `e` itself (a bug: its traceback). The partial directory is removed so the
+    next attempt has the space."""
+    causes = _failures(e)
+    full = any(getattr(c, "errno", None) in DISK_FULL or any(t in str(c) for t in DISK_FULL_TEXT) for c in causes)
+    read_only = not full and any(getattr(c, "errno", None) in READ_ONLY for c in causes)
+    discard(root, iteration)
+    if not (full or read_only):
+        return e
+    latest = latest_checkpoint(root)
+    intact = (f"the latest checkpoint, {latest}, is intact: resume from it with --load {root}" if latest
+              else "no checkpoint was written before")
+    if read_only:
+        return InfrastructureError(f"saving iteration {iteration} to {root} failed: the directory is not writable "
+                                   f"({_cause(e)}); {intact}. Fix: make {root} writable, or save to another "
+                                   f"directory (--save).")
+    free = shutil.disk_usage(root if root.exists() else root.parent).free
+    size = sum(f.stat().st_size for f in latest.rglob("*") if f.is_file()) if latest else None
+    need = f"a checkpoint of this run takes {size:,} bytes" if size else "this checkpoint did not fit"
+    return InfrastructureError(f"saving iteration {iteration} to {root} failed: the disk is full ({free:,} bytes "
+                               f"free, {need}); {intact}. Fix: free space on that disk, keep fewer checkpoints "
+                               f"(--ckpt-keep-last), or save to another disk (--save).")
+
+
+def discard(root: str | os.PathLike, iteration: int) -> None:
+    """Remove the partial directory of an unfinished save of `iteration` (rank 0); the marker
+    never moved, so the previous checkpoint stays the latest."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shutil.rmtree(_tmp_dir(root, iteration), ignore_errors=True)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
+    """The directory of the latest complete checkpoint under root, None without one."""
+    try:
+        it = latest_iteration(root)
+    except NeonError:
+        return None
+    return None if it is None else iteration_dir(root, it)
 
 
 def load(root: str | os.PathLike, chunks, optimizer, scheduler, *, load_optimizer: bool = True,

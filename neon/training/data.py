@@ -4,7 +4,29 @@
 
 from __future__ import annotations
 
+import os
+
+from neon.errors import InfrastructureError
 from neon.training import batches
+
+
+def data_files(data) -> dict:
+    """{path: (size, mtime_ns)} of the .bin/.idx files of the run's data prefixes."""
+    from neon.data.checks import parse_data_path
+
+    prefixes, _ = parse_data_path(data.data_path)
+    return data_files_state({f"{p}{ext}": None for p in prefixes for ext in (".bin", ".idx")})
+
+
+def data_files_state(paths) -> dict:
+    out = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+            out[path] = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            out[path] = None
+    return out
 
 
 def data_arg(iterators: list):
@@ -23,11 +45,33 @@ class TrainingData:
         self.num_workers, self.eval_samples = data.num_workers, schedule.eval_iters * schedule.global_batch_size
         self.num_chunks = num_chunks
         self.loader_args = dict(micro_batch_size=schedule.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+        self.opened: list = []  # iterators with worker processes, shut down by close()
+        self.files = data_files(data)  # {path: (size, mtime)} the run started with
+
+    def check_unchanged(self) -> None:
+        """InfrastructureError if a data file changed or vanished since the run started (its
+        memory map would give other tokens, or fault)."""
+        now = data_files_state(self.files)
+        changed = [path for path, was in self.files.items() if now[path] != was]
+        if changed:
+            raise InfrastructureError(f"data file {changed[0]} changed or vanished during the run (size and time "
+                                      f"{self.files[changed[0]]}, now {now[changed[0]]}): the samples would no "
+                                      f"longer be the ones the run's position counts. Fix: restore the file the run "
+                                      f"started with, then resume from the latest checkpoint.")
 
     def train_batches(self, consumed_samples: int):
         """Training micro-batches from the global batch after `consumed_samples` on."""
-        return data_arg(batches.iterators(self.train, num_chunks=self.num_chunks, consumed_samples=consumed_samples,
-                                          num_workers=self.num_workers, **self.loader_args))
+        iterators = batches.iterators(self.train, num_chunks=self.num_chunks, consumed_samples=consumed_samples,
+                                      num_workers=self.num_workers, **self.loader_args)
+        self.opened += iterators
+        return data_arg(iterators)
+
+    def close(self) -> None:
+        """Shut down the DataLoader worker processes (they ignore the stop signals, and an exit that
+        skipped this would wait for them forever at interpreter shutdown)."""
+        for iterator in self.opened:
+            batches.shut_down(iterator)
+        self.opened.clear()
 
     def valid_batches(self):
         """The validation micro-batches, the same ones at every evaluation (needs a validation split)."""

@@ -12,6 +12,8 @@ import sys
 import traceback
 from typing import Optional
 
+import torch.distributed as dist
+
 from neon.errors import CRASHED, INTERRUPTED, NeonError
 from neon.training import checkpointing
 
@@ -27,13 +29,22 @@ def _latest(save_dir: Optional[str]) -> str:
             f"--load {save_dir}")
 
 
-def report(e: BaseException, *, first_rank: bool, save_dir: Optional[str]) -> int:
-    """Print the paragraph for how the run ended and return its exit status (SystemExit passes)."""
+def report(e: BaseException, *, first_rank: bool, save_dir: Optional[str], timeout_minutes: float = 10) -> int:
+    """Print the paragraph for how the run ended and return its exit status (SystemExit passes).
+    An error of torch.distributed or the DataLoader that is the machine's (a lost rank, a
+    collective timeout, a dead worker) becomes the InfrastructureError naming it (neon/training/
+    faults.py). Errors that every rank raises alike are printed by the first rank; the others
+    (a rank's own failure) by the rank that has them, naming it."""
     if isinstance(e, SystemExit):
         raise e
+    from neon.training import faults
+
+    e = faults.diagnose(e, timeout_minutes, _latest(save_dir)) or e
+    faults.report_failure(e)  # for the other ranks' messages
+    rank = f"rank {dist.get_rank()}: " if dist.is_initialized() and dist.get_world_size() > 1 else ""
     if isinstance(e, NeonError):
-        if first_rank:
-            print(f"pretrain_neon.py: error: {e}", file=sys.stderr, flush=True)
+        if first_rank or e.every_rank:
+            print(f"pretrain_neon.py: error: {rank if e.every_rank else ''}{e}", file=sys.stderr, flush=True)
         return e.exit_status
     if isinstance(e, KeyboardInterrupt):
         if first_rank:
@@ -41,6 +52,6 @@ def report(e: BaseException, *, first_rank: bool, save_dir: Optional[str]) -> in
                   f"save, send SIGTERM or SIGUSR1 instead.", file=sys.stderr, flush=True)
         return INTERRUPTED
     traceback.print_exception(e, file=sys.stderr)
-    print(f"pretrain_neon.py: error: the run stopped on an unexpected error ({type(e).__name__}: {e}; the "
+    print(f"pretrain_neon.py: error: {rank}the run stopped on an unexpected error ({type(e).__name__}: {e}; the "
           f"traceback above is for a bug report); {_latest(save_dir)}.", file=sys.stderr, flush=True)
     return CRASHED

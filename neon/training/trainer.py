@@ -12,6 +12,7 @@ TrainerState; each collaborator is built from the config section it needs:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -32,7 +33,7 @@ from megatron_plugins import cpu_runtime, distributed
 from neon.errors import PortInUseError, StepError, TrainingDiverged
 from neon.flops import training_flops_per_token
 from neon.model import build_model
-from neon.training import recipe_resume, run_lock
+from neon.training import faults, recipe_resume, run_lock
 from neon.training.aux_losses import step_reports
 from neon.training.checkpointer import Checkpointer
 from neon.training.checkpointing import latest_iteration
@@ -80,14 +81,26 @@ def start_parallel(cfg: Config) -> int:
 
 
 class Trainer:
-    """One pretraining run on this rank: build everything in __init__ (collective), then run()."""
+    """One pretraining run on this rank: build everything in __init__ (collective), then run();
+    close() releases what it started (DataLoader workers, an unfinished asynchronous save, the logs,
+    the run lock, the signal handlers), and a failing __init__ releases what it had started."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.closing = contextlib.ExitStack()
+        try:
+            self.build(cfg)
+        except BaseException:
+            self.close(crashed=True)
+            raise
+
+    def build(self, cfg: Config) -> None:
         self.signals = SignalFlag(cfg.checkpointing.exit_signal_handler)  # before DataLoader workers fork
+        self.closing.callback(self.signals.restore)
         self.num_microbatches = start_parallel(cfg)
         self.rank0 = dist.get_rank() == 0
         self.lock = run_lock.acquire([cfg.checkpointing.save, run_dir_of(cfg)])  # one run per directory
+        self.closing.callback(self.lock.release)
         adopted = recipe_resume.adopt_checkpoint_settings(cfg)  # before anything is built from cfg.model
         if adopted and self.rank0:
             print("resuming: recipe settings that the checkpoint fixes:\n" + "\n".join(adopted), flush=True)
@@ -100,6 +113,7 @@ class Trainer:
         self.data = TrainingData(cfg.data, cfg.schedule, vocab_size=self.model_config.vocab_size,
                                  num_chunks=len(self.chunks), dp_rank=parallel_state.get_data_parallel_rank(),
                                  dp_size=parallel_state.get_data_parallel_world_size())
+        self.closing.callback(self.data.close)  # its DataLoader workers
         self.train_batches = self.data.train_batches(self.state.consumed_samples)
         self.evaluator = Evaluator(cfg.schedule, self.data, self.chunks, model_config=self.model_config,
                                    num_microbatches=self.num_microbatches, seq_length=cfg.data.seq_length)
@@ -111,6 +125,15 @@ class Trainer:
                                                                     causal="full"),
             num_devices=dist.get_world_size(), run_dir=self.run_dir, start_iteration=self.state.iteration,
             run_config=cfg.to_dict(), enabled=self.rank0)
+        self.closing.callback(self.logger.close)
+
+    def close(self, crashed: bool = False) -> None:
+        """Release everything this rank started, in reverse order; on a crash first stop the
+        asynchronous save in flight (its files never become the latest checkpoint)."""
+        checkpointer = getattr(self, "checkpointer", None)
+        if crashed and checkpointer is not None:
+            checkpointer.abandon()
+        self.closing.close()
 
     def build_model(self):
         """(model chunks in megatron DDP, optimizer, LR scheduler), fresh. Collective."""
@@ -130,17 +153,18 @@ class Trainer:
         return run_dir
 
     def run(self) -> RunSummary:
-        """Train (with skip_train: only evaluate); the logs are closed and the signal handlers
-        restored however it ends."""
+        """Train (with skip_train: only evaluate). Whatever ends it, close() releases what the
+        Trainer started: after a normal end every save is committed first."""
         skip = self.cfg.schedule.skip_train
         try:
             if skip:
                 self.validate()
             exit_reason = "skip-train" if skip else self.train()
-        finally:
-            self.logger.close()
-            self.signals.restore()
-            self.lock.release()
+            self.log_line(self.checkpointer.finish())
+        except BaseException:
+            self.close(crashed=True)
+            raise
+        self.close()
         s = self.state
         last = None if skip or s.last_checkpoint is None else str(s.last_checkpoint)  # skip-train reports none
         return RunSummary(iteration=s.iteration, exit_reason=exit_reason, last_checkpoint=last,
@@ -151,6 +175,7 @@ class Trainer:
         s, c, state = self.cfg.schedule, self.cfg.checkpointing, self.state
         while state.iteration < s.train_iters:
             signalled = self.step()
+            self.log_line(self.checkpointer.poll())  # an asynchronous save whose files are written
             self.signals.raise_if_interrupted()
             if self.evaluator.due(state.iteration):
                 self.validate()
@@ -167,6 +192,10 @@ class Trainer:
         self.save()
         return "finished"
 
+    def log_line(self, line) -> None:
+        if line:
+            self.logger.print(line)
+
     def step(self) -> bool:
         """One optimizer step over a global batch, then its log line (an iteration listed in
         --iterations-to-skip only drops its batch). Returns whether any rank was signalled. Raises
@@ -174,6 +203,7 @@ class Trainer:
         t0, state, s = time.perf_counter(), self.state, self.cfg.schedule
         if state.iteration + 1 in s.iterations_to_skip:
             return self.skip_step()
+        faults.mark_step(state.iteration + 1)  # the step this rank started: read back if a collective times out
         try:
             result = train_step(self.chunks, self.optimizer, self.train_batches, self.model_config,
                                 num_microbatches=self.num_microbatches, seq_length=self.cfg.data.seq_length,
@@ -260,9 +290,16 @@ class Trainer:
                                consumed_samples=self.state.consumed_samples)
 
     def save(self) -> None:
-        """A checkpoint of the current state (unless --save is unset or already holds it). Collective."""
+        """A checkpoint of the current state (unless --save is unset or already holds it), after
+        checking that the data files are the ones the run started with. Collective."""
+        self.data.check_unchanged()
         seconds = self.checkpointer.save(self.state)
-        if seconds is not None:
+        if seconds is None:
+            return
+        if self.checkpointer.in_flight:
+            self.logger.print(f" started the checkpoint of iteration {self.state.iteration} (asynchronously: the "
+                              f"training loop waited {seconds:.2f} s)")
+        else:
             self.logger.print(f" saved checkpoint {self.state.last_checkpoint} at iteration "
                               f"{self.state.iteration} in {seconds:.1f} s")
 

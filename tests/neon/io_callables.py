@@ -22,6 +22,14 @@ def wrong_shape(context: torch.Tensor) -> torch.Tensor:
     return torch.zeros(context.shape[0] + 1, 2, dtype=torch.long)
 
 
+def sleeps(context: torch.Tensor) -> torch.Tensor:
+    """A service that never answers."""
+    import time
+
+    time.sleep(600)
+    return sum_last_two(context)
+
+
 def raises(context: torch.Tensor) -> torch.Tensor:
     raise KeyError("service unavailable")
 

@@ -70,8 +70,9 @@ def test_global_io_functions_join_the_global_bank():
     """An IO-only global bank is a global bank: its replicas' gradients are summed over stages,
     its functions counted in the FLOPs as the global bank's."""
     from neon.flaming.block import bank_size
-    from neon.flaming.flops import flaming_macs, io_function_macs
-    from neon.flaming.io import io_specs
+    from neon.flaming.flops import flaming_macs
+    from neon.flaming.io import io_settings, io_specs
+    from neon.io.base import kind_of
 
     cfg = NeonConfig(**{**GOOD, "flaming_global_functions": 0, "flaming_topk": 1,
                         "flaming_io_functions": [CALL + ",width=2,bank=global", CALL.replace("add", "sub")]})
@@ -79,7 +80,7 @@ def test_global_io_functions_join_the_global_bank():
     assert bank_size(cfg, "global") == 1 and bank_size(cfg, "layer") == 5
     assert [s.name for s in io_specs(cfg, "global")] == ["add"] and io_specs(cfg, "layer")[0].name == "sub"
     d = cfg.hidden_size
-    glob, sub = (io_function_macs(cfg, s) for s in io_specs(cfg))  # the global bank: router + its one function
+    glob, sub = (kind_of(s.kind).macs(s, io_settings(cfg)) for s in io_specs(cfg))  # the global bank: router + one
     assert flaming_macs(cfg) == d * 1 + glob + d * 5 + (4 * d * d + sub) / 5
 
 

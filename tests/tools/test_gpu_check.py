@@ -68,9 +68,10 @@ def test_dry_run_writes_every_section(tmp_path):
         assert kernels["sdpa-mask", seq]["fwd_s_vs_base"] == 1.0
         assert kernels["flex", seq]["fwd_bwd_s"] is None and kernels["neon", seq]["fwd_bwd_s"] > 0
 
-    # io: one timed row for the dry run's store size and token count
+    # io: a timed row per index for the dry run's store size and token count
     io = (tmp_path / "benchmark_flaming_io.txt").read_text()
-    assert re.search(r"^\s+1000\s+16\s+[\d.]+\s", io, re.M), io
+    for index, search in (("exact", "-"), ("ivf_flat", "4")):
+        assert re.search(rf"^\s+1000\s+{index}\s+[\d.]+\s+{search}\s+[\d.]+\s+16\s+[\d.]+\s", io, re.M), io
 
 
 def test_unknown_section_is_refused_before_any_work(tmp_path):

@@ -42,8 +42,9 @@ class ParallelismConfig:
     """Shard optimizer state over data-parallel ranks (ZeRO-1, megatron's DistributedOptimizer)."""
     overlap_grad_reduce: bool = False
     """Overlap the data-parallel gradient reduction with the backward pass."""
-    distributed_timeout_minutes: int = 10
-    """Timeout of torch.distributed collectives."""
+    distributed_timeout_minutes: float = 10
+    """Timeout of torch.distributed collectives (every parallel group's): a rank that stops
+    answering ends the job after this long, naming the collective (exit status 7)."""
 
 
 @dataclass
@@ -134,6 +135,12 @@ class CheckpointingConfig:
     the checkpoint's (which win otherwise, so a new --lr alone is ignored)."""
     exit_signal_handler: bool = True
     """On SIGTERM / SIGUSR1: finish the step, save, exit cleanly (Slurm's pre-emption warning)."""
+    async_save: bool = False
+    """Write checkpoints from a forked process while training goes on; each is committed (marker
+    moved) at the first step after its files are written, and finished before the run exits."""
+    save_failure: Literal["stop", "continue"] = "stop"
+    """A save that fails for the machine (full or read-only disk): stop with the named error
+    (exit status 7), or report it and go on, trying again at the next save."""
 
 
 @dataclass
