@@ -14,12 +14,19 @@ softmax(q k^T * scale + causal/window mask) v. `attention()` picks the kernel:
 
 Any number of query heads per key/value head works (the base, every DiffAttention layout);
 `scale` is the softmax scale (1/sqrt(d), or nGPT's sqrt(d) on normalised q/k).
+
+Document masks (Megatron-LM's --reset-attention-mask): the `attention_mask` megatron hands a core
+attention is, in Neon, None or `documents` [b, s], each token's document number in its sample
+(neon/data/datasets.py); a query attends only to keys of its own document. That adds a boolean
+[b, 1, sq, sk] mask and takes SDPA on every device. RoPE needs no position reset for this: its
+scores depend only on the distance between tokens of the same document.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from functools import partial
 from typing import Optional
 
 import torch
@@ -31,15 +38,34 @@ from megatron.core.transformer.module import MegatronModule
 from neon.config import NeonConfig
 
 
-def causal_window_mask(sq: int, sk: int, window: Optional[int], device) -> Optional[torch.Tensor]:
-    """Boolean [sq, sk] mask, True where attention is allowed (query i is token sk - sq + i).
+def causal_window_mask(sq: int, sk: int, window: Optional[int], device,
+                       documents: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """Boolean mask, True where attention is allowed (query i is token sk - sq + i): [sq, sk], or
+    [b, 1, sq, sk] with documents [b, sk] (a query sees keys of its own document only).
 
-    None when plain causal attention suffices (no window, or one at least as wide as the keys)."""
-    if not needs_window(sk, window):
+    None when plain causal attention suffices (no window, or one at least as wide as the keys,
+    and no documents)."""
+    if not needs_window(sk, window) and documents is None:
         return None
     q_pos = torch.arange(sk - sq, sk, device=device)[:, None]
     k_pos = torch.arange(sk, device=device)[None, :]
-    return (k_pos <= q_pos) & (k_pos > q_pos - window)
+    mask = k_pos <= q_pos
+    if needs_window(sk, window):
+        mask = mask & (k_pos > q_pos - window)
+    if documents is not None:
+        same = documents[:, sk - sq:, None] == documents[:, None, :]  # [b, sq, sk]
+        mask = (mask & same)[:, None]
+    return mask
+
+
+def document_ids(attention_mask) -> Optional[torch.Tensor]:
+    """The document ids [b, s] megatron's `attention_mask` argument carries in Neon (or None)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.is_floating_point() or attention_mask.dtype == torch.bool:
+        raise ValueError(f"Neon's core attention takes document ids [b, s] (integers) as attention_mask, not a "
+                         f"{attention_mask.dtype} tensor of shape {tuple(attention_mask.shape)}")
+    return attention_mask
 
 
 def needs_window(sk: int, window: Optional[int]) -> bool:
@@ -53,12 +79,13 @@ def _check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                          "heads; the query heads must be a whole multiple of the key/value heads")
 
 
-def sdpa(q, k, v, *, scale: float, window: Optional[int], dropout_p: float = 0.0):
+def sdpa(q, k, v, *, scale: float, window: Optional[int], dropout_p: float = 0.0,
+         documents: Optional[torch.Tensor] = None):
     """torch SDPA: q [b, h, sq, d], k [b, h_kv, sk, d], v [b, h_kv, sk, d_v] -> [b, h, sq, d_v].
 
-    Causal through is_causal (flash/cuDNN-eligible) without a window, else a boolean mask."""
+    Causal through is_causal (flash/cuDNN-eligible) without a window or documents, else a boolean mask."""
     _check_heads(q, k, v)
-    mask = causal_window_mask(q.size(2), k.size(2), window, q.device)
+    mask = causal_window_mask(q.size(2), k.size(2), window, q.device, documents)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, scale=scale,
         enable_gqa=q.size(1) != k.size(1))
@@ -98,13 +125,16 @@ def flex_window_attention(q, k, v, *, scale: float, window: int, compiled: bool 
     return kernel(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.size(1) != k.size(1))
 
 
-def attention(q, k, v, *, scale: float, window: Optional[int], dropout_p: float = 0.0):
-    """Causal (optionally windowed) grouped-query attention on the kernel the module doc names.
+def attention(q, k, v, *, scale: float, window: Optional[int], dropout_p: float = 0.0,
+              documents: Optional[torch.Tensor] = None):
+    """Causal (optionally windowed, optionally within documents) grouped-query attention on the
+    kernel the module doc names.
 
-    q [b, h, sq, d], k [b, h_kv, sk, d], v [b, h_kv, sk, d_v] -> [b, h, sq, d_v], h a multiple of h_kv."""
-    if q.is_cuda and needs_window(k.size(2), window) and not dropout_p:
+    q [b, h, sq, d], k [b, h_kv, sk, d], v [b, h_kv, sk, d_v] -> [b, h, sq, d_v], h a multiple of
+    h_kv; documents [b, sk] or None."""
+    if q.is_cuda and needs_window(k.size(2), window) and not dropout_p and documents is None:
         return flex_window_attention(q, k, v, scale=scale, window=window)
-    return sdpa(q, k, v, scale=scale, window=window, dropout_p=dropout_p)
+    return sdpa(q, k, v, scale=scale, window=window, dropout_p=dropout_p, documents=documents)
 
 
 class NeonCoreAttention(MegatronModule):
@@ -134,11 +164,12 @@ class NeonCoreAttention(MegatronModule):
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout_p = self.dropout_p if self.training else 0.0
+        attend = partial(attention, q, k, v, scale=self.softmax_scale, window=self.window,
+                         documents=document_ids(attention_mask))
         if dropout_p:
             with tensor_parallel.get_cuda_rng_tracker().fork():  # per-TP-rank dropout
-                out = attention(q, k, v, scale=self.softmax_scale, window=self.window,
-                                dropout_p=dropout_p)
+                out = attend(dropout_p=dropout_p)
         else:
-            out = attention(q, k, v, scale=self.softmax_scale, window=self.window)
+            out = attend()
         # [b, h, sq, d] -> [sq, b, h * d]
         return out.permute(2, 0, 1, 3).flatten(2)

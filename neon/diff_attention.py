@@ -47,7 +47,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from neon.attention import attention
+from neon.attention import attention, document_ids
 from neon.config import NeonConfig
 
 HEAD_NORM_EPS = 1e-5
@@ -210,7 +210,7 @@ class DiffCoreAttention(MegatronModule):
         return (torch.exp(torch.dot(lq1.to(dt), lk1.to(dt)))
                 - torch.exp(torch.dot(lq2.to(dt), lk2.to(dt))) + self.lambda_init)
 
-    def local_maps(self, q, k, v, dropout_p: float = 0.0, split_values: Optional[bool] = None):
+    def local_maps(self, q, k, v, dropout_p: float = 0.0, split_values: Optional[bool] = None, documents=None):
         """[A_1 V; A_2 V] with torch SDPA: q [b, 2n, s, d], k [b, 2g, s, d], v [b, 2g, s, d_v].
 
         Flash kernels (CUDA and CPU) need d_v == d: the 'matched' layout (d_v = 2d) runs two
@@ -218,7 +218,8 @@ class DiffCoreAttention(MegatronModule):
         under dropout, whose masks would then differ between the halves)."""
         if split_values is None:
             split_values = v.size(-1) == 2 * q.size(-1) and not dropout_p
-        attend = partial(attention, scale=self.softmax_scale, window=self.window, dropout_p=dropout_p)
+        attend = partial(attention, scale=self.softmax_scale, window=self.window, dropout_p=dropout_p,
+                         documents=documents)
         if split_values:
             return torch.cat([attend(q, k, half) for half in v.chunk(2, dim=-1)], dim=-1)
         return attend(q, k, v)
@@ -245,7 +246,7 @@ class DiffCoreAttention(MegatronModule):
         else:
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, .]
             with (tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p else contextlib.nullcontext()):
-                maps = self.local_maps(q, k, v, dropout_p)
+                maps = self.local_maps(q, k, v, dropout_p, documents=document_ids(attention_mask))
         a1_v, a2_v = maps[:, :n], maps[:, n:]  # A_1 V, A_2 V: [b, n, sq, d_v]
         diff = a1_v - lam.to(a1_v.dtype) * a2_v
         heads = self.subln(diff, norm_weight) * (1.0 - self.lambda_init)

@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megatron_plugins.logs import quiet_layer_logs
 from megatron_plugins.norm import RMSNorm
 from neon.attention import NeonCoreAttention
 from neon.config import NeonConfig
@@ -55,6 +56,7 @@ def get_neon_layer_spec(config: NeonConfig, use_te: Optional[bool] = None) -> Mo
     """ModuleSpec of one Neon TransformerLayer (TE flavour when `use_te`, default: if TE imports):
     the Mistral layer, then each active feature's `layer_spec` (neon/features/) in registry order."""
     use_te = HAVE_TE if use_te is None else use_te
+    quiet_layer_logs()  # megatron's "Unknown MLP type" line for feature MLPs
     m = _modules(use_te)
     spec = ModuleSpec(
         module=TransformerLayer,

@@ -41,6 +41,33 @@ def tiny_tokenizer(tmp_path_factory) -> Path:
     return train_tokenizer([str(corpus)], d / "tiny", vocab_size=TINY_VOCAB, show_progress=False)
 
 
+HF_EOS, HF_BOS = "<|endoftext|>", "<|begin_of_text|>"
+
+
+def write_hf_tokenizer(directory: Path, vocab_size: int = 400) -> Path:
+    """A byte-level BPE `tokenizer.json` trained with the `tokenizers` library on pydoc topics, laid
+    out as Llama 3's: a post-processor that adds bos, eos named in tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[HF_BOS, HF_EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(sample_documents(400), trainer)
+    tok.post_processor = processors.TemplateProcessing(single=f"{HF_BOS} $A", special_tokens=[(HF_BOS, 0)])
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": HF_BOS, "eos_token": HF_EOS}))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(tmp_path_factory) -> Path:
+    """The directory of a Hugging Face tokenizer.json (write_hf_tokenizer)."""
+    return write_hf_tokenizer(tmp_path_factory.mktemp("hf_tokenizer"))
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory, tiny_tokenizer) -> tuple[str, list[str]]:
     """(prefix, documents): 120 documents preprocessed with EOD tokens."""

@@ -5,15 +5,15 @@ process, no GPU needed.
     python tools/convert_to_hf.py --load checkpoints/neon --save hf/neon [--iteration 2000]
 
 writes config.json, generation_config.json, model-0000X-of-0000N.safetensors +
-model.safetensors.index.json, the tokenizer (tokenizer.model, tokenizer_config.json,
-tokenization_neon.py) and, for a model with Neon features on, configuration_neon.py,
-modeling_neon.py and the IO kinds' modules it uses (neon/io/, FlamingMoE's IO functions; their
-sources, a store, a callable or a frozen model, are referenced in config.json, not copied). Load
-with:
+model.safetensors.index.json, the tokenizer (sentencepiece: tokenizer.model, tokenizer_config.json,
+tokenization_neon.py; Hugging Face: tokenizer.json, tokenizer_config.json) and, for a model with
+Neon features on, configuration_neon.py, modeling_neon.py and the IO kinds' modules it uses
+(neon/io/, FlamingMoE's IO functions; their sources, a store, a callable or a frozen model, are
+referenced in config.json, not copied). Load with:
 
     AutoModelForCausalLM.from_pretrained(dir)                          # every Neon feature off: Mistral
     AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)  # Neon features on
-    AutoTokenizer.from_pretrained(dir, trust_remote_code=True)         # exact sentencepiece ids
+    AutoTokenizer.from_pretrained(dir, trust_remote_code=True)         # exactly the training ids
 
 See docs/hf_conversion.md. Exit status 2: the checkpoint, tokenizer or destination cannot be used.
 """
@@ -32,7 +32,8 @@ def get_args(argv=None):
     p.add_argument("--iteration", type=int, default=None,
                    help="iteration to export (default: the one latest_checkpointed_iteration.txt names)")
     p.add_argument("--tokenizer-model", default=None,
-                   help="sentencepiece .model (default: the data.tokenizer_model saved in the checkpoint)")
+                   help="sentencepiece .model or Hugging Face tokenizer directory (default: the "
+                   "data.tokenizer_model saved in the checkpoint)")
     p.add_argument("--no-tokenizer", action="store_true", help="write the model only")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")

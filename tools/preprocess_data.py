@@ -19,9 +19,8 @@ warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not ins
 
 from neon.data.documents import TEXT_UNITS  # noqa: E402
 from neon.data.preprocess import preprocess  # noqa: E402
+from neon.data.tokenizer import TOKENIZER_TYPES  # noqa: E402
 from neon.errors import NeonError  # noqa: E402
-
-SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer", "NeonTokenizer")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -38,9 +37,10 @@ def get_args(argv=None):
     g.add_argument("--text-unit", choices=TEXT_UNITS, default="line",
                    help="what one document of a plain-text file is")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-model", required=True, help="sentencepiece .model (tools/train_tokenizer.py)")
-    g.add_argument("--tokenizer-type", default="GPTSentencePieceTokenizer",
-                   help=f"accepted for Megatron-LM command lines; one of {SENTENCEPIECE_TYPES}")
+    g.add_argument("--tokenizer-model", required=True, help="sentencepiece .model (tools/train_tokenizer.py), or a "
+                   "directory holding a Hugging Face tokenizer.json")
+    g.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES,
+                   help="Megatron-LM's tokenizer type (default: what --tokenizer-model is)")
     g.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
@@ -55,12 +55,9 @@ def get_args(argv=None):
 
 def main(argv=None) -> int:
     args = get_args(argv)
-    if args.tokenizer_type not in SENTENCEPIECE_TYPES:
-        print(f"error: --tokenizer-type {args.tokenizer_type} is not supported; Neon uses sentencepiece models "
-              f"({', '.join(SENTENCEPIECE_TYPES)}).", file=sys.stderr)
-        return 2
     try:
         preprocess(args.input, args.output_prefix, args.tokenizer_model, json_keys=args.json_keys,
+                   tokenizer_type=args.tokenizer_type,
                    workers=args.workers, append_eod=args.append_eod, input_format=args.input_format,
                    text_unit=args.text_unit, chunk_size=args.chunk_size, show_progress=not args.quiet)
     except NeonError as err:

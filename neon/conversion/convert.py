@@ -141,14 +141,15 @@ def export_to_hf(load: str | os.PathLike, save: str | os.PathLike, iteration: Op
     ckpt = neon_checkpoint.locate(load, iteration)
     staging = hf_dir.Staging(save, overwrite=overwrite)
     run = ckpt.run_config
-    token_ids, sp_path = {}, None
+    token_ids, tok = {}, None
     if with_tokenizer:  # checked before the model is loaded
-        sp_path = tokenizer_model or (run.get("data") or {}).get("tokenizer_model")
-        sp = hf_dir.load_sentencepiece(sp_path)
-        multiple = ((run.get("data") or {}).get("make_vocab_size_divisible_by", 128)
+        data = run.get("data") or {}
+        tok_path = tokenizer_model or data.get("tokenizer_model")
+        tok = hf_dir.load_tokenizer(tok_path, None if tokenizer_model else data.get("tokenizer_type"))
+        multiple = (data.get("make_vocab_size_divisible_by", 128)
                     * (run.get("parallelism") or {}).get("tensor_model_parallel_size", 1))
-        hf_dir.check_vocab(sp, sp_path, run["model"]["vocab_size"], multiple)
-        token_ids = hf_dir.special_ids(sp)
+        hf_dir.check_vocab(tok, tok_path, run["model"]["vocab_size"], multiple)
+        token_ids = hf_dir.special_ids(tok)
     _, config = neon_checkpoint.one_process_config(run)
     problems = unsupported_settings(config)
     if problems:
@@ -199,7 +200,7 @@ def export_to_hf(load: str | os.PathLike, save: str | os.PathLike, iteration: Op
 
         GenerationConfig(**{k: v for k, v in token_ids.items() if v is not None}).save_pretrained(str(tmp))
         if with_tokenizer:
-            hf_dir.write_tokenizer(sp_path, tmp)
+            hf_dir.write_tokenizer(tok, tmp)
     return Path(save)
 
 

@@ -177,42 +177,74 @@ def load_sentencepiece(path: str | os.PathLike | None):
     return sp
 
 
-def check_vocab(sp, path, vocab_size: int, multiple: int) -> None:
+def load_tokenizer(path: str | os.PathLike | None, tokenizer_type: Optional[str] = None):
+    """The training tokenizer (neon.data.tokenizer: sentencepiece .model or a Hugging Face
+    tokenizer.json directory), ConversionError naming the fix if it is missing or unreadable."""
+    from neon.data.errors import DataError
+    from neon.data.tokenizer import load_tokenizer as load
+
+    if path is None:
+        raise ConversionError("no tokenizer: the checkpoint's config names no data.tokenizer_model. Fix: pass "
+                              "--tokenizer-model <the tokenizer used in training>, or --no-tokenizer.")
+    if not Path(path).exists():
+        raise ConversionError(f"tokenizer {str(path)!r} does not exist. Fix: pass --tokenizer-model with the "
+                              f"tokenizer used in training (the path saved in the checkpoint is relative to the "
+                              f"training run's directory), or --no-tokenizer.")
+    try:
+        return load(path, tokenizer_type)
+    except DataError as e:
+        raise ConversionError(f"{e} (pass --tokenizer-model with the tokenizer used in training, or "
+                              f"--no-tokenizer)") from e
+
+
+def check_vocab(tok, path, vocab_size: int, multiple: int) -> None:
     """The tokenizer fits the model: vocab_size lies between the tokenizer's size and that size
     padded up to `multiple` (Megatron-LM's --make-vocab-size-divisible-by x TP)."""
-    n = sp.GetPieceSize()
+    n = tok.vocab_size
     padded = -(-n // multiple) * multiple
     if not n <= vocab_size <= padded:
-        raise ConversionError(f"tokenizer {str(path)!r} has {n} pieces but the model's vocab_size is {vocab_size} "
+        raise ConversionError(f"tokenizer {str(path)!r} has {n} tokens but the model's vocab_size is {vocab_size} "
                               f"(expected {n} up to {n} padded to a multiple of {multiple} = {padded}): this is "
                               f"not the tokenizer the model was trained with. Fix: pass the right --tokenizer-model.")
 
 
-def special_tokens(sp) -> dict:
-    """Special tokens as the sentencepiece model defines them (None where it has none)."""
+def special_tokens(tok) -> dict:
+    """Special tokens as the tokenizer defines them (None where it has none)."""
     def piece(i):
-        return sp.IdToPiece(i) if i >= 0 else None
+        return tok.id_to_piece(i) if i >= 0 else None
 
-    return dict(unk_token=piece(sp.unk_id()), bos_token=piece(sp.bos_id()), eos_token=piece(sp.eos_id()),
-                pad_token=piece(sp.pad_id()))
+    return dict(unk_token=piece(tok.unk), bos_token=piece(tok.bos), eos_token=piece(tok.eos), pad_token=piece(tok.pad))
 
 
-def special_ids(sp) -> dict:
+def special_ids(tok) -> dict:
     return {name: (i if i >= 0 else None) for name, i in
-            (("bos_token_id", sp.bos_id()), ("eos_token_id", sp.eos_id()), ("pad_token_id", sp.pad_id()))}
+            (("bos_token_id", tok.bos), ("eos_token_id", tok.eos), ("pad_token_id", tok.pad))}
 
 
-def write_tokenizer(sp_path: str | os.PathLike, out_dir: Path) -> None:
-    """tokenizer.model + tokenizer_config.json + tokenization_neon.py (exact sentencepiece ids,
-    loads with AutoTokenizer.from_pretrained(dir, trust_remote_code=True))."""
+def write_tokenizer(tok, out_dir: Path) -> None:
+    """The training tokenizer, encoding exactly the training ids with AutoTokenizer's defaults:
+    - sentencepiece: tokenizer.model + tokenizer_config.json + tokenization_neon.py (loads with
+      AutoTokenizer.from_pretrained(dir, trust_remote_code=True));
+    - Hugging Face: its tokenizer.json without the post-processor (training added no bos/eos, so
+      neither does the export; preprocessing appended eod) + tokenizer_config.json for
+      PreTrainedTokenizerFast."""
+    from neon.data.tokenizer import HFTokenizer
+
+    if isinstance(tok, HFTokenizer):
+        spec = json.loads(tok.file.read_text())
+        spec["post_processor"] = None
+        (out_dir / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": int(1e30),
+                  **{k: v for k, v in special_tokens(tok).items() if v is not None}}
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return
     from neon.hf.tokenization_neon import NeonTokenizer
 
-    sp = load_sentencepiece(sp_path)
-    tok = NeonTokenizer(vocab_file=str(sp_path), **special_tokens(sp))
-    if len(tok) != sp.GetPieceSize():
-        raise ConversionError(f"tokenizer {str(sp_path)!r}: the Hugging Face tokenizer has {len(tok)} tokens, "
-                              f"sentencepiece {sp.GetPieceSize()} (special tokens were added)")
-    tok.save_pretrained(str(out_dir))
+    hf = NeonTokenizer(vocab_file=str(tok.model_path), **special_tokens(tok))
+    if len(hf) != tok.vocab_size:
+        raise ConversionError(f"tokenizer {str(tok.model_path)!r}: the Hugging Face tokenizer has {len(hf)} tokens, "
+                              f"sentencepiece {tok.vocab_size} (special tokens were added)")
+    hf.save_pretrained(str(out_dir))
 
 
 # --- reading --------------------------------------------------------------------------------

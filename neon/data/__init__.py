@@ -1,6 +1,6 @@
 """Neon's data pipeline: tokenizer, .bin/.idx preprocessing, megatron-core datasets, demo corpus.
 
-    from neon.data import NeonTokenizer, tokenizer_vocab_size, build_datasets, check_data_files, DataError
+    from neon.data import load_tokenizer, tokenizer_vocab_size, build_datasets, check_data_files, DataError
     from neon.data.corpus import build_demo_corpus, prepare_demo_data
 
 Names load lazily, so the tokenizer tools start without importing megatron-core.
@@ -11,6 +11,8 @@ import importlib
 _EXPORTS = {
     "DataError": "neon.data.errors",
     "NeonTokenizer": "neon.data.tokenizer",
+    "HFTokenizer": "neon.data.tokenizer",
+    "load_tokenizer": "neon.data.tokenizer",
     "tokenizer_vocab_size": "neon.data.tokenizer",
     "build_datasets": "neon.data.datasets",
     "build_split_datasets": "neon.data.datasets",

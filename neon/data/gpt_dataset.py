@@ -30,3 +30,4 @@ class GPTDataset(mcore.GPTDataset):
             config = dataclasses.replace(config, path_to_cache=config.gpt_index_cache, gpt_index_cache=None)
             config.split_matrix = split_matrix
         super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
+

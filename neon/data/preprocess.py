@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from neon.data.documents import TEXT_UNITS, expand_inputs, is_jsonl, text_from_json_line
 from neon.data.errors import DataError
-from neon.data.tokenizer import NeonTokenizer
+from neon.data.tokenizer import load_tokenizer
 
 LEVEL = "document"
 
@@ -58,7 +58,7 @@ _worker: dict = {}
 
 
 def _init_worker(model_path: str, json_keys: tuple[str, ...], append_eod: bool, dtype) -> None:
-    tok = NeonTokenizer(model_path)
+    tok = load_tokenizer(model_path)
     _worker.update(tok=tok, keys=json_keys, eod=tok.eod if append_eod else None, dtype=dtype)
 
 
@@ -106,7 +106,7 @@ def _raw_documents(files: list[Path], input_format: str, text_unit: str) -> Iter
 def preprocess(inputs: list[str] | str, output_prefix: str | Path, tokenizer_model: str | Path,
                json_keys: list[str] | tuple[str, ...] = ("text",), workers: int = 1, append_eod: bool = True,
                input_format: str = "auto", text_unit: str = "line", chunk_size: int = 32,
-               show_progress: bool = True) -> PreprocessResult:
+               show_progress: bool = True, tokenizer_type: str | None = None) -> PreprocessResult:
     """Tokenize `inputs` into `{output_prefix}_{key}_document.bin/.idx`; see the module docstring."""
     if workers < 1:
         raise DataError(f"--workers {workers} must be at least 1.")
@@ -119,7 +119,7 @@ def preprocess(inputs: list[str] | str, output_prefix: str | Path, tokenizer_mod
     if any(not is_jsonl(f, input_format) for f in files) and len(json_keys) > 1:
         raise DataError(f"--json-keys {list(json_keys)} names several keys but some inputs are plain text; plain text "
                         f"has one document stream, so give one key (it names the output).")
-    tok = NeonTokenizer(tokenizer_model)  # fails early on a bad model
+    tok = load_tokenizer(tokenizer_model, tokenizer_type)  # fails early on a bad model
     dtype = DType.optimal_dtype(tok.vocab_size)
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
 

@@ -2,7 +2,8 @@
 
 Every pipeline stage receives the input ids (Neon's forward_step passes the batch to each stage),
 so each stage builds the same context [s, b, C] (neon/io/base.py: the ids window, then the
-columns of the IO kinds' context providers) in its own forward pass and hands it to its
+columns of the IO kinds' context providers; with document masks, `attention_mask` is the document
+ids, and no context column reaches an earlier document) in its own forward pass and hands it to its
 TransformerBlock as megatron's `context` argument: a forward argument, recomputed with the layers
 under activation recompute, never state kept between steps.
 
@@ -36,7 +37,7 @@ class IOGPTModel(GPTModel):
             raise RuntimeError("a model with FlamingMoE IO functions needs the input ids on every "
                                "pipeline stage (they give the token context)")
         ctx = build_context(self.io_layout, self.io_providers, input_ids, position_ids,
-                            dtype=self.config.params_dtype)  # [b, s, C]
+                            dtype=self.config.params_dtype, documents=attention_mask)  # [b, s, C]
         ctx = ctx.transpose(0, 1).contiguous()  # megatron's [s, b, C]
         if self.config.sequence_parallel:  # the layers hold this TP rank's part of the sequence
             ctx = ctx.chunk(self.pg_collection.tp.size(), dim=0)[self.pg_collection.tp.rank()]

@@ -151,16 +151,21 @@ def canonical(spec: IOSpec) -> dict:
 
 
 def token_context(ids: torch.Tensor, window: int, positions: Optional[torch.Tensor] = None,
-                  history: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  history: Optional[torch.Tensor] = None, documents: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ids [b, s] (-1: padding) -> context [b, s, 2 + W]: (position, sequence row, id_{t-W+1} .. id_t).
 
     history [b, W - 1]: the ids before these (cached generation; default -1: the sequence starts
-    here); positions [b, s]: the tokens' position ids (default 0 .. s - 1)."""
+    here); positions [b, s]: the tokens' position ids (default 0 .. s - 1); documents [b, s]: each
+    token's document number (document masks): ids of an earlier document are -1 in the window."""
     b, s = ids.shape
     ids = ids.long()
     if history is None:
         history = ids.new_full((b, window - 1), -1)
     windows = torch.cat([history, ids], dim=1).unfold(1, window, 1)  # [b, s, W]: ids t-W+1 .. t
+    if documents is not None:
+        docs = documents.long()
+        doc_windows = torch.cat([docs[:, :1].expand(b, window - 1), docs], dim=1).unfold(1, window, 1)
+        windows = windows.masked_fill(doc_windows != docs[..., None], -1)
     pos = positions.long().expand(b, s) if positions is not None else torch.arange(s, device=ids.device).expand(b, s)
     seq = torch.arange(b, device=ids.device)[:, None].expand(b, s)
     return torch.cat([pos[..., None], seq[..., None], windows], dim=-1)
@@ -179,10 +184,12 @@ class ContextProvider:
     columns: dict[str, int] = {}
 
     def compute(self, input_ids: torch.Tensor, context: torch.Tensor, *, dtype: torch.dtype, attention_mask=None,
-                cache: Optional[IOCacheState] = None) -> dict[str, torch.Tensor]:
+                cache: Optional[IOCacheState] = None, documents: Optional[torch.Tensor] = None
+                ) -> dict[str, torch.Tensor]:
         """input_ids [b, s] (the model's ids), context [b, s, 2 + W]; dtype: the model's hidden
         states'; `cache`: generation's state (None in training), where a provider may keep its own
-        (`cache.providers`)."""
+        (`cache.providers`); documents [b, s]: document masks (no token's columns may depend on an
+        earlier document's tokens; the ids window already has them masked)."""
         raise NotImplementedError
 
     def report(self, step_time_s: float) -> dict[str, float]:
@@ -233,20 +240,23 @@ def context_providers(specs: list[IOSpec], settings: IOSettings) -> list[Context
 
 def build_context(layout: ContextLayout, providers: list[ContextProvider], input_ids: torch.Tensor,
                   positions: Optional[torch.Tensor] = None, *, dtype: torch.dtype = torch.float32,
-                  attention_mask=None, cache: Optional[IOCacheState] = None) -> torch.Tensor:
+                  attention_mask=None, cache: Optional[IOCacheState] = None,
+                  documents: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The full context [b, s, layout.width] of input ids [b, s] (dtype: the model's hidden
-    states'; with a cache: the ids before them come from it, and it keeps these)."""
+    states'; with a cache: the ids before them come from it, and it keeps these; documents [b, s]:
+    document masks, which the ids window and every provider honour)."""
     ids = input_ids.long()
     if attention_mask is not None:  # padding is not part of any sequence
         ids = ids.masked_fill(attention_mask[:, -ids.shape[1]:] == 0, -1)
     history = cache.history if cache is not None else None
-    context = token_context(ids, layout.window, positions, history)
+    context = token_context(ids, layout.window, positions, history, documents)
     if cache is not None:
         joined = torch.cat([cache.history, ids], dim=1)
         cache.history = joined[:, joined.shape[1] - cache.history.shape[1]:]
     extra = []
     for provider in providers:
-        cols = provider.compute(input_ids, context, dtype=dtype, attention_mask=attention_mask, cache=cache)
+        cols = provider.compute(input_ids, context, dtype=dtype, attention_mask=attention_mask, cache=cache,
+                                documents=documents)
         for name, width in provider.columns.items():
             assert layout.slices[name] == (context.shape[-1] + sum(e.shape[-1] for e in extra), width), name
             extra.append(cols[name].to(context.device, torch.long))

@@ -252,12 +252,40 @@ class FrozenModels(ContextProvider):
     def memory_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters()) if self.model is not None else 0
 
+    @staticmethod
+    def _per_document(model, input_ids, documents) -> list[torch.Tensor]:
+        """The frozen model's hidden states [b, s, H] (one per layer) with each document of each row
+        run on its own (right-padded into one batch): no state sees an earlier document."""
+        b, s = input_ids.shape
+        segments = []  # (row, start, end)
+        for j in range(b):
+            d = documents[j]
+            cuts = [0, *(torch.nonzero(d[1:] != d[:-1]).flatten() + 1).tolist(), s]
+            segments += [(j, a, e) for a, e in zip(cuts[:-1], cuts[1:])]
+        width = max(e - a for _, a, e in segments)
+        ids = input_ids.new_zeros(len(segments), width)
+        mask = input_ids.new_zeros(len(segments), width)
+        for i, (j, a, e) in enumerate(segments):
+            ids[i, :e - a], mask[i, :e - a] = input_ids[j, a:e], 1
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+        states = []
+        for h in out.hidden_states:
+            full = h.new_zeros(b, s, h.shape[-1])
+            for i, (j, a, e) in enumerate(segments):
+                full[j, a:e] = h[i, :e - a]
+            states.append(full)
+        return states
+
     @torch.no_grad()
-    def compute(self, input_ids, context, *, dtype, attention_mask=None, cache=None):
+    def compute(self, input_ids, context, *, dtype, attention_mask=None, cache=None, documents=None):
         t0 = time.perf_counter()
         model = self.load(input_ids.device, dtype)
         b, s = input_ids.shape
         ids, src = input_ids, None
+        if documents is not None and self.retokenizer is not None:
+            raise IOSourceError(f"{self.specs[0].where()}: a re-tokenizing frozen model cannot honour document masks "
+                                "(--reset-attention-mask). Fix: use a frozen model with the run's tokenizer, or "
+                                "train without --reset-attention-mask.")
         if self.retokenizer is not None:
             if cache is not None:
                 raise IOSourceError(f"{self.specs[0].where()}: re-tokenization needs the whole sequence at every "
@@ -275,12 +303,16 @@ class FrozenModels(ContextProvider):
         if cache is not None:  # generation: the frozen model's own KV cache, kept with the model's
             # transformers 5 names the cache argument `cache`; older (remote) code `past_key_values`
             kwargs[_cache_argument(model)] = cache.providers.get(self.source)
-        out = model(input_ids=ids, output_hidden_states=True, **kwargs)
-        if cache is not None:
-            cache.providers[self.source] = getattr(out, "cache", None) or out.past_key_values
+        if documents is not None:
+            hidden_states = self._per_document(model, ids, documents)
+        else:
+            out = model(input_ids=ids, output_hidden_states=True, **kwargs)
+            if cache is not None:
+                cache.providers[self.source] = getattr(out, "cache", None) or out.past_key_values
+            hidden_states = out.hidden_states
         cols = {}
         for spec in self.specs:
-            h = out.hidden_states[spec.options.layer]  # [b, s', H]
+            h = hidden_states[spec.options.layer]  # [b, s', H]
             if src is not None:
                 picked = h.gather(1, src.clamp(min=0).unsqueeze(-1).expand(b, s, h.shape[-1]))
                 h = picked * (src >= 0).unsqueeze(-1).to(h.dtype)  # zeros: no frozen token yet

@@ -282,8 +282,8 @@ class ContextSearch(ContextProvider):
         self.rows = 0  # token searches done (the benchmark and tests read it)
 
     @torch.no_grad()
-    def compute(self, input_ids, context, *, dtype, attention_mask=None, cache=None):
-        b, s, c = context.shape
+    def compute(self, input_ids, context, *, dtype, attention_mask=None, cache=None, documents=None):
+        b, s, c = context.shape  # the ids windows honour documents already
         rows = context.reshape(b * s, c)
         q = self.encoder(context_ids(rows, self.window))
         self.rows += q.shape[0]

@@ -11,10 +11,11 @@ from neon.training import batches
 
 
 def data_files(data) -> dict:
-    """{path: (size, mtime_ns)} of the .bin/.idx files of the run's data prefixes."""
+    """{path: (size, mtime_ns)} of the .bin/.idx files of the run's data prefixes (none with mock data)."""
     from neon.data.checks import parse_data_path
 
-    prefixes, _ = parse_data_path(data.data_path)
+    paths = [p for p in (data.data_path, data.train_data_path, data.valid_data_path, data.test_data_path) if p]
+    prefixes = [prefix for path in paths for prefix in parse_data_path(path)[0]]
     return data_files_state({f"{p}{ext}": None for p in prefixes for ext in (".bin", ".idx")})
 
 
@@ -38,10 +39,11 @@ class TrainingData:
     def __init__(self, data, schedule, *, vocab_size: int, num_chunks: int, dp_rank: int, dp_size: int):
         """data: the run's `data` section; schedule: its `schedule` section (seed, batch sizes,
         sample counts); vocab_size: the model's (padded) vocabulary."""
-        from neon.data import NeonTokenizer, build_datasets
+        from neon.data import build_datasets, load_tokenizer
 
-        tokenizer = NeonTokenizer(data.tokenizer_model)
-        self.train, self.valid, _ = build_datasets(data, schedule, vocab_size=vocab_size, eod_id=tokenizer.eod)
+        # mock data without a tokenizer: the vocabulary's last id ends documents
+        eod = load_tokenizer(data.tokenizer_model, data.tokenizer_type).eod if data.tokenizer_model else vocab_size - 1
+        self.train, self.valid, self.test = build_datasets(data, schedule, vocab_size=vocab_size, eod_id=eod)
         self.num_workers, self.eval_samples = data.num_workers, schedule.eval_iters * schedule.global_batch_size
         self.num_chunks = num_chunks
         self.loader_args = dict(micro_batch_size=schedule.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
@@ -73,7 +75,7 @@ class TrainingData:
             batches.shut_down(iterator)
         self.opened.clear()
 
-    def valid_batches(self):
-        """The validation micro-batches, the same ones at every evaluation (needs a validation split)."""
-        return data_arg(batches.iterators(self.valid, num_chunks=self.num_chunks, consumed_samples=0, num_workers=0,
-                                          total_samples=self.eval_samples, **self.loader_args))
+    def valid_batches(self, split: str = "valid"):
+        """The micro-batches of the validation (or test) split, the same ones at every evaluation."""
+        return data_arg(batches.iterators(getattr(self, split), num_chunks=self.num_chunks, consumed_samples=0,
+                                          num_workers=0, total_samples=self.eval_samples, **self.loader_args))

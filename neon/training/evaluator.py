@@ -1,5 +1,5 @@
 """The validation loss of a run: `eval_iters` global batches of the validation split, forward
-only, the same samples at every evaluation."""
+only, the same samples at every evaluation (and, after training, of the test split)."""
 
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ class Evaluator:
         s = self.schedule
         return self.enabled and (iteration % s.eval_interval == 0 or iteration == s.train_iters)
 
-    def loss(self) -> Optional[float]:
-        """Mean validation token loss, the same on every rank; None without a validation split.
-        Collective."""
-        if self.data.valid is None or not self.enabled:
+    def loss(self, split: str = "valid") -> Optional[float]:
+        """Mean token loss on the validation (or test) split, the same on every rank; None without
+        that split. Collective."""
+        if getattr(self.data, split) is None or not self.enabled:
             return None
-        loss = evaluate(self.chunks, self.data.valid_batches(), num_batches=self.schedule.eval_iters,
+        loss = evaluate(self.chunks, self.data.valid_batches(split), num_batches=self.schedule.eval_iters,
                         num_microbatches=self.num_microbatches, seq_length=self.seq_length,
                         micro_batch_size=self.schedule.micro_batch_size)
         clear_router_aux_losses()

@@ -109,7 +109,7 @@ class MetricsLogger:
     def _record(self, record: dict) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
         step = record["iteration"]
-        prefix = "train" if record["kind"] == "train" else "valid"
+        prefix = record["kind"]  # train, valid, test
         scalars = {f"{prefix}/{k}": v for k, v in record.items()
                    if k not in ("kind", "iteration", "time") and isinstance(v, (int, float)) and v is not None}
         if self.tb is not None:
@@ -178,13 +178,16 @@ class MetricsLogger:
         self.print(" | ".join(parts) + " |")
         self.window = _Window()
 
-    def evaluation(self, *, iteration: int, loss: float, consumed_samples: int) -> None:
+    def evaluation(self, *, iteration: int, loss: float, consumed_samples: int, split: str = "valid") -> None:
+        """The loss on the validation split (or, split="test", on the test split after training)."""
         if not self.enabled:
             return
         ppl = math.exp(min(20.0, loss))
-        self._record({"kind": "valid", "iteration": iteration, "consumed_samples": consumed_samples,
+        self._record({"kind": split, "iteration": iteration, "consumed_samples": consumed_samples,
                       "loss": loss, "ppl": ppl, "time": time.time()})
-        line = f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | "
+        where = "" if split == "valid" else f" on the {split} set"
+        line = (f" validation loss at iteration {iteration}{where} | lm loss value: {loss:.6E} | "
+                f"lm loss PPL: {ppl:.6E} | ")
         rule = "-" * len(line)
         self.print(f"{rule}\n{line}\n{rule}")
 

@@ -75,7 +75,8 @@ def forward_step(data_iterator: Iterator[dict], model):
     """Megatron's forward_step contract: (output, loss function of that output)."""
     device = cpu_runtime.device()
     batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    # megatron's attention_mask argument carries the document ids (neon/attention.py), or None
+    output = model(batch["tokens"], batch["position_ids"], batch.get("documents"), labels=batch["labels"])
     return output, partial(lm_loss, batch["loss_mask"])
 
 

@@ -6,7 +6,7 @@ optimizer and scheduler (megatron-core's: neon/training/step.py, optim.py) and a
 TrainerState; each collaborator is built from the config section it needs:
 - Checkpointer (`checkpointing`): resumes the state from --load, saves to --save;
 - TrainingData (`data`, `schedule`): the datasets and this rank's micro-batches;
-- Evaluator (`schedule`): the validation loss;
+- Evaluator (`schedule`): the validation loss (and the test split's after training);
 - MetricsLogger (`logging`): console lines, metrics.jsonl, TensorBoard, wandb.
 """
 
@@ -190,6 +190,7 @@ class Trainer:
                 self.save()
                 return "exit interval"
         self.save()
+        self.test()
         return "finished"
 
     def log_line(self, line) -> None:
@@ -288,6 +289,13 @@ class Trainer:
         self.state.valid_loss = self.evaluator.loss()
         self.logger.evaluation(iteration=self.state.iteration, loss=self.state.valid_loss,
                                consumed_samples=self.state.consumed_samples)
+
+    def test(self) -> None:
+        """Evaluate and log the test split's loss (when the run has one). Collective."""
+        loss = self.evaluator.loss("test")
+        if loss is not None:
+            self.logger.evaluation(iteration=self.state.iteration, loss=loss,
+                                   consumed_samples=self.state.consumed_samples, split="test")
 
     def save(self) -> None:
         """A checkpoint of the current state (unless --save is unset or already holds it), after

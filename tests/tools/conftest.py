@@ -1,1 +1,1 @@
-from tests.data_helpers import tiny_dataset, tiny_tokenizer  # noqa: F401
+from tests.data_helpers import hf_tokenizer, tiny_dataset, tiny_tokenizer  # noqa: F401

@@ -187,7 +187,7 @@ def test_errors_name_the_problem(exported, tmp_path):
     big = tmp_path / "big_tok"  # 600 pieces: more than the model's 512
     spm.SentencePieceTrainer.train(sentence_iterator=iter(sample_documents(400)), model_prefix=str(big),
                                    vocab_size=600, model_type="bpe", byte_fallback=True, minloglevel=2)
-    fails("600 pieces", "vocab_size is 512", tokenizer_model=f"{big}.model")
+    fails("600 tokens", "vocab_size is 512", tokenizer_model=f"{big}.model")
     fails("does not exist", tokenizer_model=str(tmp_path / "no.model"))
     fails("no such directory", load=tmp_path / "nothing-here")
     fails("iteration 12345", "choose --iteration", iteration=12345)

@@ -111,3 +111,27 @@ def test_megatron_lm_written_files_load(tmp_path, tiny_tokenizer):
     windows = np.lib.stride_tricks.sliding_window_view(stream, len(s))
     assert (windows == s).all(axis=1).any()  # a sample is a window of the real token stream
     assert max(int(train[i]["tokens"].max()) for i in range(len(train))) < TINY_VOCAB
+
+
+def test_hugging_face_tokenizer_through_the_cli(tmp_path, hf_tokenizer, tiny_tokenizer):
+    """Megatron-LM's `--tokenizer-type HuggingFaceTokenizer --tokenizer-model <dir>`: each document's
+    ids are the `tokenizers` library's own (no bos added) followed by eos; a type that does not fit
+    the path is refused with exit 2, no traceback and no output."""
+    from tokenizers import Tokenizer
+
+    docs = sample_documents(30)
+    corpus = write_jsonl(tmp_path / "in.jsonl", docs)
+    res = run_cli("--input", corpus, "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_tokenizer,
+                  "--output-prefix", tmp_path / "hf", "--workers", "2", "--append-eod", "--quiet")
+    assert res.returncode == 0, res.stderr
+    reference = Tokenizer.from_file(str(hf_tokenizer / "tokenizer.json"))
+    eos = reference.token_to_id("<|endoftext|>")
+    indexed = IndexedDataset(str(tmp_path / "hf_text_document"))
+    assert len(indexed) == len(docs)
+    for i, doc in enumerate(docs):
+        assert indexed[i].tolist() == reference.encode(doc, add_special_tokens=False).ids + [eos]
+    for kind, model in (("HuggingFaceTokenizer", tiny_tokenizer), ("GPTSentencePieceTokenizer", hf_tokenizer)):
+        res = run_cli("--input", corpus, "--tokenizer-type", kind, "--tokenizer-model", model,
+                      "--output-prefix", tmp_path / "bad", "--quiet")
+        assert res.returncode == 2 and f"--tokenizer-type {kind} needs" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and not list(tmp_path.glob("bad*"))

@@ -10,23 +10,31 @@ from neon.training.config.sections import Config, ConfigError, padded_vocab_size
 
 
 def derive_vocab_size(cfg: Config) -> None:
-    """model.vocab_size from the tokenizer (padded as Megatron-LM does) unless someone set it."""
-    if not cfg.data.tokenizer_model or cfg.origin("model.vocab_size") != "default":
+    """model.vocab_size from the tokenizer (padded as Megatron-LM does) unless someone set it; the
+    tokenizer is read either way (a wrong path or --tokenizer-type fails here)."""
+    if not cfg.data.tokenizer_model:
         return
-    from neon.data import DataError, tokenizer_vocab_size
+    from neon.data import DataError, load_tokenizer
 
     try:
-        vocab = tokenizer_vocab_size(cfg.data.tokenizer_model)
+        vocab = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type).vocab_size
     except DataError as e:
         raise ConfigError(f"--tokenizer-model: {e}") from None
-    cfg.set("model.vocab_size", padded_vocab_size(cfg, vocab), "tokenizer")
+    if cfg.origin("model.vocab_size") == "default":
+        cfg.set("model.vocab_size", padded_vocab_size(cfg, vocab), "tokenizer")
 
 
 def check_data(cfg: Config) -> None:
-    """Every --data-path prefix exists, is complete, and has no token id >= model.vocab_size."""
+    """Every prefix of --data-path (or of each per-split path) exists, is complete, and has no
+    token id >= model.vocab_size."""
     from neon.data import DataError, check_data_files
 
-    try:
-        check_data_files(cfg.data.data_path, cfg.model.vocab_size)
-    except DataError as e:
-        raise ConfigError(f"--data-path: {e}") from None
+    d = cfg.data
+    for flag, path in (("--data-path", d.data_path), ("--train-data-path", d.train_data_path),
+                       ("--valid-data-path", d.valid_data_path), ("--test-data-path", d.test_data_path)):
+        if not path:
+            continue
+        try:
+            check_data_files(path, cfg.model.vocab_size)
+        except DataError as e:
+            raise ConfigError(f"{flag}: {e}") from None

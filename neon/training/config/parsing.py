@@ -26,6 +26,7 @@ import yaml
 from neon.config import NeonConfig
 from neon.features import FEATURES
 from neon.training.config import data_checks
+from neon.training.config.inherited import refusal
 from neon.training.config.model_section import MODEL_FIELDS, ModelSection
 from neon.training.config.recipes import applies, feature_recipes, is_on
 from neon.training.config.sections import SECTIONS, Config, ConfigError, validate
@@ -177,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             help_text = f"{docs.get(f.name, '')} [{section}.{f.name}, default: {default!r}]".strip()
+            if cls is ModelSection and refusal(f.name) is not None:
+                help_text = argparse.SUPPRESS  # accepted, so that setting it gets its reason (inherited.py)
             _add_flag(group, section, f.name, help_text)
     return parser
 

@@ -52,11 +52,29 @@ class DataConfig:
     data_path: list = field(default_factory=list)
     """Data prefixes (path without .bin/.idx), optionally with blending weights: 0.7 a 0.3 b."""
     split: str = "969,30,1"
-    """Train,valid,test proportions of each data prefix."""
+    """Train,valid,test proportions of each --data-path prefix."""
+    train_data_path: list = field(default_factory=list)
+    """The training split's own blend (as --data-path), used whole; instead of --data-path and --split."""
+    valid_data_path: list = field(default_factory=list)
+    """The validation split's own blend (with --train-data-path)."""
+    test_data_path: list = field(default_factory=list)
+    """The test split's own blend (with --train-data-path); its loss is logged after training."""
+    mock_data: bool = False
+    """Synthetic data (megatron-core's MockGPTDataset), no files: for throughput tests."""
+    eod_mask_loss: bool = False
+    """No loss where the input token is the end-of-document token."""
+    reset_position_ids: bool = False
+    """Position ids restart at 0 after each end-of-document token."""
+    reset_attention_mask: bool = False
+    """A token attends to no earlier document of its sample (every attention path, IO context windows)."""
     seq_length: int = 1024
     """Tokens per training sample."""
     tokenizer_model: Optional[str] = None
-    """sentencepiece model file; the model's vocab_size is derived from it unless set."""
+    """sentencepiece .model file, or a directory with a Hugging Face tokenizer.json; the model's
+    vocab_size is derived from it unless set."""
+    tokenizer_type: Optional[str] = None
+    """Megatron-LM's tokenizer type (HuggingFaceTokenizer, GPTSentencePieceTokenizer, ...); default:
+    what --tokenizer-model is."""
     make_vocab_size_divisible_by: int = 128
     """Pad the tokenizer's vocabulary to a multiple of this times TP (as Megatron-LM)."""
     data_cache_path: Optional[str] = None
@@ -256,6 +274,7 @@ def fail(setting: str, value, problem: str, fix: str):
 
 def validate(cfg: Config) -> None:
     """Check every setting and combination that needs no file; raise ConfigError on the first."""
+    _check_inherited(cfg.model)
     _check_positive(cfg)
     _check_layout(cfg)
     _check_virtual_pipeline(cfg)
@@ -264,6 +283,19 @@ def validate(cfg: Config) -> None:
     _check_checkpointing(cfg.checkpointing)
     _check_data_settings(cfg.data, cfg.schedule)
     _check_model(cfg)
+
+
+def _check_inherited(m) -> None:
+    """No megatron-core field Neon does not build is set (neon/training/config/inherited.py)."""
+    from neon.training.config.inherited import refusal
+    from neon.training.config.model_section import MODEL_FIELDS
+
+    for name, (_, default) in MODEL_FIELDS.items():
+        refused = refusal(name)
+        if refused is not None and getattr(m, name) != default:
+            reason, fix = refused
+            fail("--" + name.replace("_", "-"), getattr(m, name), f"is a megatron-core setting Neon does not build: "
+                 f"{reason}", fix)
 
 
 def _check_positive(cfg: Config) -> None:
@@ -349,13 +381,19 @@ def _check_optimizer_and_schedule(cfg: Config) -> None:
              "use --eval-iters 0 to turn evaluation off")
 
 
+def te_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
 def _check_precision(m) -> None:
     if m.bf16 and m.fp16:
         fail("--bf16/--fp16", True, "both set", "choose one precision")
     if m.fp8:
-        try:
-            import transformer_engine  # noqa: F401
-        except (ImportError, RuntimeError):
+        if not te_available():
             fail("--fp8-format", m.fp8, "needs Transformer Engine, which is not importable here",
                  "drop --fp8-format (use --bf16) or run in an NGC container with TE")
 
@@ -374,9 +412,19 @@ def _check_checkpointing(c: CheckpointingConfig) -> None:
 
 
 def _check_data_settings(d: DataConfig, s: ScheduleConfig) -> None:
-    if not d.data_path:
+    sources = [name for name, given in (("--data-path", d.data_path), ("--train-data-path", d.train_data_path),
+                                        ("--mock-data", d.mock_data)) if given]
+    for name, given in (("--valid-data-path", d.valid_data_path), ("--test-data-path", d.test_data_path)):
+        if given and not d.train_data_path:
+            fail(name, given, "needs --train-data-path", "give the training blend with --train-data-path "
+                 "(the per-split paths replace --data-path and --split)")
+    if len(sources) > 1:
+        fail(sources[1], getattr(d, sources[1][2:].replace("-", "_")), f"is given with {sources[0]}",
+             "use one data source: --data-path with --split, or --train-data-path (with --valid-data-path and "
+             "--test-data-path), or --mock-data")
+    if not sources:
         fail("--data-path", d.data_path, "is empty", "give the prefix of a .bin/.idx pair made by "
-             "tools/preprocess_data.py (or run `make demo` for a ready-made one)")
+             "tools/preprocess_data.py (or --train-data-path per split, or --mock-data; `make demo` makes one)")
     try:
         parts = [float(x) for x in d.split.replace("/", ",").split(",")]
     except ValueError:
@@ -384,12 +432,20 @@ def _check_data_settings(d: DataConfig, s: ScheduleConfig) -> None:
     if len(parts) not in (1, 2, 3) or any(x < 0 for x in parts) or sum(parts) <= 0:
         fail("--split", d.split, "is not a train,valid,test proportion", "use e.g. 969,30,1")
     parts += [0.0] * (3 - len(parts))
-    if s.eval_iters > 0 and parts[1] == 0:
+    if d.train_data_path:
+        if s.eval_iters > 0 and not d.valid_data_path:
+            fail("--valid-data-path", d.valid_data_path, "is not given while --eval-iters > 0",
+                 "give the validation blend or set --eval-iters 0")
+    elif s.eval_iters > 0 and parts[1] == 0:
         fail("--split", d.split, "gives the validation set no data while --eval-iters > 0",
              "give the validation split a share (e.g. 98,2,0) or set --eval-iters 0")
-    if not d.tokenizer_model:
-        fail("--tokenizer-model", d.tokenizer_model, "is not set", "give the sentencepiece model the data "
-             "was tokenized with")
+    if d.reset_attention_mask and te_available():
+        fail("--reset-attention-mask", True, "needs Neon's own core attention, and with Transformer Engine installed "
+             "the layers use TE's, which takes no document ids", "pack documents without it, or run where TE is "
+             "not installed")
+    if not d.tokenizer_model and not d.mock_data:
+        fail("--tokenizer-model", d.tokenizer_model, "is not set", "give the tokenizer the data was tokenized "
+             "with (a sentencepiece .model, or a directory with a Hugging Face tokenizer.json)")
 
 
 def _check_model(cfg: Config) -> None:

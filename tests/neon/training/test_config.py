@@ -24,9 +24,11 @@ MEGATRON_FLAGS = [
     "--bf16", "--data-path", "--split", "--tokenizer-model", "--save", "--load", "--save-interval",
     "--eval-interval", "--eval-iters", "--log-interval", "--wandb-project", "--tensorboard-dir", "--num-layers",
     "--hidden-size", "--ffn-hidden-size", "--num-attention-heads", "--num-query-groups", "--max-position-embeddings",
-    "--rotary-base", "--num-experts", "--recompute-granularity", "--use-distributed-optimizer", "--seed",
+    "--rotary-base", "--recompute-granularity", "--use-distributed-optimizer", "--seed",
     "--weight-decay", "--adam-beta2", "--fp8-format", "--norm-epsilon", "--exit-interval", "--ckpt-step",
-]
+    "--train-data-path", "--valid-data-path", "--test-data-path", "--mock-data", "--tokenizer-type",
+    "--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss",
+]  # --num-experts (megatron's MoE layers) is refused: tests/neon/training/config/test_inherited_flags.py
 
 
 def base(corpus, *extra):
