@@ -3,7 +3,10 @@
 1. builds the demo corpus from Python's own documentation, trains a sentencepiece tokenizer and
    writes megatron's .bin/.idx (neon.data.corpus.prepare_demo_data; no network needed),
 2. trains the model of examples/configs/cpu_demo.yaml on the CPU with pretrain_neon.py,
-3. plots the training and validation loss, and prints where checkpoint, metrics and plot are.
+3. plots the training and validation loss,
+4. evaluates the checkpoint on three small local lm-eval tasks (a cloze, a multiple choice and a
+   generation task over the corpus's last documents) with tools/evaluate.py, and prints the
+   scores and where checkpoint, metrics and plot are.
 
     python examples/cpu_demo.py [--work-dir runs/demo] [pretrain_neon.py flags, e.g. --train-iters 50]
 
@@ -38,13 +41,13 @@ def main(argv=None) -> int:
     start = time.monotonic()
     work = args.work_dir.resolve()
 
-    print(f"[1/3] demo data in {work / 'data'} (Python's documentation -> sentencepiece -> .bin/.idx)", flush=True)
+    print(f"[1/4] demo data in {work / 'data'} (Python's documentation -> sentencepiece -> .bin/.idx)", flush=True)
     from neon.data.corpus import prepare_demo_data
 
     tokenizer, data_prefix = prepare_demo_data(work / "data", VOCAB_SIZE)
 
     run = work / "run"
-    print(f"[2/3] training {args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config} "
+    print(f"[2/4] training {args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config} "
           f"on the CPU -> {run}", flush=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
                str(REPO / "pretrain_neon.py"), "--config", str(args.config), "--data-path", str(data_prefix),
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
         print(f"demo: pretrain_neon.py exited with status {result.returncode}", file=sys.stderr)
         return result.returncode
 
-    print("[3/3] loss curves", flush=True)
+    print("[3/4] loss curves", flush=True)
     sys.path.insert(0, str(REPO / "tools"))
     from plot_metrics import plot, read_metrics
 
@@ -65,16 +68,41 @@ def main(argv=None) -> int:
     its = sorted(valid)
     marker = run / "latest_checkpointed_iteration.txt"
     checkpoint = run / f"iter_{int(marker.read_text()):07d}" if marker.is_file() else None
+
+    print("[4/4] downstream tasks (lm-evaluation-harness, local tasks)", flush=True)
+    scores = evaluate(work, run, env)
     print(f"\nNeon demo finished in {time.monotonic() - start:.0f} s")
     if len(its) >= 2:
         print(f"  validation loss: {valid[its[0]]['loss']:.3f} (iteration {its[0]}) -> "
               f"{valid[its[-1]]['loss']:.3f} (iteration {its[-1]})")
+    for line in scores:
+        print(f"  {line.strip()}")
     print(f"  checkpoint: {checkpoint}")
     print(f"  metrics:    {run / 'metrics.jsonl'}")
     print(f"  plot:       {png}")
     print(f"  config:     {run / 'config.yaml'}")
     print(f"  resume or extend: python examples/cpu_demo.py --train-iters N (loads {run})")
     return 0
+
+
+def evaluate(work: Path, run: Path, env: dict) -> list[str]:
+    """tools/evaluate.py on the run's checkpoint over local tasks written from the corpus's last 3%
+    of documents (the end of the validation and test splits); its score lines."""
+    import json
+
+    from neon.data.corpus import CORPUS_NAME
+    from neon.evaluation.tasks import LOCAL_TASKS, write_local_tasks
+
+    lines = (work / "data" / CORPUS_NAME).read_text(encoding="utf-8").splitlines()
+    held_out = [json.loads(line)["text"] for line in lines[-max(1, len(lines) * 3 // 100):]]
+    tasks = write_local_tasks(held_out, work / "eval_tasks", n=64)
+    command = [sys.executable, str(REPO / "tools" / "evaluate.py"), "--load", str(run), "--tasks", *LOCAL_TASKS,
+               "--include-path", str(tasks), "--quiet", "--output", str(run / "eval_tasks.json")]
+    result = subprocess.run(command, cwd=REPO, env={**env, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        return [f"evaluation failed (status {result.returncode}): {result.stderr.strip().splitlines()[-1:]}"]
+    return [line for line in result.stdout.splitlines() if line.startswith(" neon_")]
 
 
 if __name__ == "__main__":

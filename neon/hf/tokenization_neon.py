@@ -27,7 +27,16 @@ class NeonTokenizer(SentencePieceBackend):
         return self.sp_model.encode(text, out_type=str)
 
     def convert_tokens_to_string(self, tokens):
-        return self.sp_model.decode_pieces(tokens)
+        """sentencepiece's text for runs of pieces; special tokens (which sentencepiece decodes to
+        nothing) as their own text, as transformers' LlamaTokenizer does."""
+        out, run = [], []
+        for token in tokens:
+            if token in self.all_special_tokens:
+                out += [self.sp_model.decode_pieces(run), token]
+                run = []
+            else:
+                run.append(token)
+        return "".join(out + [self.sp_model.decode_pieces(run)])
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
         bos = [self.bos_token_id] if self.add_bos_token and self.bos_token_id is not None else []

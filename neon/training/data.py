@@ -42,7 +42,8 @@ class TrainingData:
         from neon.data import build_datasets, load_tokenizer
 
         # mock data without a tokenizer: the vocabulary's last id ends documents
-        eod = load_tokenizer(data.tokenizer_model, data.tokenizer_type).eod if data.tokenizer_model else vocab_size - 1
+        self.tokenizer = load_tokenizer(data.tokenizer_model, data.tokenizer_type) if data.tokenizer_model else None
+        eod = self.tokenizer.eod if self.tokenizer is not None else vocab_size - 1
         self.train, self.valid, self.test = build_datasets(data, schedule, vocab_size=vocab_size, eod_id=eod)
         self.num_workers, self.eval_samples = data.num_workers, schedule.eval_iters * schedule.global_batch_size
         self.num_chunks = num_chunks

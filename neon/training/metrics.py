@@ -191,6 +191,16 @@ class MetricsLogger:
         rule = "-" * len(line)
         self.print(f"{rule}\n{line}\n{rule}")
 
+    def tasks(self, *, iteration: int, scores: dict, consumed_samples: int) -> None:
+        """Downstream task scores ({task: {metric: value}}, lm-eval's)."""
+        if not self.enabled:
+            return
+        flat = {f"{task}/{metric}": value for task, metrics in scores.items() for metric, value in metrics.items()}
+        self._record({"kind": "tasks", "iteration": iteration, "consumed_samples": consumed_samples, **flat,
+                      "time": time.time()})
+        self.print(f" task scores at iteration {iteration} | "
+                   + " | ".join(f"{name}: {value:.4f}" for name, value in flat.items()) + " |")
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

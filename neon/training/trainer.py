@@ -7,6 +7,7 @@ TrainerState; each collaborator is built from the config section it needs:
 - Checkpointer (`checkpointing`): resumes the state from --load, saves to --save;
 - TrainingData (`data`, `schedule`): the datasets and this rank's micro-batches;
 - Evaluator (`schedule`): the validation loss (and the test split's after training);
+- TaskEvaluator (`schedule`): downstream task scores (lm-eval's --eval-tasks);
 - MetricsLogger (`logging`): console lines, metrics.jsonl, TensorBoard, wandb.
 """
 
@@ -39,7 +40,7 @@ from neon.training.checkpointer import Checkpointer
 from neon.training.checkpointing import latest_iteration
 from neon.training.config import Config, dump_yaml
 from neon.training.data import TrainingData
-from neon.training.evaluator import Evaluator
+from neon.training.evaluator import Evaluator, TaskEvaluator
 from neon.training.metrics import MetricsLogger
 from neon.training.optim import build_optimizer, current_lr, optimizer_config, scheduler_for
 from neon.training.signals import SignalFlag
@@ -117,6 +118,9 @@ class Trainer:
         self.train_batches = self.data.train_batches(self.state.consumed_samples)
         self.evaluator = Evaluator(cfg.schedule, self.data, self.chunks, model_config=self.model_config,
                                    num_microbatches=self.num_microbatches, seq_length=cfg.data.seq_length)
+        self.task_evaluator = TaskEvaluator(cfg.schedule, self.chunks, tokenizer=self.data.tokenizer,
+                                            vocab_size=self.model_config.vocab_size,
+                                            max_length=self.model_config.max_position_embeddings)
         self.run_dir = self.open_run_dir()
         self.logger = MetricsLogger(
             cfg.logging, cfg.schedule, seq_length=cfg.data.seq_length,
@@ -159,6 +163,7 @@ class Trainer:
         try:
             if skip:
                 self.validate()
+                self.evaluate_tasks()
             exit_reason = "skip-train" if skip else self.train()
             self.log_line(self.checkpointer.finish())
         except BaseException:
@@ -179,6 +184,8 @@ class Trainer:
             self.signals.raise_if_interrupted()
             if self.evaluator.due(state.iteration):
                 self.validate()
+            if self.task_evaluator.due(state.iteration):
+                self.evaluate_tasks()
             if signalled:
                 reason = f"signal {self.signals.received or 'on another rank'}"
                 self.logger.print(f" received {reason} at iteration {state.iteration}: saving and exiting")
@@ -289,6 +296,13 @@ class Trainer:
         self.state.valid_loss = self.evaluator.loss()
         self.logger.evaluation(iteration=self.state.iteration, loss=self.state.valid_loss,
                                consumed_samples=self.state.consumed_samples)
+
+    def evaluate_tasks(self) -> None:
+        """Evaluate and log the --eval-tasks scores (nothing without tasks). Collective."""
+        if not self.task_evaluator.enabled:
+            return
+        scores = self.task_evaluator.scores()
+        self.logger.tasks(iteration=self.state.iteration, scores=scores, consumed_samples=self.state.consumed_samples)
 
     def test(self) -> None:
         """Evaluate and log the test split's loss (when the run has one). Collective."""

@@ -1,7 +1,8 @@
-"""The configuration steps that read files: the tokenizer's vocabulary and the data files.
+"""The configuration steps that read files: the tokenizer's vocabulary, the data files, and the
+lm-eval task names.
 
-Both are cheap (a sentencepiece header, the .idx headers and a max over memory-mapped tokens)
-and run in resolve(), after validate() and before anything expensive is built.
+All are cheap (a tokenizer file, the .idx headers and a max over memory-mapped tokens, lm-eval's
+task index) and run in resolve(), after validate() and before anything expensive is built.
 """
 
 from __future__ import annotations
@@ -38,3 +39,13 @@ def check_data(cfg: Config) -> None:
             check_data_files(path, cfg.model.vocab_size)
         except DataError as e:
             raise ConfigError(f"{flag}: {e}") from None
+
+
+def check_eval_tasks(cfg: Config) -> None:
+    """Every --eval-tasks name is a task lm-eval knows (its registry, --eval-tasks-include-path)."""
+    s = cfg.schedule
+    if not s.eval_tasks:
+        return
+    from neon.evaluation.tasks import check_tasks
+
+    check_tasks(s.eval_tasks, s.eval_tasks_include_path)

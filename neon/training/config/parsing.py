@@ -73,6 +73,7 @@ def resolve_command_line(argv: Optional[list[str]] = None, world_size: Optional[
     validate(cfg)
     if check_files:
         data_checks.check_data(cfg)
+        data_checks.check_eval_tasks(cfg)
     return CommandLine(cfg, print_config)
 
 

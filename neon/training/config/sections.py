@@ -121,6 +121,16 @@ class ScheduleConfig:
     """Evaluate on the validation split every this many iterations (and at the end)."""
     eval_iters: int = 10
     """Global batches per evaluation (always the same validation samples)."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks evaluated during training (their scores logged like the loss)."""
+    eval_tasks_interval: Optional[int] = None
+    """Evaluate --eval-tasks every this many iterations and at the end (default: --eval-interval)."""
+    eval_tasks_include_path: Optional[str] = None
+    """A folder of lm-eval task YAMLs besides lm-eval's registry."""
+    eval_tasks_limit: Optional[int] = None
+    """Documents per task at each evaluation (default: all)."""
+    eval_tasks_num_fewshot: Optional[int] = None
+    """Few-shot examples per document (default: each task's)."""
     seed: int = 1234
     """Seed of weight init, dropout and data shuffling."""
     exit_interval: Optional[int] = None
@@ -379,6 +389,10 @@ def _check_optimizer_and_schedule(cfg: Config) -> None:
     if s.eval_interval < 1 or s.eval_iters < 0:
         fail("--eval-interval/--eval-iters", (s.eval_interval, s.eval_iters), "must be >= 1 / >= 0",
              "use --eval-iters 0 to turn evaluation off")
+    for name in ("eval_tasks_interval", "eval_tasks_limit"):
+        if getattr(s, name) is not None and getattr(s, name) < 1:
+            fail("--" + name.replace("_", "-"), getattr(s, name), "must be >= 1", "give a positive number or leave "
+                 "it unset")
 
 
 def te_available() -> bool:
@@ -443,6 +457,9 @@ def _check_data_settings(d: DataConfig, s: ScheduleConfig) -> None:
         fail("--reset-attention-mask", True, "needs Neon's own core attention, and with Transformer Engine installed "
              "the layers use TE's, which takes no document ids", "pack documents without it, or run where TE is "
              "not installed")
+    if s.eval_tasks and not d.tokenizer_model:
+        fail("--eval-tasks", s.eval_tasks, "needs the tokenizer to encode the tasks' text",
+             "give --tokenizer-model (with --mock-data too)")
     if not d.tokenizer_model and not d.mock_data:
         fail("--tokenizer-model", d.tokenizer_model, "is not set", "give the tokenizer the data was tokenized "
              "with (a sentencepiece .model, or a directory with a Hugging Face tokenizer.json)")
