@@ -35,7 +35,8 @@ def run(mode: str, args, extra: list[str], work: Path) -> dict:
     save = work / mode
     steps = 2 * args.saves
     cmd = [sys.executable, str(REPO / "pretrain_neon.py"), *extra, "--num-layers", str(args.layers), "--hidden-size",
-           str(args.hidden), "--num-attention-heads", str(args.hidden // 64), "--ffn-hidden-size", str(4 * args.hidden),
+           str(args.hidden), "--num-attention-heads", str(max(1, args.hidden // 64)), "--num-query-groups",
+           str(max(1, args.hidden // 64)), "--ffn-hidden-size", str(4 * args.hidden),
            "--train-iters", str(steps), "--save", str(save), "--save-interval", "2", "--ckpt-keep-last", "1",
            "--eval-iters", "0", "--log-interval", "1", "--no-progress-bar", "--lr-warmup-iters", "1",
            *(["--async-save"] if mode == "async" else [])]

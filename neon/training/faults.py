@@ -74,6 +74,21 @@ def _failed_ranks(store) -> dict[int, str]:
     return {r: v for r in range(dist.get_world_size()) if r != me and (v := _read(store, f"neon/failed/{r}"))}
 
 
+def _in_dataloader(e: BaseException) -> bool:
+    """Raised inside torch's DataLoader (reading from a worker): a killed worker can surface as a
+    bare ConnectionResetError from its queue rather than torch's own message."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        tb = e.__traceback__
+        while tb is not None:
+            if "torch/utils/data/" in tb.tb_frame.f_code.co_filename.replace("\\", "/"):
+                return True
+            tb = tb.tb_next
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def diagnose(e: BaseException, timeout_minutes: float, latest: str) -> Optional[NeonError]:
     """The InfrastructureError that `e` (an error of torch.distributed or of the DataLoader) stands
     for, naming the rank and what to do; None when it is none of these. `latest`: a clause on the
@@ -81,7 +96,8 @@ def diagnose(e: BaseException, timeout_minutes: float, latest: str) -> Optional[
     text = str(e)
     if isinstance(e, NeonError) or not isinstance(e, (RuntimeError, OSError)):
         return None
-    if all(w in text for w in WORKER_DIED) or "DataLoader worker" in text and "killed by signal" in text:
+    if (all(w in text for w in WORKER_DIED) or "DataLoader worker" in text and "killed by signal" in text
+            or _in_dataloader(e) and any(w in text for w in LOST)):
         return InfrastructureError(f"a DataLoader worker process died ({text.splitlines()[0][:200]}): a data file "
                                    f"may have changed or vanished under the run, or the machine ran out of memory; "
                                    f"{latest}. Fix: check the data files (--data-path) and the memory, then resume.")

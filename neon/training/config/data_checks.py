@@ -11,18 +11,19 @@ from neon.training.config.sections import Config, ConfigError, padded_vocab_size
 
 
 def derive_vocab_size(cfg: Config) -> None:
-    """model.vocab_size from the tokenizer (padded as Megatron-LM does) unless someone set it; the
-    tokenizer is read either way (a wrong path or --tokenizer-type fails here)."""
-    if not cfg.data.tokenizer_model:
+    """model.vocab_size from the tokenizer (padded as Megatron-LM does) unless someone set it."""
+    if not cfg.data.tokenizer_model or cfg.origin("model.vocab_size") != "default":
         return
+    cfg.set("model.vocab_size", padded_vocab_size(cfg, _tokenizer(cfg).vocab_size), "tokenizer")
+
+
+def _tokenizer(cfg: Config):
     from neon.data import DataError, load_tokenizer
 
     try:
-        vocab = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type).vocab_size
+        return load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
     except DataError as e:
         raise ConfigError(f"--tokenizer-model: {e}") from None
-    if cfg.origin("model.vocab_size") == "default":
-        cfg.set("model.vocab_size", padded_vocab_size(cfg, vocab), "tokenizer")
 
 
 def check_data(cfg: Config) -> None:
@@ -31,6 +32,8 @@ def check_data(cfg: Config) -> None:
     from neon.data import DataError, check_data_files
 
     d = cfg.data
+    if d.tokenizer_model:  # readable, and of --tokenizer-type (with --vocab-size set, not read before)
+        _tokenizer(cfg)
     for flag, path in (("--data-path", d.data_path), ("--train-data-path", d.train_data_path),
                        ("--valid-data-path", d.valid_data_path), ("--test-data-path", d.test_data_path)):
         if not path:
