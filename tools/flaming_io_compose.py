@@ -86,12 +86,13 @@ def config_b(frozen: str | None):
 
 
 def train_b(cfg, facts, steps: int, seed: int, batch_size: int = 16, lr: float = 3e-3):
-    """Model B trained on `facts`; returns (model, mean step seconds after the first 5 steps,
-    the frozen model's share of the training time)."""
+    """Model B trained on `facts`; returns (model, mean step seconds after the first 5 steps (all
+    steps in a shorter run), the frozen model's share of the training time)."""
     times = []
     model = train(cfg, facts, steps, seed, batch_size, lr, step_times=times)
     frozen = sum(p.seconds for p in getattr(model, "io_providers", ()) if hasattr(p, "seconds"))  # FrozenModels
-    return model, sum(times[5:]) / max(1, len(times) - 5), frozen / sum(times)
+    timed = times[5:] or times
+    return model, sum(timed) / max(1, len(timed)), frozen / max(sum(times), 1e-9)
 
 
 def run(steps_a: int = 600, steps: int = 300, names: int = 200, unseen: int = 50, seed: int = 0,

@@ -125,13 +125,9 @@ def run(steps: int = 300, names: int = 200, unseen: int = 50, query: str = "cont
 
 
 def init_single_process() -> None:
+    """A world-1 process group (its store on a port the kernel picks) and megatron's parallel state."""
     from megatron_plugins import distributed
-    from tests.dist import free_port
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():
-        os.environ.setdefault(k, v)
     distributed.initialize(tensor_parallel=1, pipeline_parallel=1, expert_parallel=1, virtual_pipeline=None, seed=0)
 
 

@@ -108,23 +108,12 @@ def read_common(path: Path) -> dict:
 
 
 def single_process() -> None:
-    """A world-1 gloo group and megatron's parallel state at TP1/PP1/EP1."""
-    import socket
-
+    """A world-1 gloo group (its store on a port the kernel picks) and megatron's parallel state at
+    TP1/PP1/EP1."""
     from megatron_plugins import distributed
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
 
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise ConversionError("the converters run in one process: start them with python, not torchrun")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ["WORLD_SIZE"] = "1"
     distributed.initialize(1, 1, 1)
 
 
