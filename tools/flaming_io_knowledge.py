@@ -14,7 +14,8 @@ Reports the answer-token loss (nats, mean over the 2 code tokens of each evaluat
   unseen removed  the same model, store without the evaluation facts (swapped in)
   no store        an identical model trained the same steps without the IO function
   chance          log(code alphabet)
-Pass: with store <= 0.5 x no store.
+Pass: with store <= 0.5 x no store. With --query learned it also prints the retrieval's recall@2
+(the fact's entry among the 2 retrieved) over the training steps.
 """
 
 import argparse
@@ -73,9 +74,10 @@ def answer_loss(model, seqs: torch.Tensor) -> float:
 
 
 def train(cfg, facts, steps: int, seed: int, batch_size: int = 16, lr: float = 3e-3,
-          step_times: list | None = None):
+          step_times: list | None = None, recall: list | None = None):
     """The model of `cfg` trained with Adam on batches of `facts`; each step's seconds are
-    appended to `step_times` when given."""
+    appended to `step_times` when given, and a learned query's recall@k of the step (the
+    teacher entry among the retrieved, over the layers) to `recall`."""
     from neon.model import build_model
 
     torch.manual_seed(seed)
@@ -93,13 +95,18 @@ def train(cfg, facts, steps: int, seed: int, batch_size: int = 16, lr: float = 3
         opt.step()
         if step_times is not None:
             step_times.append(time.perf_counter() - t0)
+        if recall is not None:
+            hits = [v for m in model.modules() if getattr(m, "is_io", False)
+                    for k, v in m.report().items() if "_recall@" in k]
+            recall.append(sum(h for h, _ in hits) / max(1.0, sum(n for _, n in hits)))
     return model.eval()
 
 
 def run(steps: int = 300, names: int = 200, unseen: int = 50, query: str = "context", seed: int = 0,
         workdir: str | None = None, index: str = "exact") -> dict:
     """Train with and without the store (searched with `index`: exact, or a faiss index of
-    neon/io/index.py); the four answer-token losses on unseen names."""
+    neon/io/index.py); the four answer-token losses on unseen names (and, for query='learned',
+    "recall": the retrieval's recall@2 at each training step)."""
     from neon.io.encoder import describe
     from neon.io.index import index_params
     from neon.io.store import swap_store, token_entries, write_store
@@ -115,13 +122,15 @@ def run(steps: int = 300, names: int = 200, unseen: int = 50, query: str = "cont
         write_store(path, enc, docs, value_width=1, index=index_params(index, entries, 64))
     eval_seqs = batch(eval_facts, 64, torch.Generator().manual_seed(seed + 1))
 
-    model = train(config(full, query, True), train_facts, steps, seed)
+    recall: list = []
+    model = train(config(full, query, True), train_facts, steps, seed, recall=recall)
     with_store = answer_loss(model, eval_seqs)
     swap_store(model, "facts", seen_only)
     removed = answer_loss(model, eval_seqs)
     plain = train(config(full, query, False), train_facts, steps, seed)
-    return {"with store": with_store, "unseen removed": removed, "no store": answer_loss(plain, eval_seqs),
-            "chance": math.log(CODE_TOKENS)}
+    out = {"with store": with_store, "unseen removed": removed, "no store": answer_loss(plain, eval_seqs),
+           "chance": math.log(CODE_TOKENS)}
+    return {**out, "recall": recall} if query == "learned" else out
 
 
 def init_single_process() -> None:
@@ -136,7 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--names", type=int, default=200, help="training names (facts)")
     p.add_argument("--unseen", type=int, default=50, help="evaluation names, never in training")
-    p.add_argument("--query", choices=["context", "hidden"], default="context")
+    p.add_argument("--query", choices=["context", "hidden", "learned"], default="context")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--index", choices=["exact", "ivf_flat", "ivf_pq", "hnsw"], default="exact",
                    help="the stores' search index (neon/io/index.py)")
@@ -144,8 +153,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     init_single_process()
     r = run(args.steps, args.names, args.unseen, args.query, args.seed, index=args.index)
+    recall = r.pop("recall", None)
     for k, v in r.items():
         print(f"{k:>15}: {v:.3f} nats")
+    if recall:  # the learned query's retrieval over training, in blocks of 25 steps
+        blocks = [recall[i:i + 25] for i in range(0, len(recall), 25)]
+        print("recall@2 by step: " + ", ".join(f"{25 * i + len(b)}: {sum(b) / len(b):.2f}"
+                                                for i, b in enumerate(blocks)))
     ok = r["with store"] <= 0.5 * r["no store"]
     print(f"with store / no store = {r['with store'] / r['no store']:.2f}: {'PASS' if ok else 'FAIL'} (<= 0.5)")
     return 0 if ok else 1

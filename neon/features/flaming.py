@@ -250,11 +250,10 @@ class FlamingMoEFeature(Feature):
         return _without_sources(value) if name == "flaming_io_functions" else value
 
     def before_step(self, config, num_microbatches):
-        if config.num_moe_experts is None:
-            # megatron's schedules scale MoE router-loss gradients only for configs with MoE MLPs
-            from neon.flaming.losses import set_aux_loss_scale
+        # megatron's schedules scale MoE router-loss gradients only for configs with MoE MLPs
+        from neon.flaming.losses import set_aux_loss_scale
 
-            set_aux_loss_scale(config, num_microbatches)
+        set_aux_loss_scale(config, num_microbatches)
 
     def step_report(self, chunks, config, *, step_time_s, num_microbatches):
         """The banks' router losses (reduced over ranks) and what the IO context providers report
@@ -266,6 +265,12 @@ class FlamingMoEFeature(Feature):
         for provider in providers.values():
             for key, value in provider.report(step_time_s).items():
                 report[key] = report.get(key, 0.0) + value
+        totals: dict[str, list[float]] = {}  # IO functions' own values (a learned query's recall), over layers
+        for m in {id(m): m for c in chunks for m in c.modules() if getattr(m, "is_io", False)}.values():
+            for key, (total, count) in m.report().items():
+                acc = totals.setdefault(key, [0.0, 0.0])
+                acc[0], acc[1] = acc[0] + total, acc[1] + count
+        report.update({key: total / count for key, (total, count) in totals.items() if count})
         return report
 
     def hf_config_extra(self, model, config):

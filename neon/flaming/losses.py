@@ -1,4 +1,4 @@
-"""FlamingMoE's router losses in the training step and the training log.
+"""FlamingMoE's router losses (and IO functions' own losses) in the training step and the training log.
 
 The load-balancing and z-losses are megatron-core's: attached to the routing weights by
 MoEAuxLossAutoScaler (their gradients join the backward pass) and recorded per layer in
@@ -15,6 +15,8 @@ from megatron.core.transformer.moe.moe_utils import (
     reduce_aux_losses_tracker_across_ranks,
 )
 
+from neon.io.base import AttachLoss
+
 PREFIX = "flaming_"
 
 
@@ -26,7 +28,9 @@ def set_aux_loss_scale(config, num_microbatches: int) -> None:
         scale = config.grad_scale_func(scale)
     if not config.calculate_per_token_loss:
         scale = scale / num_microbatches
-    MoEAuxLossAutoScaler.set_loss_scale(scale)
+    if config.num_moe_experts is None:  # megatron's schedules set it for configs with MoE MLPs
+        MoEAuxLossAutoScaler.set_loss_scale(scale)
+    AttachLoss.scale = float(scale)  # IO functions' own losses (a learned query's)
 
 
 def aux_loss_report(num_microbatches: int = 1, clear: bool = True) -> dict[str, float]:

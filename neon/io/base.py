@@ -266,6 +266,26 @@ def build_context(layout: ContextLayout, providers: list[ContextProvider], input
 # --- the function and the kind ---------------------------------------------------------------------
 
 
+class AttachLoss(torch.autograd.Function):
+    """An IO function's own training loss, joined to the backward pass: returns `output`
+    unchanged, and in the backward pass `loss` receives the gradient `scale` (megatron's
+    MoEAuxLossAutoScaler, without megatron: the exported code carries this module). The training
+    loop sets `scale` before each step to the main loss's gradient scale over its micro-batches
+    (neon/flaming/losses.py)."""
+
+    scale = 1.0
+
+    @staticmethod
+    def forward(ctx, output, loss):
+        ctx.save_for_backward(loss)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        (loss,) = ctx.saved_tensors
+        return grad, torch.full_like(loss, AttachLoss.scale)
+
+
 class IOFunction(torch.nn.Module):
     """Base of an IO function: forward(x [T, d], context [T, C]) -> W_out read(x, c) [T, d].
 
@@ -312,6 +332,11 @@ class IOFunction(torch.nn.Module):
     # --- the source's identity: recorded by checkpoints and exports, never its contents
     def source_identity(self) -> dict:
         return {"name": self.spec.name, "kind": self.spec.kind, "source": self.spec.source}
+
+    def report(self) -> dict[str, tuple[float, float]]:
+        """{name: (sum, count)} accumulated since the last report, for the training log (a
+        retrieval's recall, an own loss); the log shows sum / count over the layers. Restarts."""
+        return {}
 
     def check_source(self, recorded: dict) -> None:
         """At load: the source must be the recorded one (kinds with content override this)."""

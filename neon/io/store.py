@@ -15,19 +15,37 @@ The files are memory-mapped: the store may be far larger than memory. Per routed
 a micro-batch's routed tokens in one search):
 
     q_t = encoder(ids_{t-n+1..t})          query='context' (frozen, as in Engram)
-    q_t = W_q x_t                          query='hidden'  (learned)
+    q_t = W_q x_t                          query='hidden'  (learned, over the frozen keys)
+    q_t = Norm(W_q x_t)                    query='learned' (learned, over learned keys, below)
     i = top-k of <q_t, key_j> over j       (the store's index: exact, IVF or HNSW)
     s = <q_t, key_i> rescored exactly;  w = softmax(s / temperature)   (gradient reaches W_q)
     read_t = sum_k w_k value(i_k);  value = concat_m Emb[id_m] (tokens, own embedding) or the vector
     f(x_t, c_t) = W_out read_t
+
+query='learned': a query the model learns needs keys it can move and a training signal of its own
+(with fixed keys the only gradient reorders the k entries a random query already found, which
+hold the right one with probability about k / N; docs/flaming_moe.md). So, as in product-key and
+Memorizing-Transformer memories, the keys are learned too, from each entry's key ids
+(key_ids.i32, the n ids its frozen key was made from):
+
+    key_j = Norm(sum_p E_p[id_{j,p}])      E_p: a learned embedding per window position
+
+recomputed from E at every forward pass and searched exactly (stores up to LEARNED_MAX_ENTRIES
+entries), and the query gets a contrastive loss (InfoNCE, weight `contrastive`) whose teacher is
+the `context` query: the entry whose frozen key equals the token's own n-gram code (an exact
+window match) is the positive, the other tokens' positives and the retrieved entries the
+negatives. The loss joins the backward pass through AttachLoss. With `null=1` a learned null key
+joins each read's softmax with a zero value, so a token may read nothing. recall@k (the teacher
+entry among the k retrieved) and the contrastive loss go to the training log per function.
 
 A global-bank `context`-query store is searched once per forward pass for every layer
 (`ContextSearch`, a context provider): its query depends only on the token's ids, so every layer
 would find the same entries; the layers read them from the context's columns.
 
 Options: query, topk, temperature, embed_dim (own embedding width of token values, 0: the hidden
-size), and the search parameters nprobe (IVF cells scanned) and ef_search (HNSW candidates), which
-change how the search runs, not what was trained: they may differ at a resume or in the export.
+size), null (a null entry, 0/1), contrastive (the learned query's loss weight), and the search
+parameters nprobe (IVF cells scanned) and ef_search (HNSW candidates), which change how the
+search runs, not what was trained: they may differ at a resume or in the export.
 """
 
 from __future__ import annotations
@@ -43,20 +61,23 @@ import numpy as np
 import torch
 
 from neon.errors import IOSourceError
-from neon.io.base import ContextProvider, IOFunction, IOKind, IOSettings, IOSpec, context_ids
+from neon.io.base import AttachLoss, ContextProvider, IOFunction, IOKind, IOSettings, IOSpec, context_ids
 from neon.io.encoder import NgramEncoder
 from neon.io.index import open_index
 
 FORMAT, VERSION = "neon-flaming-store", 1
-KEYS, VALUES, META = "keys.f32", "values.bin", "meta.json"
+KEYS, VALUES, KEY_IDS, META = "keys.f32", "values.bin", "key_ids.i32", "meta.json"
+LEARNED_MAX_ENTRIES = 200_000  # learned keys are recomputed and searched exactly at every forward pass
 
 
 @dataclass(frozen=True)
 class StoreOptions:
-    query: Literal["context", "hidden"] = "context"
+    query: Literal["context", "hidden", "learned"] = "context"
     topk: int = 4
     temperature: float = 1.0
     embed_dim: int = 0
+    null: int = 0
+    contrastive: float = 1.0
     nprobe: int = 0
     ef_search: int = 0
 
@@ -65,10 +86,13 @@ class StoreOptions:
 
 
 class Store:
-    """An opened store: its meta, memory-mapped keys [N, K] and values [N, M], and its search."""
+    """An opened store: its meta, memory-mapped keys [N, K], values [N, M] and key ids [N, n] (None
+    in stores written before they were kept), and its search."""
 
-    def __init__(self, path: str, meta: dict, keys: np.memmap, values: np.memmap, search):
+    def __init__(self, path: str, meta: dict, keys: np.memmap, values: np.memmap, search,
+                 key_ids: Optional[np.memmap] = None):
         self.path, self.meta, self.keys, self.values, self.index = path, meta, keys, values, search
+        self.key_ids = key_ids
 
     @property
     def entries(self) -> int:
@@ -94,7 +118,9 @@ class Store:
 
 def content_hash(path: str, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
-    for name in (KEYS, VALUES):
+    for name in (KEYS, VALUES, KEY_IDS):
+        if name == KEY_IDS and not os.path.isfile(os.path.join(path, name)):
+            continue  # stores written before key ids were kept
         with open(os.path.join(path, name), "rb") as f:
             while block := f.read(chunk):
                 h.update(block)
@@ -117,7 +143,9 @@ def open_store(path: str, where: str = "store", verify: bool = False, nprobe: in
         _fail(where, path, f"is not a {FORMAT} v{VERSION} store", "rebuild it with tools/build_flaming_store.py")
     n, k, m = meta["entries"], meta["key_dim"], meta["value_width"]
     vdtype = np.int32 if meta["values"] == "tokens" else np.float32
-    for name, expect in ((KEYS, n * k * 4), (VALUES, n * m * 4)):
+    n_ids = meta["encoder"]["n"]
+    files = [(KEYS, n * k * 4), (VALUES, n * m * 4)] + ([(KEY_IDS, n * n_ids * 4)] if "key_ids_bytes" in meta else [])
+    for name, expect in files:
         file = os.path.join(path, name)
         size = os.path.getsize(file) if os.path.isfile(file) else -1
         if size != expect:
@@ -127,11 +155,13 @@ def open_store(path: str, where: str = "store", verify: bool = False, nprobe: in
         _fail(where, path, "does not match its recorded content hash", "rebuild the store")
     keys = np.memmap(os.path.join(path, KEYS), dtype=np.float32, mode="r", shape=(n, k))
     values = np.memmap(os.path.join(path, VALUES), dtype=vdtype, mode="r", shape=(n, m))
+    key_ids = (np.memmap(os.path.join(path, KEY_IDS), dtype=np.int32, mode="r", shape=(n, n_ids))
+               if "key_ids_bytes" in meta else None)
     try:
         search = open_index(path, meta.get("index"), keys, nprobe=nprobe, ef_search=ef_search)
     except IOSourceError as e:
         raise IOSourceError(f"{where}: {e}") from None
-    return Store(path, meta, keys, values, search)
+    return Store(path, meta, keys, values, search, key_ids)
 
 
 def check_identity(recorded: dict, store: Store, swap: bool = False, where: str = "store") -> None:
@@ -180,7 +210,8 @@ def write_store(path: str, encoder_desc: dict, records: Iterable, values: str = 
     enc = NgramEncoder(encoder_desc)
     n = enc.n
     entries = 0
-    with open(os.path.join(path, KEYS), "wb") as fk, open(os.path.join(path, VALUES), "wb") as fv:
+    with (open(os.path.join(path, KEYS), "wb") as fk, open(os.path.join(path, VALUES), "wb") as fv,
+          open(os.path.join(path, KEY_IDS), "wb") as fi):
         for rec in records:
             if values == "tokens":
                 wins, vals = token_entries(rec, n, value_width, stride)
@@ -192,13 +223,14 @@ def write_store(path: str, encoder_desc: dict, records: Iterable, values: str = 
                 keys = enc(torch.from_numpy(wins[s:s + batch])).numpy().astype(np.float32)
                 fk.write(keys.tobytes())
                 fv.write(np.ascontiguousarray(vals[s:s + batch]).tobytes())
+                fi.write(np.ascontiguousarray(wins[s:s + batch], dtype=np.int32).tobytes())
             entries += len(wins)
             if progress is not None:
                 progress(1)
     k = encoder_desc["key_dim"]
     meta = {"format": FORMAT, "version": VERSION, "entries": entries, "key_dim": k, "values": values,
             "value_width": value_width, "encoder": encoder_desc, "keys_bytes": entries * k * 4,
-            "values_bytes": entries * value_width * 4}
+            "values_bytes": entries * value_width * 4, "key_ids_bytes": entries * n * 4}
     meta["content_sha256"] = content_hash(path)
     if index and index["type"] != "exact":
         keys = np.memmap(os.path.join(path, KEYS), dtype=np.float32, mode="r", shape=(entries, k))
@@ -219,9 +251,16 @@ class StoreFunction(IOFunction):
         self.store = open_store(spec.source, where=spec.where(), nprobe=o.nprobe, ef_search=o.ef_search)
         meta = self.store.meta
         self.encoder = NgramEncoder(meta["encoder"])
-        if o.query == "hidden":  # learned query W_q x
+        if o.query in ("hidden", "learned"):  # learned query W_q x
             self.query_proj = torch.nn.Linear(settings.hidden_size, meta["key_dim"], bias=False)
             torch.nn.init.normal_(self.query_proj.weight, std=settings.init_std)
+        if o.query == "learned":  # learned keys: E_p [vocab, K] per window position p
+            n, vocab = meta["encoder"]["n"], meta["encoder"]["vocab_size"]
+            self.key_embedding = torch.nn.Embedding(n * vocab, meta["key_dim"])
+            torch.nn.init.normal_(self.key_embedding.weight, std=1.0)
+            self.key_vocab = vocab  # E_p's rows start at p * vocab
+        if o.null:  # the null entry's key, in the query's space
+            self.null_key = torch.nn.Parameter(torch.zeros(meta["key_dim"]))
         if meta["values"] == "tokens":
             self.embed_dim = o.embed_dim or settings.hidden_size
             self.value_embedding = torch.nn.Embedding(meta["encoder"]["vocab_size"], self.embed_dim)
@@ -231,11 +270,21 @@ class StoreFunction(IOFunction):
             value_dim = meta["value_width"]
         self.build_out(value_dim)
         self.searched_rows = 0  # queries this function searched itself (not read from the context)
+        self.log = {"recall": [0.0, 0.0], "contrastive_loss": [0.0, 0.0]}  # [sum, count] since the last report
 
     def query(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if self.spec.options.query == "context":
             return self.encoder(context_ids(context, self.settings.context_window)).to(x.device)
-        return self.query_proj(x.to(self.query_proj.weight.dtype)).float()
+        q = self.query_proj(x.to(self.query_proj.weight.dtype)).float()
+        return torch.nn.functional.normalize(q, dim=-1) if self.spec.options.query == "learned" else q
+
+    def learned_keys(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Norm(sum_p E_p[id_{j,p}]) of entries `rows` (all: [N, K]); missing ids (-1) add nothing."""
+        ids = torch.from_numpy(np.array(self.store.key_ids if rows is None else self.store.key_ids[rows.numpy()]))
+        ids = ids.long().to(self.key_embedding.weight.device)  # [R, n]
+        offsets = torch.arange(ids.shape[1], device=ids.device) * self.key_vocab
+        emb = self.key_embedding((ids + offsets).clamp(min=0)) * (ids >= 0).unsqueeze(-1)
+        return torch.nn.functional.normalize(emb.sum(1).float(), dim=-1)
 
     def value_vectors(self, idx: torch.Tensor, device) -> torch.Tensor:
         """idx [T, k] (valid entries) -> [T, k, value_dim]."""
@@ -247,20 +296,79 @@ class StoreFunction(IOFunction):
         return emb.flatten(2)
 
     def read(self, x, context, extra):
+        o = self.spec.options
         q = self.query(x, context)  # [T, K]
-        if extra is not None:  # the model's search, done once for every layer (ContextSearch)
-            idx = extra.cpu()
+        if o.query == "learned":
+            idx, sel = self.learned_search(q)
         else:
-            self.searched_rows += q.shape[0]
-            idx = self.store.search(q, self.spec.options.topk)  # [T, k], -1: not found
-        found = idx >= 0
+            if extra is not None:  # the model's search, done once for every layer (ContextSearch)
+                idx = extra.cpu()
+            else:
+                self.searched_rows += q.shape[0]
+                idx = self.store.search(q, o.topk)  # [T, k], -1: not found
+            sel = torch.from_numpy(np.array(self.store.keys[idx.clamp(min=0).reshape(-1).numpy()]))
+            sel = sel.view(*idx.shape, -1).to(q.device)  # [T, k, K]
+        found = (idx >= 0).to(q.device)
         idx = idx.clamp(min=0)
-        sel = torch.from_numpy(np.array(self.store.keys[idx.reshape(-1).numpy()]))
-        sel = sel.view(*idx.shape, -1).to(q.device)  # [T, k, K]
-        scores = (q.unsqueeze(1) * sel).sum(-1)  # [T, k], differentiable in q
-        scores = scores.masked_fill(~found.to(q.device), float("-inf"))
-        w = torch.softmax(scores / self.spec.options.temperature, dim=-1).nan_to_num(0.0)  # none found: reads 0
-        return (w.unsqueeze(-1) * self.value_vectors(idx, q.device)).sum(1)  # [T, value_dim]
+        scores = (q.unsqueeze(1) * sel).sum(-1)  # [T, k], differentiable in q (and in learned keys)
+        scores = scores.masked_fill(~found, float("-inf"))
+        values = self.value_vectors(idx, q.device)  # [T, k, value_dim]
+        if o.null:  # the null entry: its score, a zero value
+            scores = torch.cat([scores, (q @ self.null_key.float()).unsqueeze(1)], dim=1)
+            values = torch.cat([values, values.new_zeros(values.shape[0], 1, values.shape[2])], dim=1)
+        w = torch.softmax(scores / o.temperature, dim=-1).nan_to_num(0.0)  # none found: reads 0
+        out = (w.unsqueeze(-1) * values).sum(1)  # [T, value_dim]
+        if o.query == "learned" and self.training and torch.is_grad_enabled():
+            out = AttachLoss.apply(out, o.contrastive * self.contrastive_loss(q, context, idx))
+        return out
+
+    @torch.no_grad()
+    def _exact_topk(self, q: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
+        return torch.topk(q @ keys.T, min(k, keys.shape[0]), dim=1).indices.cpu()
+
+    def learned_search(self, q: torch.Tensor):
+        """The top-k entries of learned keys (an exact search over all of them, recomputed from E)
+        and those keys [T, k, K], differentiable in E."""
+        keys = self.learned_keys()  # [N, K]
+        self.searched_rows += q.shape[0]
+        idx = self._exact_topk(q.detach(), keys.detach(), self.spec.options.topk)
+        return idx, keys[idx.to(keys.device)]
+
+    def teacher(self, context: torch.Tensor) -> torch.Tensor:
+        """Per token the entry whose frozen key is the token's own n-gram code (the `context` query's
+        exact hit), or -1 where no entry has that window."""
+        q_ctx = self.encoder(context_ids(context, self.settings.context_window))
+        idx = self.store.search(q_ctx, 1)[:, 0]  # [T]
+        hit = torch.from_numpy(np.array(self.store.keys[idx.clamp(min=0).numpy()]))
+        exact = (idx >= 0) & ((hit * q_ctx.cpu()).sum(-1) > 1 - 1e-4)  # unit keys: the same code
+        return torch.where(exact, idx, torch.full_like(idx, -1))
+
+    def contrastive_loss(self, q: torch.Tensor, context: torch.Tensor, retrieved: torch.Tensor) -> torch.Tensor:
+        """InfoNCE of each token's query against its teacher entry, the other tokens' teachers and
+        the retrieved entries as negatives (mean over the tokens with a teacher; 0 without any).
+        Records recall@k (the teacher among the k retrieved) and the loss for the log."""
+        teacher = self.teacher(context)  # [T]
+        has = teacher >= 0
+        if not bool(has.any()):
+            return q.sum() * 0.0
+        self.log["recall"][0] += float((retrieved[has] == teacher[has, None]).any(1).sum())
+        self.log["recall"][1] += float(has.sum())
+        candidates, inverse = torch.unique(torch.cat([teacher[has], retrieved[has].reshape(-1)]), return_inverse=True)
+        keys = self.learned_keys(candidates)  # [C, K]
+        logits = q[has.to(q.device)] @ keys.T / self.spec.options.temperature  # [T', C]
+        target = inverse[:int(has.sum())].to(q.device)
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        self.log["contrastive_loss"][0] += float(loss.detach())
+        self.log["contrastive_loss"][1] += 1
+        return loss
+
+    def report(self) -> dict[str, tuple[float, float]]:
+        k = self.spec.options.topk
+        names = {"recall": f"flaming_io_{self.spec.name}_recall@{k}",
+                 "contrastive_loss": f"flaming_io_{self.spec.name}_contrastive_loss"}
+        out = {names[key]: tuple(value) for key, value in self.log.items() if value[1]}
+        self.log = {key: [0.0, 0.0] for key in self.log}
+        return out
 
     def source_identity(self) -> dict:
         return {**super().source_identity(), **self.store.identity()}
@@ -311,6 +419,8 @@ class StoreKind(IOKind):
                 raise IOSourceError(f"{spec.where()}: {key}={getattr(o, key)} must be >= 0 (0: the default).")
         if o.temperature <= 0:
             raise IOSourceError(f"{spec.where()}: temperature={o.temperature} must be > 0. Fix: e.g. temperature=1.")
+        if o.null not in (0, 1) or o.contrastive < 0:
+            raise IOSourceError(f"{spec.where()}: null={o.null} must be 0 or 1 and contrastive={o.contrastive} >= 0.")
 
     def check_source(self, spec, settings):
         store = open_store(spec.source, where=spec.where(), nprobe=spec.options.nprobe,
@@ -324,7 +434,15 @@ class StoreKind(IOKind):
             raise IOSourceError(f"{spec.where()}: the store was built for a vocabulary of {vocab} ids, the model "
                                 f"has {settings.vocab_size}. Fix: build the store with the model's tokenizer.")
         n = meta["encoder"]["n"]
-        if o.query == "context" and n > settings.context_window:
+        if o.query == "learned" and store.key_ids is None:
+            raise IOSourceError(f"{spec.where()}: query=learned needs the entries' key ids, which this store "
+                                "predates. Fix: rebuild it with tools/build_flaming_store.py.")
+        if o.query == "learned" and store.entries > LEARNED_MAX_ENTRIES:
+            raise IOSourceError(f"{spec.where()}: query=learned recomputes and searches its {store.entries} learned "
+                                f"keys at every forward pass, which Neon supports up to {LEARNED_MAX_ENTRIES} "
+                                "entries (re-indexing larger stores is not built yet). Fix: a smaller store, or "
+                                "query=context.")
+        if o.query in ("context", "learned") and n > settings.context_window:
             raise IOSourceError(f"{spec.where()}: its encoder reads n={n} ids but flaming_io_context_window="
                                 f"{settings.context_window}. Fix: set flaming_io_context_window >= {n}.")
 
@@ -338,14 +456,18 @@ class StoreKind(IOKind):
         return {s.name: s.options.topk for s in specs if s.kind == self.name and reuses_search(s, settings)}
 
     def macs(self, spec, settings):
-        """[d * K] + k * K + k * V + V * d: [W_q x if query='hidden'], the k rescored keys, the
-        weighted sum of their values, W_out (V: the value width, value_width * embed_dim for
-        token values). The search runs on the index, off the matmul count."""
+        """[d * K] + k * K + k * V + V * d: [W_q x if the query is learned], the k rescored keys,
+        the weighted sum of their values, W_out (V: the value width, value_width * embed_dim for
+        token values). The search runs on the index, off the matmul count (query='learned': an
+        exact search over N learned keys, N * K more per token, counted here)."""
         with open(os.path.join(spec.source, META)) as f:
             meta = json.load(f)
         d, key_dim, k = settings.hidden_size, meta["key_dim"], spec.options.topk
         value = meta["value_width"] * ((spec.options.embed_dim or d) if meta["values"] == "tokens" else 1)
-        return (d * key_dim if spec.options.query == "hidden" else 0) + k * key_dim + k * value + value * d
+        query = spec.options.query
+        learned_search = meta["entries"] * key_dim if query == "learned" else 0
+        return ((d * key_dim if query in ("hidden", "learned") else 0) + learned_search + k * key_dim + k * value
+                + value * d)
 
 
 def swap_store(model: torch.nn.Module, name: str, path: str) -> int:

@@ -1,10 +1,10 @@
 """FlamingMoE IO functions through pretrain_neon.py (real torchrun, gloo, test corpus): the IO
 list from a YAML file and from flags, distributed checkpoints of a per-layer bank [learned,
-learned, store, callable] and a global bank [learned, store (context query, searched once per
-micro-batch)] (learned parts sharded, the global bank's stored once, sources recorded and
-checked at load, a swap only when asked for), an exact resume with the default Gumbel router (at
-EP=2 x PP=2 too: the RNG states are saved per DP rank there), and every bad source ending with a
-clear error and no checkpoint."""
+learned, store (learned query: learned keys, a null entry), callable] and a global bank [learned,
+store (context query, searched once per micro-batch)] (learned parts sharded, the global bank's
+stored once, sources recorded and checked at load, a swap only when asked for), an exact resume
+with the default Gumbel router (at EP=2 x PP=2 too: the RNG states are saved per DP rank there),
+and every bad source ending with a clear error and no checkpoint."""
 
 from pathlib import Path
 
@@ -38,7 +38,7 @@ def io_args(corpus, store: str, yaml_file: Path, callable_spec: str = CALLABLE, 
                   flaming_global_functions=1, flaming_topk=1, flaming_io_context_window=4)  # Gumbel router
     values.update(overrides)
     return ["--config", str(yaml_file), *tiny_args(*corpus, **values), "--flaming-io-functions",
-            f"name=facts,kind=store,source={store},query=context,topk=2", callable_spec,
+            f"name=facts,kind=store,source={store},query=learned,null=1,topk=2", callable_spec,
             f"name=shared,kind=store,source={store},query=context,topk=2,bank=global"]
 
 
@@ -68,6 +68,7 @@ def test_io_run_saves_sources_and_resumes_exactly(corpus, trained, tmp_path):
     layer = "decoder.layers.flaming_moe.layer_bank.experts."
     assert f"{layer}experts.linear.weight" in keys, sorted(keys)[:40]
     for name, param in (("facts", "value_embedding.weight"), ("facts", "out_proj.weight"),
+                        ("facts", "key_embedding.weight"), ("facts", "query_proj.weight"), ("facts", "null_key"),
                         ("add", "embedding.weight"), ("add", "out_proj.weight")):
         assert f"{layer}io_functions.{name}.{param}" in keys, sorted(k for k in keys if "io_" in k)
     for name in ("facts", "add"):  # one per layer (the layer axis)
@@ -89,6 +90,9 @@ def test_io_run_saves_sources_and_resumes_exactly(corpus, trained, tmp_path):
     assert sorted(got) == list(range(N // 2 + 1, N + 1))
     for it in got:
         assert got[it]["loss"] == ref[it]["loss"], (it, got[it]["loss"], ref[it]["loss"])
+        for key in ("flaming_io_facts_recall@2", "flaming_io_facts_contrastive_loss"):  # the learned query's log,
+            assert got[it].get(key) == ref[it].get(key), (it, key)  # in steps where a token had a teacher entry
+    assert any("flaming_io_facts_recall@2" in r for r in ref.values()), ref
 
 
 def test_another_store_at_load_is_refused_unless_swapped(corpus, trained, tmp_path):

@@ -1,5 +1,5 @@
 """tools/convert_to_hf.py with FlamingMoE IO functions: a tiny model whose per-layer bank mixes learned
-functions with a store (context query), a store (hidden query), a callable and a frozen causal LM
+functions with a store (learned query, null entry), a store (hidden query), a callable and a frozen causal LM
 (`model`), and whose global bank holds IO functions only (a store with a context query, searched
 once and reused by every layer in megatron, and a callable), trains a few steps (pretrain_neon.py's
 training function, torchrun) and is exported through the command line. transformers loads it with
@@ -45,7 +45,7 @@ def exported(tmp_path_factory, tiny_tokenizer, tiny_dataset):
     work = tmp_path_factory.mktemp("export_io")
     store = build_store(work / "store", seed=0, vocab=VOCAB)
     frozen = write_frozen(str(work / "frozen"), vocab=VOCAB)
-    io = [f"name=facts,kind=store,source={store},query=context,topk=2",
+    io = [f"name=facts,kind=store,source={store},query=learned,null=1,topk=2",
           f"name=facts_h,kind=store,source={store},query=hidden,topk=2,temperature=0.5",
           CALLABLE, f"name=anchor,kind=model,source={frozen},layer=1",
           # bank=global: routed for every token of every layer (k = 2 of 2); a one-wide own embedding
@@ -173,7 +173,8 @@ def test_bad_source_at_load_names_it(exported, tmp_path, bad):
 
 def test_io_export_imports_back_bit_identical(exported, tmp_path):
     """Through both CLIs: the exported IO model imports as a Neon checkpoint (its IO strings and
-    window in model.yaml) and exports again with every tensor (W_q, own embeddings, W_out) unchanged."""
+    window in model.yaml) and exports again with every tensor (W_q, learned keys, null key, own
+    embeddings, W_out) unchanged."""
     import yaml
 
     from tests.tools.test_convert_from_hf import assert_identical, tensors
@@ -186,7 +187,8 @@ def test_io_export_imports_back_bit_identical(exported, tmp_path):
     done = run_tool("convert_to_hf", "--load", tmp_path / "ckpt", "--save", tmp_path / "back", "--quiet")
     assert done.returncode == 0, done.stderr[-4000:]
     before = tensors(hf_dir)
-    assert sum(".io_functions." in k for k in before) == 4 * 8  # 4 layers: facts 2, facts_h 3, add 2, anchor 1
+    # 4 layers: facts 5 (W_q, key embedding, null key, value embedding, W_out), facts_h 3, add 2, anchor 1
+    assert sum(".io_functions." in k for k in before) == 4 * 11
     assert sum(k.startswith("model.flaming_global_io_functions.") for k in before) == 4  # gfacts 2, gadd 2
     assert_identical(before, tensors(tmp_path / "back"))
 

@@ -175,3 +175,50 @@ def test_state_dict_records_the_store_and_refuses_another(tmp_path):
         Store(parse_spec(spec.format(b)), settings).load_state_dict(state)
     swapped = Store(parse_spec(spec.format(b)), io_settings(_config([], flaming_io_store_swap=True)))
     swapped.load_state_dict(state)  # asked for
+
+
+# --- the learned query ---------------------------------------------------------------------------
+
+
+def test_learned_keys_are_the_documented_sums_and_take_gradients(tmp_path):
+    """key_j = Norm(sum_p E_p[id_{j,p}]) from the store's key ids (-1 adds nothing); the read and
+    the contrastive loss move W_q, E and the null key; the teacher is the entry whose frozen key is
+    the token's own n-gram code, and recall@k counts it among the retrieved."""
+    path = small_store(tmp_path / "s", docs=[[3, 1, 4, 1, 5, 9, 2, 6]])
+    store = open_store(path)
+    assert store.key_ids[0].tolist() == [-1, -1, 3] and store.key_ids[3].tolist() == [1, 4, 1]
+    entry = f"name=m,kind=store,source={path},query=learned,topk=2,null=1"
+    fn = _store_function(_config([entry]), entry).train()
+    E = fn.key_embedding.weight.view(3, V, -1)  # [n, vocab, K]
+    ref = torch.stack([sum(E[p, i] for p, i in enumerate(row) if i >= 0) for row in store.key_ids.tolist()])
+    torch.testing.assert_close(fn.learned_keys(), torch.nn.functional.normalize(ref, dim=-1))
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    context = token_context(ids, 4)[:, 0]  # [s, b, C] -> [6, 2 + W]
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+    out = fn(x, context)
+    out.sum().backward()
+    for name in ("query_proj.weight", "key_embedding.weight", "null_key", "out_proj.weight"):
+        grad = dict(fn.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    teacher = fn.teacher(context)
+    assert teacher.tolist() == [0, 1, 2, 3, 4, 5]  # every window of the document is an entry
+    report = fn.report()
+    assert 0 <= report["flaming_io_m_recall@2"][0] <= report["flaming_io_m_recall@2"][1] == 6
+    assert report["flaming_io_m_contrastive_loss"][1] == 1 and fn.report() == {}  # restarts
+
+
+def test_learned_query_needs_key_ids_and_a_small_store(tmp_path, monkeypatch):
+    from neon.io import store as store_module
+
+    path = small_store(tmp_path / "s")
+    os.remove(os.path.join(path, "key_ids.i32"))  # a store written before key ids were kept
+    meta = json.loads(open(os.path.join(path, "meta.json")).read())
+    del meta["key_ids_bytes"]
+    open(os.path.join(path, "meta.json"), "w").write(json.dumps(meta))
+    with pytest.raises(IOSourceError, match="query=learned needs the entries' key ids"):
+        FEATURES["flaming_moe"].prepare(_config([f"name=m,kind=store,source={path},query=learned"]))
+    big = small_store(tmp_path / "big")
+    monkeypatch.setattr(store_module, "LEARNED_MAX_ENTRIES", 3)
+    with pytest.raises(IOSourceError, match="supports up to 3 entries"):
+        FEATURES["flaming_moe"].prepare(_config([f"name=m,kind=store,source={big},query=learned"]))
+    FEATURES["flaming_moe"].prepare(_config([f"name=m,kind=store,source={big},query=context"]))  # fine
