@@ -152,6 +152,20 @@ def test_eval_tasks_during_training_log_the_scores_tools_evaluate_gives(trained,
     assert math.isclose(scores[6]["neon_cloze/perplexity"], single["neon_cloze"]["perplexity"], rel_tol=1e-3)
 
 
+def test_skip_train_evaluates_a_checkpoint_at_its_own_layout(trained, tmp_path):
+    """`pretrain_neon.py --load CKPT --skip-train --eval-tasks ...` at the checkpoint's PP=2 logs the
+    scores the run logged at that iteration."""
+    run, tasks, _ = trained
+    out = tmp_path / "eval"
+    corpus = run.parent / "corpus"
+    check(launch(["--data-path", str(corpus / "corpus_text_document"), "--tokenizer-model", str(corpus / "tok.model"),
+                  "--load", str(run), "--skip-train", "--run-dir", str(out), "--pipeline-model-parallel-size", "2",
+                  "--eval-tasks", *TASKS[:2], "--eval-tasks-include-path", str(tasks), "--eval-tasks-limit",
+                  str(LIMIT), *IO, *as_flags(MODEL)], nproc=2, timeout=300, **ENV))
+    again = metrics(out, "tasks")
+    assert list(again) == [6] and again[6]["neon_choice/acc"] == metrics(run, "tasks")[6]["neon_choice/acc"]
+
+
 def test_unknown_task_is_refused_before_a_model_is_built(trained, tmp_path):
     run, tasks, _ = trained
     res = run_evaluate("--load", run, "--tasks", "neon_nonexistent", "--include-path", tasks)
