@@ -58,14 +58,11 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--saves", type=int, default=3)
     args, extra = parser.parse_known_args(argv)
-    if "--config" not in extra:
-        extra = ["--config", str(REPO / "examples" / "configs" / "cpu_demo.yaml"), *extra]
-    if "--data-path" not in extra:
-        from neon.data.corpus import prepare_demo_data
+    sys.path.insert(0, str(REPO / "tools"))
+    from benchmark_pretrain import demo_defaults
 
-        tokenizer, prefix = prepare_demo_data(REPO / "runs" / "demo" / "data", 2048, show_progress=False)
-        extra += ["--data-path", str(prefix), "--tokenizer-model", str(tokenizer)]
-    extra += ["--diff-attention", "off", "--no-ngpt", "--flaming-moe", "off"]  # the base model: the save's cost
+    # the base model: the save's cost
+    extra = demo_defaults(extra) + ["--diff-attention", "off", "--no-ngpt", "--flaming-moe", "off"]
     (REPO / "runs").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=REPO / "runs") as tmp:
         results = {mode: run(mode, args, extra, Path(tmp)) for mode in ("sync", "async")}

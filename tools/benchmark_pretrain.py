@@ -62,18 +62,25 @@ def framework(cfg, steps: int, warmup: int, run_dir: Path) -> list[float]:
     return [r["step_time_s"] for r in records if r["kind"] == "train" and r["iteration"] > warmup]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    args, extra = parser.parse_known_args(argv)
+def demo_defaults(extra: list[str]) -> list[str]:
+    """pretrain_neon.py flags with the demo's config and data where `extra` gives none (the demo
+    data is prepared on first use)."""
     if "--config" not in extra:
         extra = ["--config", str(REPO / "examples" / "configs" / "cpu_demo.yaml"), *extra]
     if "--data-path" not in extra:
         from neon.data.corpus import prepare_demo_data
 
         tokenizer, prefix = prepare_demo_data(REPO / "runs" / "demo" / "data", 2048, show_progress=False)
-        extra += ["--data-path", str(prefix), "--tokenizer-model", str(tokenizer)]
+        extra = [*extra, "--data-path", str(prefix), "--tokenizer-model", str(tokenizer)]
+    return extra
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    args, extra = parser.parse_known_args(argv)
+    extra = demo_defaults(extra)
     from neon.training.config import resolve
 
     cfg = resolve([*extra, "--eval-iters", "0", "--num-workers", "1", "--save", "unused",
