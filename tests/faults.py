@@ -1,10 +1,13 @@
 """pretrain_neon.py with test-only faults, armed from the environment (tests launch this module in
-pretrain_neon.py's place, `python -m tests.faults ...`: `runs.command(..., script=FAULTS)`):
+pretrain_neon.py's place: `python -m tests.faults ...`, `runs.command(..., script=FAULTS)`, or as
+the sbatch scripts' TRAIN_SCRIPT=tests/faults.py):
 
     NEON_TEST_NAN_AT=N          iteration N's loss reads NaN (as a corrupt batch would give)
     NEON_TEST_PAUSE_SAVE_AT=N   the save of iteration N sleeps after writing its files, before
                                 committing them (a test kills the job there); an asynchronous
                                 save's writer process sleeps after writing, while training goes on
+    NEON_TEST_HOLD_SAVE_AT=N:GATE  the save of iteration N waits, before writing anything, until
+                                the file GATE exists (a test shrinks the disk meanwhile)
     NEON_TEST_RAISE_AT=N:R      rank R raises RuntimeError at iteration N
     NEON_TEST_HANG_AT=N:R       rank R stops answering at iteration N (sleeps; the others wait in
                                 the next collective)
@@ -22,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-PRETRAIN = Path(__file__).resolve().parents[1] / "pretrain_neon.py"
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN = ROOT / "pretrain_neon.py"
 
 
 def _at(name: str) -> tuple[int, int] | None:
@@ -74,6 +78,22 @@ def arm() -> None:
 
         checkpointing.dist_checkpointing = PausingSave()
 
+    if hold := os.environ.get("NEON_TEST_HOLD_SAVE_AT"):
+        iteration, _, gate = hold.partition(":")
+        unheld = checkpointing.dist_checkpointing
+
+        class HeldSave:
+            def __getattr__(self, name):
+                return getattr(unheld, name)
+
+            @staticmethod
+            def save(state, path, *args, **kwargs):
+                while Path(path).name.endswith(f"{int(iteration):07d}") and not Path(gate).exists():
+                    time.sleep(0.1)
+                return unheld.save(state, path, *args, **kwargs)
+
+        checkpointing.dist_checkpointing = HeldSave()
+
     for name, fault in (("NEON_TEST_RAISE_AT", "raise"), ("NEON_TEST_HANG_AT", "hang")):
         if (at := _at(name)) is None or not _this_rank(at[1]):
             continue
@@ -90,6 +110,7 @@ def arm() -> None:
 
 
 if __name__ == "__main__":
+    sys.path[0] = str(ROOT)  # as `python -m tests.faults` from the repository root: `neon`, not tests/neon
     arm()
     sys.argv[0] = str(PRETRAIN)
     runpy.run_path(str(PRETRAIN), run_name="__main__")

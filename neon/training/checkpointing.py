@@ -321,17 +321,20 @@ def save_failure(e: BaseException, root: Path, iteration: int) -> BaseException:
     full = any(getattr(c, "errno", None) in DISK_FULL or any(t in str(c) for t in DISK_FULL_TEXT) for c in causes)
     read_only = not full and any(getattr(c, "errno", None) in READ_ONLY for c in causes)
     discard(root, iteration)
+    latest = latest_checkpoint(root)
+    size = sum(f.stat().st_size for f in latest.rglob("*") if f.is_file()) if latest else None
+    free = shutil.disk_usage(root if root.exists() else root.parent).free
+    # The ranks whose own writes succeeded see a peer's failure as a CheckpointException without
+    # its cause: the disk is full for them too when it cannot hold another checkpoint.
+    full = full or (isinstance(e, CheckpointException) and not read_only and size is not None and free < size)
     if not (full or read_only):
         return e
-    latest = latest_checkpoint(root)
     intact = (f"the latest checkpoint, {latest}, is intact: resume from it with --load {root}" if latest
               else "no checkpoint was written before")
     if read_only:
         return InfrastructureError(f"saving iteration {iteration} to {root} failed: the directory is not writable "
                                    f"({_cause(e)}); {intact}. Fix: make {root} writable, or save to another "
                                    f"directory (--save).")
-    free = shutil.disk_usage(root if root.exists() else root.parent).free
-    size = sum(f.stat().st_size for f in latest.rglob("*") if f.is_file()) if latest else None
     need = f"a checkpoint of this run takes {size:,} bytes" if size else "this checkpoint did not fit"
     return InfrastructureError(f"saving iteration {iteration} to {root} failed: the disk is full ({free:,} bytes "
                                f"free, {need}); {intact}. Fix: free space on that disk, keep fewer checkpoints "

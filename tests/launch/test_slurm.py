@@ -6,7 +6,10 @@ CPU settings: 2 nodes x 2 processes, TP=2 x DP=2. One job must run to the end wi
 falling; the FlamingMoE script must run EP=2 x DP=2 over the two nodes; another job is sent
 SIGUSR1 mid-run (what `#SBATCH --signal=B:USR1@T` does before the time limit) and must save,
 requeue itself, resume from its checkpoint and finish, with pretrain_neon.py's default DataLoader
-workers (which the job's SIGTERM reaches too). The cluster is stopped when this module's
+workers (which the job's SIGTERM reaches too). Failures end the job: a save disk (a tmpfs) that
+fills at the second save, and a rank SIGKILLed mid-run, each end the job with a named error
+within their bound and leave no process; the same job submitted again resumes to the first run's
+losses bit for bit. The cluster is stopped when this module's
 tests end, pass or fail. Skipped only when Slurm is missing and cannot be installed (not root,
 or no apt-get).
 """
@@ -15,16 +18,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
 from tests.launch import training
+from tests.neon.training.runs import latest, leftovers
 
 ROOT = Path(__file__).resolve().parents[2]
 SLURM_LOCAL = ROOT / "tools" / "slurm_local"
@@ -208,3 +214,115 @@ def test_flaming_moe_sbatch_runs_expert_parallel_over_two_nodes(slurm, launch_co
     model = config["model"]
     assert (model["flaming_moe"], model["flaming_global_functions"], model["flaming_layer_functions"]) == (
         "between", 4, 4), model
+
+
+# --- a failure ends the job: a full disk, a lost rank ---------------------------------------------
+
+FAULT_ITERS = 6  # a checkpoint every 2 steps: the first at 2, the second at 4
+
+
+def _fault_knobs(tmp_path: Path, launch_corpus) -> dict:
+    knobs = _default_data_workers(training.knobs(tmp_path, launch_corpus, train_iters=FAULT_ITERS))
+    knobs["SAVE_INTERVAL"] = "2"
+    return knobs
+
+
+def _wait_until(predicate, proc: subprocess.Popen, slurm_env: dict, run_dir: Path, name: str, what: str) -> None:
+    deadline = time.monotonic() + training.JOB_TIMEOUT
+    while not predicate():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            subprocess.run(["scancel", f"--name={name}"], env=slurm_env, timeout=30)
+            pytest.fail(f"job ended or stalled before {what}:\n{_job_log(run_dir)}")
+        time.sleep(0.1)
+
+
+def _resumes_exactly(slurm_env: dict, run_dir: Path, name: str, knobs: dict, uninterrupted: dict[int, float]) -> None:
+    """The same job submitted again resumes from the latest checkpoint; the iterations the first
+    run also trained after that checkpoint have its losses bit for bit."""
+    resumed_from = latest(run_dir / "checkpoints")
+    before = len(_train_records(run_dir))
+    rc, log = _finish(_submit(slurm_env, run_dir, name, knobs), slurm_env, run_dir, name, timeout=training.JOB_TIMEOUT)
+    assert rc == 0, log
+    resumed = {r["iteration"]: r["loss"] for r in _train_records(run_dir)[before:]}
+    assert sorted(resumed) == list(range(resumed_from + 1, FAULT_ITERS + 1)), (resumed, log)
+    overlap = sorted(set(resumed) & set(uninterrupted))
+    assert overlap, (resumed, uninterrupted)
+    assert [resumed[i] for i in overlap] == [uninterrupted[i] for i in overlap]
+
+
+@pytest.fixture
+def checkpoint_tmpfs(tmp_path):
+    """RUN_DIR/checkpoints on a tmpfs (roomy until a test shrinks it); lazily unmounted after."""
+    mount = tmp_path / "run" / "checkpoints"
+    mount.mkdir(parents=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_full_disk_ends_the_sbatch_job_and_the_intact_checkpoint_resumes(slurm, launch_corpus, checkpoint_tmpfs,
+                                                                          tmp_path):
+    """The disk fills at the second save: the job exits non-zero within 60 s with the named
+    error, no process is left, and the intact checkpoint resumes on a roomy disk exactly."""
+    run_dir, name, checkpoints = tmp_path / "run", "neon-test-disk-full", checkpoint_tmpfs
+    gate = tmp_path / "disk-shrunk"
+    knobs = _fault_knobs(tmp_path, launch_corpus)
+    proc = _submit(slurm, run_dir, name, dict(knobs, TRAIN_SCRIPT="tests/faults.py",
+                                              NEON_TEST_HOLD_SAVE_AT=f"4:{gate}"))
+    _wait_until(lambda: latest(checkpoints) == 2, proc, slurm, run_dir, name, "the first checkpoint")
+    # The save of iteration 4 waits for the gate: shrink the disk to hold half a checkpoint more.
+    one = sum(f.stat().st_size for f in (checkpoints / "iter_0000002").rglob("*") if f.is_file())
+    size = shutil.disk_usage(checkpoints).used + one // 2
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(checkpoints)], check=True, timeout=30)
+    gate.touch()
+    rc, log = _finish(proc, slurm, run_dir, name, timeout=60)
+    assert rc != 0 and "exitcode  : 7" in log, log[-4000:]
+    for words in ("the disk is full", "bytes free", f"{checkpoints}/iter_0000002, is intact", "--ckpt-keep-last"):
+        assert words in log, (words, log[-4000:])
+    for rank in range(4):  # each rank names the fault, none asks for a bug report
+        assert f"rank {rank}: saving iteration 4 to {checkpoints} failed: the disk is full" in log, (rank, log[-4000:])
+    assert "unexpected error" not in log, log[-4000:]
+    assert not leftovers(tmp_path), leftovers(tmp_path)
+    assert latest(checkpoints) == 2 and not list(checkpoints.glob(".tmp_iter_*"))  # the partial directory removed
+
+    uninterrupted = {r["iteration"]: r["loss"] for r in _train_records(run_dir)}
+    assert sorted(uninterrupted) == [1, 2, 3, 4], (uninterrupted, log[-4000:])
+    kept = tmp_path / "kept"
+    shutil.copytree(checkpoints, kept)
+    subprocess.run(["umount", str(checkpoints)], check=True, timeout=30)  # the roomy disk under it
+    shutil.copytree(kept, checkpoints, dirs_exist_ok=True)
+    _resumes_exactly(slurm, run_dir, name, knobs, uninterrupted)
+
+
+def _rank_process(run_dir: Path, rank: int) -> psutil.Process:
+    """The job's training process of `rank` (a child of torchrun; its DataLoader workers share
+    its environment but are its children)."""
+    for p in psutil.process_iter():
+        try:
+            env = p.environ()
+            if (env.get("RUN_DIR"), env.get("RANK")) == (str(run_dir), str(rank)) and \
+                    "torchrun" in " ".join(p.parent().cmdline()):
+                return p
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no rank {rank} process of {run_dir}")
+
+
+def test_killed_rank_ends_the_sbatch_job_and_it_resumes_exactly(slurm, launch_corpus, tmp_path):
+    """Rank 1 SIGKILLed mid-run (a lost node): the job ends within 120 s, no process is left, and
+    the same job submitted again resumes exactly."""
+    run_dir, name = tmp_path / "run", "neon-test-killed-rank"
+    knobs = _fault_knobs(tmp_path, launch_corpus)
+    proc = _submit(slurm, run_dir, name, knobs)
+    _wait_until(lambda: latest(run_dir / "checkpoints") == 2 and len(_train_records(run_dir)) >= 3, proc, slurm,
+                run_dir, name, "iteration 3")
+    _rank_process(run_dir, 1).kill()
+    rc, log = _finish(proc, slurm, run_dir, name, timeout=120)
+    assert rc != 0, log[-4000:]
+    assert "a rank was lost" in log and "unexpected error" not in log, log[-4000:]
+    assert not leftovers(tmp_path), leftovers(tmp_path)
+    uninterrupted = {r["iteration"]: r["loss"] for r in _train_records(run_dir)}
+    _resumes_exactly(slurm, run_dir, name, knobs, uninterrupted)

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parents[3]
 PRETRAIN = REPO / "pretrain_neon.py"
 FAULTS = "tests.faults"  # a module: pretrain_neon.py with the test-only faults its environment arms
@@ -126,3 +128,20 @@ def check(result: subprocess.CompletedProcess, code: int = 0) -> str:
         shown = "\n".join(worker[-40:]) if worker else text[-6000:]
         raise AssertionError(f"exit {result.returncode} (expected {code}):\n{shown}")
     return text
+
+
+def leftovers(marker: Path, grace: float = 10.0) -> list[str]:
+    """Processes whose command line names `marker` (the run's workers, DataLoader workers,
+    writers), after waiting up to `grace` seconds for them to go."""
+    deadline = time.monotonic() + grace
+    while True:
+        found = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if str(marker) in " ".join(p.info["cmdline"] or []):
+                    found.append(f"{p.info['pid']}: {' '.join(p.info['cmdline'])[:160]}")
+            except psutil.Error:
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)

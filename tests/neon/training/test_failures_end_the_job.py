@@ -21,7 +21,18 @@ import psutil
 import pytest
 
 from tests.neon.training.corpus import make_corpus
-from tests.neon.training.runs import FAULTS, check, kill_all, latest, launch, metrics, start, tiny_args, wait_for
+from tests.neon.training.runs import (
+    FAULTS,
+    check,
+    kill_all,
+    latest,
+    launch,
+    leftovers,
+    metrics,
+    start,
+    tiny_args,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 N = 6
@@ -48,23 +59,6 @@ def reference(corpus, tmp_path_factory):
         check(launch(args(corpus, save, ckpt_keep_last=0), nproc=nproc, timeout=300))
         out[nproc] = save
     return out
-
-
-def leftovers(marker: Path, grace: float = 10.0) -> list[str]:
-    """Processes whose command line names `marker` (the run's workers, DataLoader workers,
-    writers), after waiting up to `grace` seconds for them to go."""
-    deadline = time.monotonic() + grace
-    while True:
-        found = []
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                if str(marker) in " ".join(p.info["cmdline"] or []):
-                    found.append(f"{p.info['pid']}: {' '.join(p.info['cmdline'])[:160]}")
-            except psutil.Error:
-                continue
-        if not found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.2)
 
 
 def ended(proc: subprocess.Popen, log: Path, bound: float) -> tuple[str, float]:
