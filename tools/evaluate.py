@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     from neon.evaluation.tasks import check_tasks, run_tasks, task_manager
 
     try:
-        manager = task_manager(args.include_path)
+        manager = task_manager(args.include_path, args.tasks)
         check_tasks(args.tasks, args.include_path, manager)  # before the model is loaded
         ckpt = neon_checkpoint.locate(args.load, args.iteration)
         data = ckpt.run_config.get("data") or {}

@@ -68,7 +68,7 @@ class TaskEvaluator:
 
         s = self.schedule
         if self.manager is None:
-            self.manager = task_manager(s.eval_tasks_include_path)
+            self.manager = task_manager(s.eval_tasks_include_path, s.eval_tasks)
         lm = NeonLM(ModelLogits(self.chunks, self.vocab_size), self.tokenizer, max_length=self.max_length,
                     show_progress=show_progress)
         return run_tasks(lm, s.eval_tasks, include_path=s.eval_tasks_include_path, limit=s.eval_tasks_limit,

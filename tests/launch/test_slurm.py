@@ -2,16 +2,17 @@
 
 tools/slurm_local/ installs Slurm from Debian's packages and starts slurmctld + two slurmd
 "nodes" (n1, n2) on loopback; the real sbatch script is submitted with `sbatch --wait` on tiny
-CPU settings: 2 nodes x 2 processes, TP=2 x DP=2. One job must run to the end with the loss
-falling; the FlamingMoE script must run EP=2 x DP=2 over the two nodes; another job is sent
-SIGUSR1 mid-run (what `#SBATCH --signal=B:USR1@T` does before the time limit) and must save,
-requeue itself, resume from its checkpoint and finish, with pretrain_neon.py's default DataLoader
-workers (which the job's SIGTERM reaches too). Failures end the job: a save disk (a tmpfs) that
-fills at the second save, and a rank SIGKILLed mid-run, each end the job with a named error
-within their bound and leave no process; the same job submitted again resumes to the first run's
-losses bit for bit. The cluster is stopped when this module's
-tests end, pass or fail. Skipped only when Slurm is missing and cannot be installed (not root,
-or no apt-get).
+CPU settings, with pretrain_neon.py's default DataLoader workers (which the job's SIGTERM
+reaches too):
+- the dense script, 2 nodes x 2 processes (TP=2 x DP=2), is sent SIGUSR1 mid-run (what
+  `#SBATCH --signal=B:USR1@T` does before the time limit): it saves, requeues itself, resumes
+  from its checkpoint and runs to the end with the loss falling;
+- the FlamingMoE script runs EP=2 x DP=2 over the two nodes;
+- failures end the job (one rank per node): a save disk (a tmpfs) that fills at the second save,
+  and a rank SIGKILLed mid-run, each end the job with a named error within their bound and leave
+  no process; the same job submitted again resumes to the first run's losses bit for bit.
+The cluster is stopped when this module's tests end, pass or fail. Skipped only when Slurm is
+missing and cannot be installed (not root, or no apt-get).
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def _submit(slurm_env: dict, run_dir: Path, name: str, knobs: dict, script: Path
     # launch.sh's default rendezvous port is 15000 + job id; another local test cluster on this
     # machine numbers its jobs from 1 too, so each job gets a port that is free now.
     env = dict(slurm_env, NEON_DEVICE="cpu", CPU_PROCS_PER_NODE="2", RUN_DIR=str(run_dir),
-               MASTER_PORT=str(_free_port_block(1)), **knobs)
+               MASTER_PORT=str(_free_port_block(1)))
+    env.update(knobs)
     cmd = ["sbatch", "--wait", "--nodes=2", "--gpus-per-node=0", "--time=20", f"--job-name={name}",
            f"--output={run_dir}/slurm-%j.out", str(script)]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -138,23 +140,6 @@ def _train_records(run_dir: Path) -> list[dict]:
     return [r for r in records if r.get("kind") == "train"]
 
 
-def test_dense_sbatch_trains_on_two_nodes_tp2_dp2(slurm, launch_corpus, tmp_path):
-    run_dir = tmp_path / "run"
-    knobs = training.knobs(tmp_path, launch_corpus, train_iters=training.ITERS)
-    rc, log = _finish(_submit(slurm, run_dir, "neon-test-full", knobs), slurm, run_dir, "neon-test-full",
-                      timeout=training.JOB_TIMEOUT)
-    assert rc == 0, log
-    assert "2 nodes x 2 processes (cpu)" in log, log
-    # one torchrun per node: each wrote its two ranks' logs
-    rank_logs = list((run_dir / "logs").glob("job*-run0/*/attempt_0/*/stdout.log"))
-    assert len(rank_logs) == 4, (rank_logs, log)
-    records = _train_records(run_dir)
-    assert [r["iteration"] for r in records] == list(range(1, training.ITERS + 1)), log
-    training.check_run(run_dir, records, tensor_parallel=2, world_size=4)
-    losses = [r["loss"] for r in records]
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - training.LOSS_DROP, losses
-
-
 def _default_data_workers(knobs: dict) -> dict:
     """The run's YAML without data.num_workers: pretrain_neon.py's default DataLoader worker per
     rank, which the job's SIGTERM (scancel --signal=TERM) reaches as well."""
@@ -165,7 +150,9 @@ def _default_data_workers(knobs: dict) -> dict:
     return knobs
 
 
-def test_dense_sbatch_saves_requeues_and_resumes_on_sigusr1(slurm, launch_corpus, tmp_path):
+def test_dense_sbatch_trains_on_two_nodes_and_requeues_on_sigusr1(slurm, launch_corpus, tmp_path):
+    """TP=2 x DP=2 over two nodes, default DataLoader workers: SIGUSR1 mid-run saves, requeues and
+    resumes; the job then runs to the end with the loss falling."""
     run_dir = tmp_path / "run"
     name = "neon-test-requeue"
     knobs = _default_data_workers(training.knobs(tmp_path, launch_corpus, train_iters=training.RESUME_ITERS))
@@ -196,6 +183,15 @@ def test_dense_sbatch_saves_requeues_and_resumes_on_sigusr1(slurm, launch_corpus
     assert first == list(range(1, stopped_at + 1)), (first, log)
     assert iterations[len(first):] == list(range(stopped_at + 1, training.RESUME_ITERS + 1)), (iterations, log)
 
+    assert "2 nodes x 2 processes (cpu)" in log, log
+    # one torchrun per node: each wrote its two ranks' logs
+    rank_logs = list((run_dir / "logs").glob("job*-run0/*/attempt_0/*/stdout.log"))
+    assert len(rank_logs) == 4, (rank_logs, log)
+    records = _train_records(run_dir)
+    training.check_run(run_dir, records, tensor_parallel=2, world_size=4)
+    losses = [r["loss"] for r in records]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - training.LOSS_DROP, losses
+
 
 def test_flaming_moe_sbatch_runs_expert_parallel_over_two_nodes(slurm, launch_corpus, tmp_path):
     """The FlamingMoE script: EP=2 x DP=2 over the two nodes, both banks on, a short run."""
@@ -222,8 +218,10 @@ FAULT_ITERS = 6  # a checkpoint every 2 steps: the first at 2, the second at 4
 
 
 def _fault_knobs(tmp_path: Path, launch_corpus) -> dict:
+    """One rank per node (DP=2 over the two nodes), default DataLoader workers, a checkpoint every
+    2 steps."""
     knobs = _default_data_workers(training.knobs(tmp_path, launch_corpus, train_iters=FAULT_ITERS))
-    knobs["SAVE_INTERVAL"] = "2"
+    knobs.update(CPU_PROCS_PER_NODE="1", TP="1", SAVE_INTERVAL="2")
     return knobs
 
 
@@ -282,7 +280,7 @@ def test_full_disk_ends_the_sbatch_job_and_the_intact_checkpoint_resumes(slurm, 
     assert rc != 0 and "exitcode  : 7" in log, log[-4000:]
     for words in ("the disk is full", "bytes free", f"{checkpoints}/iter_0000002, is intact", "--ckpt-keep-last"):
         assert words in log, (words, log[-4000:])
-    for rank in range(4):  # each rank names the fault, none asks for a bug report
+    for rank in range(2):  # each rank names the fault, none asks for a bug report
         assert f"rank {rank}: saving iteration 4 to {checkpoints} failed: the disk is full" in log, (rank, log[-4000:])
     assert "unexpected error" not in log, log[-4000:]
     assert not leftovers(tmp_path), leftovers(tmp_path)
