@@ -6,7 +6,8 @@ Each measurement runs in a fresh interpreter (what every torchrun rank pays), in
 this run, and prints the CPU-seconds (user + system of the child) with the ratio to its baseline:
   import       `import megatron.core` alone (megatron decorates its fused functions with
                torch.compile, which imports TorchDynamo and Inductor) against `import neon` first
-               (megatron_plugins/lazy_jit.py defers those decorations to the first call);
+               (megatron_plugins/lazy_jit.py defers those decorations to the first call, and
+               lazy_wandb.py the wandb import megatron-core makes, to its first use);
   first save   one megatron dist_checkpointing.save of a small state dict, with megatron's
                default result queue (a spawned multiprocessing Manager, which imports torch to
                unpickle the first results) against Neon's in-process queue
