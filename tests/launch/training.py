@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 ITERS = 10  # full run
-RESUME_ITERS = 40  # the run that is signalled, saved, requeued and resumed
+RESUME_ITERS = 24  # the run that is signalled, saved, requeued and resumed
 SIGNAL_AFTER = 4  # iterations logged before the signal
 JOB_TIMEOUT = 300  # seconds for one sbatch --wait (one run of the job)
 LOSS_DROP = 0.1  # mean of the last 3 losses below the mean of the first 3 by this much

@@ -54,9 +54,11 @@ def test_megatron_command_line_trains_resumes_exactly_and_exports(megatron_data,
     assert sorted(train) == list(range(1, 7)) and sorted(valid) == [3, 6] and sorted(test) == [6]
     assert np.isfinite(test[6]["loss"]) and test[6]["loss"] != valid[6]["loss"]
 
-    unmasked = tmp_path / "unmasked"  # the same first step with documents attending across EOD
+    # The same first step with documents attending across EOD. One rank, the same global batch: the
+    # order of the reduction moves the loss by ~1e-7 relative, far below the 1e-4 the mask must make.
+    unmasked = tmp_path / "unmasked"
     args = [a for a in megatron_args(tok, prefixes, unmasked, exit_interval=1) if a != "--reset-attention-mask"]
-    check(launch(args, nproc=2, timeout=240))
+    check(launch(args, nproc=1, timeout=240))
     assert abs(metrics(unmasked)[1]["loss"] - train[1]["loss"]) > 1e-4 * train[1]["loss"]
 
     resumed = tmp_path / "resumed"
