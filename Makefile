@@ -11,11 +11,11 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
+# Bytecode on every core: compileall -j 0 takes a fifth of the time pip's own compile does. Its
+# status is 1 for torch's Python 3.12-only test file, which pip's compile skips silently too.
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# Bytecode on every core: compileall -j 0 takes a fifth of the time pip's own compile does. Its
-	# status is 1 for torch's Python 3.12-only test file, which pip's compile skips silently too.
 	$(PY) -m pip install -q --no-compile -r requirements.txt
 	$(PY) -m compileall -qq -j 0 $(VENV)/lib || true
 	$(PY) -m pip install -q --no-deps -e .
