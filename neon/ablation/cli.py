@@ -12,6 +12,7 @@ Exit status: 0 the table was written, 1 every base run failed, 2 bad input (noth
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from neon.ablation import grid, report, runs, slurm
+from neon.ablation import datastore, grid, report, runs, slurm
 from neon.ablation.runs import REPO, RunPoint
 from neon.ablation.variants import (
     DEFAULT_VARIANTS,
@@ -88,8 +89,10 @@ class Setup:
         return self.points[key]
 
 
-def _check(variants: list[Variant], configs: dict[str, Path], flags: list[str], world_size: int):
-    """Each variant's config through pretrain_neon.py's own resolution; the base's resolved Config."""
+def _check(variants: list[Variant], configs: dict[str, Path], flags: list[str], world_size: int,
+           open_sources: bool = True):
+    """Each variant's config through pretrain_neon.py's own resolution (and, with open_sources, what
+    its features will open); the base's resolved Config."""
     from neon.features import active
     from neon.training.config import resolve
 
@@ -101,7 +104,7 @@ def _check(variants: list[Variant], configs: dict[str, Path], flags: list[str], 
             resolved[v.name] = resolve(["--config", str(configs[v.name]), *flags, "--run-dir", run, "--save", run,
                                         "--load", run], world_size=world_size, check_files=False)
             model = resolved[v.name].neon_config()
-            for feature in active(model):  # what the runs will open (an IO function's source), before any run
+            for feature in active(model) if open_sources else ():  # e.g. an IO function's source, before any run
                 feature.prepare(model)
         except NeonError as e:
             raise AblationError(f"{where}: {e}") from None
@@ -139,8 +142,10 @@ def setup(args, extra: list[str]) -> Setup:
         base_yaml = load_yaml(args.config)
     except ConfigError as e:
         raise AblationError(str(e)) from None
-    variants = parse_variants(args.variants, base_yaml)
     work = args.work_dir.resolve()
+    store = work / "datastore"
+    variants = parse_variants(args.variants, base_yaml, {datastore.VARIABLE: str(store)})
+    build_store = datastore.VARIABLE not in os.environ and any(datastore.VARIABLE in v.variables for v in variants)
     (work / "variants").mkdir(parents=True, exist_ok=True)
     configs = {}
     for v in variants:
@@ -155,14 +160,17 @@ def setup(args, extra: list[str]) -> Setup:
         future = ["--data-path", output_prefix_for(work / "data" / f"demo_{DEMO_VOCAB_SIZE}", "text"),
                   "--tokenizer-model", str(work / "data" / f"tokenizer_{DEMO_VOCAB_SIZE}.model"),
                   "--vocab-size", str(DEMO_VOCAB_SIZE)]
-        _check_validation(_check(variants, configs, [*extra, *future], args.nproc_per_node))
+        _check_validation(_check(variants, configs, [*extra, *future], args.nproc_per_node, not build_store))
         from neon.data.corpus import prepare_demo_data
 
         tokenizer, prefix = prepare_demo_data(work / "data", DEMO_VOCAB_SIZE)
         data_flags = ["--data-path", str(prefix), "--tokenizer-model", str(tokenizer)]
     common = [*extra, *data_flags]
-    cfg = _check(variants, configs, common, args.nproc_per_node)
+    cfg = _check(variants, configs, common, args.nproc_per_node, not build_store)
     _check_validation(cfg)
+    if build_store:  # from the training split only; then what every variant opens
+        datastore.build(cfg.data, store)
+        _check(variants, configs, common, args.nproc_per_node)
     lr = cfg.optimizer.lr
     rates = sorted({grid.rate(r) for r in args.lrs}) if args.lrs else grid.starting_rates(lr)
     s = cfg.schedule

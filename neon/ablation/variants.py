@@ -12,7 +12,8 @@ A variant is named on the command line:
 
 An overlay's strings may name environment variables as `${NAME}` (e.g. the directory of a
 frozen model, examples/ablations/flaming_model.yaml): the variant's config, written to the work
-directory, holds their values; an unset variable is an error naming it.
+directory, holds their values; an unset variable is an error naming it, except those the tool
+provides itself (`${NEON_TRAIN_DATASTORE}`, the training split's datastore: neon/ablation/datastore.py).
 
 Data, schedule, parallel layout and logging are the base config's for every variant (the same
 data, token budget and data order), and the learning rate belongs to the grid; an overlay that
@@ -58,6 +59,7 @@ class Variant:
     name: str
     source: str  # "built-in" or the overlay file's path
     overlay: dict = field(default_factory=dict)  # {section: {setting: value}}
+    variables: frozenset = frozenset()  # the ${NAME}s its overlay names
 
 
 def _feature_overlay(feature: Feature, base_model: dict) -> dict:
@@ -71,7 +73,7 @@ def _feature_overlay(feature: Feature, base_model: dict) -> dict:
     return settings
 
 
-def _overlay_file(path: Path) -> dict:
+def _overlay_file(path: Path, env: dict, names: set) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
@@ -93,31 +95,33 @@ def _overlay_file(path: Path) -> dict:
     if owned:
         raise AblationError(f"overlay {str(path)!r}: optimizer.{owned[0]} is set by the learning-rate grid. "
                             f"Fix: remove it from the overlay; give the grid with --lrs.")
-    return {section: _expand_env(values, path) for section, values in data.items()}
+    return {section: _expand_env(values, path, env, names) for section, values in data.items()}
 
 
-def _expand_env(value, path: Path):
-    """Every `${NAME}` in the overlay's strings replaced by the environment variable NAME."""
+def _expand_env(value, path: Path, env: dict, names: set):
+    """Every `${NAME}` in the overlay's strings replaced by env[NAME]; the names go to `names`."""
     if isinstance(value, dict):
-        return {k: _expand_env(v, path) for k, v in value.items()}
+        return {k: _expand_env(v, path, env, names) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand_env(v, path) for v in value]
+        return [_expand_env(v, path, env, names) for v in value]
     if not isinstance(value, str):
         return value
 
     def lookup(match: re.Match) -> str:
         name = match[1]
-        if name not in os.environ:
+        names.add(name)
+        if name not in env:
             raise AblationError(f"overlay {str(path)!r}: {value!r} refers to the environment variable {name}, "
                                 f"which is not set. Fix: export {name}=<its value> (see the overlay's comments) "
                                 f"and run the command again.")
-        return os.environ[name]
+        return env[name]
 
     return ENV_REFERENCE.sub(lookup, value)
 
 
-def parse_variant(spec: str, base_model: dict) -> Variant:
-    """A variant from its command-line name (see the module docstring)."""
+def parse_variant(spec: str, base_model: dict, provided: dict | None = None) -> Variant:
+    """A variant from its command-line name (see the module docstring); `provided`: values of
+    ${NAME}s that the environment does not set."""
     path = Path(spec)
     if spec.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
@@ -126,7 +130,9 @@ def parse_variant(spec: str, base_model: dict) -> Variant:
         name = path.stem
         if name in DEFAULT_VARIANTS or name in ablation_features() or name in groups():
             raise AblationError(f"overlay {spec!r}: its name {name!r} is a built-in variant's. Fix: rename the file.")
-        return Variant(name, str(path), _overlay_file(path))
+        names: set = set()
+        overlay = _overlay_file(path, {**(provided or {}), **os.environ}, names)
+        return Variant(name, str(path), overlay, frozenset(names))
     if spec == "base":
         return Variant("base", "built-in")
     by_name, named_groups = ablation_features(), groups()
@@ -143,9 +149,9 @@ def parse_variant(spec: str, base_model: dict) -> Variant:
     return Variant(spec, "built-in", {"model": model})
 
 
-def parse_variants(specs: list[str], base_yaml: dict) -> list[Variant]:
+def parse_variants(specs: list[str], base_yaml: dict, provided: dict | None = None) -> list[Variant]:
     base_model = base_yaml.get("model") or {}
-    variants = [parse_variant(s, base_model) for s in specs]
+    variants = [parse_variant(s, base_model, provided) for s in specs]
     names = [v.name for v in variants]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:

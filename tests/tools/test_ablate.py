@@ -207,3 +207,43 @@ def test_a_feature_switch_among_the_run_flags_is_refused(tiny, tmp_path, capsys)
     work = tmp_path / "work"
     assert load_tool("ablate").main([*ablate_argv(tiny, work, "base"), "--ngpt"]) == 2
     assert "--ngpt would switch a feature for every variant" in capsys.readouterr().err
+
+
+def test_the_training_split_datastore_holds_no_validation_document(tiny, tmp_path, capsys, monkeypatch):
+    """examples/ablations/datastore_context.yaml: the ablation builds ${NEON_TRAIN_DATASTORE} from
+    the base config's training split (tools/build_flaming_store.py), entry by entry exactly the
+    training documents' tokens, none of a validation document; a rerun reuses it; a store built
+    from other data or a blended --data-path is refused, naming the fix."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from neon.data.datasets import _split_ranges, parse_split
+    from neon.io.store import open_store
+
+    monkeypatch.delenv("NEON_TRAIN_DATASTORE", raising=False)
+    overlay = str(ROOT / "examples" / "ablations" / "datastore_context.yaml")
+    work = tmp_path / "work"
+    assert load_tool("ablate").main([*ablate_argv(tiny, work, "base", overlay), "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "building the training-split datastore" in out and "next round: 6 runs" in out, out
+    written = yaml.safe_load((work / "variants" / "datastore_context.yaml").read_text())["model"]
+    assert f"source={work / 'datastore'}," in written["flaming_io_functions"][0]
+
+    config = yaml.safe_load(tiny[0].read_text())["data"]
+    docs = IndexedDataset(config["data_path"][0], mmap=True)
+    (begin, end), (valid_begin, valid_end) = _split_ranges(parse_split(config["split"]), len(docs))[:2]
+    assert valid_end > valid_begin == end > begin  # both splits hold documents
+    store = open_store(str(work / "datastore"), verify=True)
+    train_next_ids = [t for i in range(begin, end) for t in docs[i].tolist()[1:]]
+    assert store.values[:, 0].tolist() == train_next_ids  # every training position, nothing else
+    valid = [docs[i].tolist() for i in range(valid_begin, valid_end)]
+    assert store.entries == len(train_next_ids) < len(train_next_ids) + sum(len(d) - 1 for d in valid)
+
+    assert load_tool("ablate").main([*ablate_argv(tiny, work, "base", overlay), "--plan"]) == 0
+    assert "(built before)" in capsys.readouterr().out
+    assert load_tool("ablate").main([*ablate_argv(tiny, work, "base", overlay), "--plan", "--split", "80,20,0"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a datastore built from" in err and "Fix: use another --work-dir" in err, err
+    blend = ["--data-path", "0.5", config["data_path"][0], "0.5", config["data_path"][0]]
+    assert load_tool("ablate").main([*ablate_argv(tiny, tmp_path / "w2", "base", overlay), "--plan", *blend]) == 2
+    err = capsys.readouterr().err
+    assert "not a blend" in err and "export NEON_TRAIN_DATASTORE=" in err and "Traceback" not in err, err
