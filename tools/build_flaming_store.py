@@ -9,7 +9,9 @@ r"""Build a FlamingMoE key-value store (neon/io/store.py) from a corpus, with it
 Tokens mode (default): every position i of every document gives one entry,
 key = encoder(ids[i-n+1 .. i]) and value = the next --value-width token ids. Vectors mode
 (--values vectors): one entry per JSONL record, key = encoder(last n ids of its text),
-value = the record's "value" list of --value-width floats.
+value = the record's "value" list of --value-width floats. --passage-ids L records a fingerprint of
+ids[i-L+1 .. i] per entry: an IO function with exclude=1 then skips the entries of a token's own
+passage (a datastore of the text being trained on would hand each token its own next id).
 
 Input: plain text (one document per line), JSONL with "text" (tokenized with --tokenizer-model) or
 "ids" (token ids), or a megatron .bin/.idx prefix (tools/preprocess_data.py's output; with
@@ -54,6 +56,9 @@ def get_args(argv=None):
     p.add_argument("--values", choices=["tokens", "vectors"], default="tokens")
     p.add_argument("--value-width", type=int, default=1, help="continuation tokens (or vector size) per entry")
     p.add_argument("--stride", type=int, default=1, help="keep every stride-th position (tokens mode)")
+    p.add_argument("--passage-ids", type=int, default=0,
+                   help="L: also record a fingerprint of the L ids up to each entry, so that an IO function "
+                        "with exclude=1 skips a token's own passage (tokens mode; 0: none)")
     g = p.add_argument_group("index (neon/io/index.py)")
     g.add_argument("--index", choices=INDEX_TYPES, default="exact", help="the search index of the keys")
     g.add_argument("--nlist", type=int, default=0, help="IVF cells (default: 4 sqrt(entries))")
@@ -147,6 +152,8 @@ def build(args) -> dict:
     for name in ("ngram", "key_dim", "value_width", "stride"):
         if getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.passage_ids < 0 or (args.passage_ids and args.values != "tokens"):
+        raise DataError(f"--passage-ids {args.passage_ids}: give L >= 1 with token values (or 0 for none)")
     if not args.encoder.startswith(("random:", "path:")):
         raise DataError(f"--encoder {args.encoder!r}: use random:<seed> or path:<file.npy>")
     if indexed:
@@ -182,7 +189,8 @@ def build(args) -> dict:
         bars[stage].update(done - bars[stage].n)
 
     meta = write_store(args.output, desc, records, values=args.values, value_width=args.value_width,
-                       stride=stride, progress=bar.update, index=params, index_progress=index_progress)
+                       stride=stride, progress=bar.update, index=params, index_progress=index_progress,
+                       passage_ids=args.passage_ids)
     bar.close()
     for b in bars.values():
         b.close()

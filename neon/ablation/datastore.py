@@ -10,8 +10,9 @@ Where the environment does not set NEON_TRAIN_DATASTORE, the ablation builds the
 only: the training split of a single --data-path prefix (cut by --split exactly as megatron cuts
 it) or a single --train-data-path prefix. No validation or test document is in it. Every position
 of a training document is one entry (key: the 4-gram code of the ids up to it; value: the next
-id), searched through an IVF-Flat index. A rerun reuses the store when it was built from the same
-data; another work directory starts a new one.
+id), searched through an IVF-Flat index, with the fingerprint of the PASSAGE_IDS ids up to it, so
+that a function with exclude=1 skips a training token's own position (neon/io/store.py). A rerun
+reuses the store when it was built from the same data; another work directory starts a new one.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ VARIABLE = "NEON_TRAIN_DATASTORE"
 BUILDER = Path(__file__).resolve().parents[2] / "tools" / "build_flaming_store.py"
 SOURCE = "ablation_source.json"  # what the store was built from, next to its meta.json
 INDEX = ("--index", "ivf_flat")  # exact search of every training position per step would dominate the step
+PASSAGE_IDS = 8  # exclude=1 needs flaming_io_context_window >= this
 
 
 def source_of(data) -> dict:
@@ -65,7 +67,8 @@ def build(data, out: Path) -> Path:
     (out / SOURCE).write_text(json.dumps(source, indent=1))
     split = ["--split", source["split"], "--split-name", "train"] if source["split"] else []
     command = [sys.executable, str(BUILDER), "--input", source["input"], *split, "--output", str(out),
-               "--vocab-size", str(tokenizer_vocab_size(source["tokenizer_model"])), *INDEX]
+               "--vocab-size", str(tokenizer_vocab_size(source["tokenizer_model"])), *INDEX,
+               "--passage-ids", str(PASSAGE_IDS)]
     print(f"[ablate] building the training-split datastore: {' '.join(command[1:])}", flush=True)
     result = subprocess.run(command)
     if result.returncode != 0:

@@ -9,6 +9,8 @@ Layout (a directory, written by tools/build_flaming_store.py):
                   the search index (neon/io/index.py: type, parameters, sha256)
     keys.f32      [N, K] float32, row i = encoder(text chunk i)
     values.bin    [N, M] int32 continuation token ids (-1: none) or float32 vectors
+    key_ids.i32   [N, n] the ids each key was made from
+    passage.i64   [N] a fingerprint of the L ids up to each entry (built with --passage-ids L)
     index.faiss   the faiss index of the keys (absent for the exact search)
 
 The files are memory-mapped: the store may be far larger than memory. Per routed token t (all of
@@ -42,8 +44,16 @@ A global-bank `context`-query store is searched once per forward pass for every 
 (`ContextSearch`, a context provider): its query depends only on the token's ids, so every layer
 would find the same entries; the layers read them from the context's columns.
 
+With `exclude=1` (a store built with --passage-ids L) a search skips the entries whose L ids up
+to them are the token's own last L ids: the token's own position, when the store holds the
+text being trained on, and verbatim copies of its passage (RETRO leaves the training sequence's
+own chunks out of its neighbours the same way). Without it, a store of the training split hands
+every training token its own next id, which the model learns to copy and validation text does
+not offer (docs/ablations.md).
+
 Options: query, topk, temperature, embed_dim (own embedding width of token values, 0: the hidden
-size), null (a null entry, 0/1), contrastive (the learned query's loss weight), and the search
+size), null (a null entry, 0/1), contrastive (the learned query's loss weight), exclude (0/1,
+above), and the search
 parameters nprobe (IVF cells scanned) and ef_search (HNSW candidates), which change how the
 search runs, not what was trained: they may differ at a resume or in the export.
 """
@@ -67,6 +77,8 @@ from neon.io.index import open_index
 
 FORMAT, VERSION = "neon-flaming-store", 1
 KEYS, VALUES, KEY_IDS, META = "keys.f32", "values.bin", "key_ids.i32", "meta.json"
+PASSAGE = "passage.i64"
+EXCLUDE_SLACK = 8  # more entries searched per token with exclude=1, to keep topk after skipping
 LEARNED_MAX_ENTRIES = 200_000  # learned keys are recomputed and searched exactly at every forward pass
 
 
@@ -78,6 +90,7 @@ class StoreOptions:
     embed_dim: int = 0
     null: int = 0
     contrastive: float = 1.0
+    exclude: int = 0
     nprobe: int = 0
     ef_search: int = 0
 
@@ -90,16 +103,29 @@ class Store:
     in stores written before they were kept), and its search."""
 
     def __init__(self, path: str, meta: dict, keys: np.memmap, values: np.memmap, search,
-                 key_ids: Optional[np.memmap] = None):
+                 key_ids: Optional[np.memmap] = None, passages: Optional[np.memmap] = None):
         self.path, self.meta, self.keys, self.values, self.index = path, meta, keys, values, search
-        self.key_ids = key_ids
+        self.key_ids, self.passages = key_ids, passages
 
     @property
     def entries(self) -> int:
         return self.meta["entries"]
 
-    def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
-        return self.index.search(queries, k)
+    @property
+    def passage_ids(self) -> int:
+        """L of the passage fingerprints (0: the store has none)."""
+        return self.meta.get("passage_ids", 0)
+
+    def search(self, queries: torch.Tensor, k: int, own: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[T, k] entry indices (-1: none); with `own` [T] passage fingerprints, the entries of
+        those passages skipped."""
+        if own is None:
+            return self.index.search(queries, k)
+        idx = self.index.search(queries, k + EXCLUDE_SLACK)  # [T, k + s]
+        found = torch.from_numpy(np.array(self.passages[idx.clamp(min=0).reshape(-1).numpy()])).view(idx.shape)
+        keep = (idx >= 0) & (found != own.cpu().unsqueeze(1))
+        first = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :k]  # the kept ones, in order
+        return torch.where(keep, idx, -1).gather(1, first)
 
     def identity(self) -> dict:
         """What a checkpoint records: path, size and content hash (not the contents), and the
@@ -118,9 +144,9 @@ class Store:
 
 def content_hash(path: str, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
-    for name in (KEYS, VALUES, KEY_IDS):
-        if name == KEY_IDS and not os.path.isfile(os.path.join(path, name)):
-            continue  # stores written before key ids were kept
+    for name in (KEYS, VALUES, KEY_IDS, PASSAGE):
+        if name in (KEY_IDS, PASSAGE) and not os.path.isfile(os.path.join(path, name)):
+            continue  # stores written before key ids were kept, or without passage fingerprints
         with open(os.path.join(path, name), "rb") as f:
             while block := f.read(chunk):
                 h.update(block)
@@ -145,6 +171,7 @@ def open_store(path: str, where: str = "store", verify: bool = False, nprobe: in
     vdtype = np.int32 if meta["values"] == "tokens" else np.float32
     n_ids = meta["encoder"]["n"]
     files = [(KEYS, n * k * 4), (VALUES, n * m * 4)] + ([(KEY_IDS, n * n_ids * 4)] if "key_ids_bytes" in meta else [])
+    files += [(PASSAGE, n * 8)] if "passage_bytes" in meta else []
     for name, expect in files:
         file = os.path.join(path, name)
         size = os.path.getsize(file) if os.path.isfile(file) else -1
@@ -157,11 +184,13 @@ def open_store(path: str, where: str = "store", verify: bool = False, nprobe: in
     values = np.memmap(os.path.join(path, VALUES), dtype=vdtype, mode="r", shape=(n, m))
     key_ids = (np.memmap(os.path.join(path, KEY_IDS), dtype=np.int32, mode="r", shape=(n, n_ids))
                if "key_ids_bytes" in meta else None)
+    passages = (np.memmap(os.path.join(path, PASSAGE), dtype=np.int64, mode="r", shape=(n,))
+                if "passage_bytes" in meta else None)
     try:
         search = open_index(path, meta.get("index"), keys, nprobe=nprobe, ef_search=ef_search)
     except IOSourceError as e:
         raise IOSourceError(f"{where}: {e}") from None
-    return Store(path, meta, keys, values, search, key_ids)
+    return Store(path, meta, keys, values, search, key_ids, passages)
 
 
 def check_identity(recorded: dict, store: Store, swap: bool = False, where: str = "store") -> None:
@@ -198,23 +227,37 @@ def token_entries(ids: list[int], n: int, width: int, stride: int = 1):
     return np.asarray(wins, dtype=np.int64).reshape(-1, n), np.asarray(vals, dtype=np.int32).reshape(-1, width)
 
 
+def passage_fingerprint(ids: torch.Tensor) -> torch.Tensor:
+    """[T, L] ids (-1: none) -> [T] int64, equal for equal rows (a polynomial hash mod 2^31 - 1)."""
+    h = torch.zeros(ids.shape[0], dtype=torch.int64)
+    for column in ids.long().cpu().unbind(1):
+        h = (h * 1_000_003 + column + 2) % 2_147_483_647
+    return h
+
+
 def write_store(path: str, encoder_desc: dict, records: Iterable, values: str = "tokens", value_width: int = 1,
                 stride: int = 1, progress: Optional[Callable] = None, batch: int = 4096,
-                index: Optional[dict] = None, index_progress: Optional[Callable] = None) -> dict:
+                index: Optional[dict] = None, index_progress: Optional[Callable] = None,
+                passage_ids: int = 0) -> dict:
     """records: token-id lists (values='tokens') or (ids, vector) pairs (values='vectors').
-    Writes keys.f32, values.bin, the index (`index`: neon/io/index.py's parameters; None: exact)
-    and meta.json, last, under `path`; returns the meta."""
+    Writes keys.f32, values.bin, key_ids.i32, passage.i64 (passage_ids > 0, tokens only), the
+    index (`index`: neon/io/index.py's parameters; None: exact) and meta.json, last, under `path`;
+    returns the meta."""
     from neon.io.index import build_index
 
     os.makedirs(path, exist_ok=True)
+    passage_ids = passage_ids if values == "tokens" else 0
     enc = NgramEncoder(encoder_desc)
     n = enc.n
     entries = 0
     with (open(os.path.join(path, KEYS), "wb") as fk, open(os.path.join(path, VALUES), "wb") as fv,
-          open(os.path.join(path, KEY_IDS), "wb") as fi):
+          open(os.path.join(path, KEY_IDS), "wb") as fi, open(os.path.join(path, PASSAGE), "wb") as fp):
         for rec in records:
             if values == "tokens":
                 wins, vals = token_entries(rec, n, value_width, stride)
+                if passage_ids:
+                    passages = torch.from_numpy(token_entries(rec, passage_ids, 1, stride)[0])
+                    fp.write(passage_fingerprint(passages).numpy().tobytes())
             else:
                 ids, vec = rec
                 wins = np.asarray([([-1] * n + list(ids))[-n:]], dtype=np.int64)
@@ -231,6 +274,10 @@ def write_store(path: str, encoder_desc: dict, records: Iterable, values: str = 
     meta = {"format": FORMAT, "version": VERSION, "entries": entries, "key_dim": k, "values": values,
             "value_width": value_width, "encoder": encoder_desc, "keys_bytes": entries * k * 4,
             "values_bytes": entries * value_width * 4, "key_ids_bytes": entries * n * 4}
+    if passage_ids:
+        meta.update(passage_ids=passage_ids, passage_bytes=entries * 8)
+    else:
+        os.remove(os.path.join(path, PASSAGE))
     meta["content_sha256"] = content_hash(path)
     if index and index["type"] != "exact":
         keys = np.memmap(os.path.join(path, KEYS), dtype=np.float32, mode="r", shape=(entries, k))
@@ -305,7 +352,7 @@ class StoreFunction(IOFunction):
                 idx = extra.cpu()
             else:
                 self.searched_rows += q.shape[0]
-                idx = self.store.search(q, o.topk)  # [T, k], -1: not found
+                idx = self.store.search(q, o.topk, own_passage(self.store, o, context, self.settings.context_window))
             sel = torch.from_numpy(np.array(self.store.keys[idx.clamp(min=0).reshape(-1).numpy()]))
             sel = sel.view(*idx.shape, -1).to(q.device)  # [T, k, K]
         found = (idx >= 0).to(q.device)
@@ -377,6 +424,13 @@ class StoreFunction(IOFunction):
         check_identity(recorded, self.store, swap=self.settings.source_swap, where=self.spec.where())
 
 
+def own_passage(store: Store, options: StoreOptions, context: torch.Tensor, window: int) -> Optional[torch.Tensor]:
+    """[T] fingerprints of the tokens' own last L ids, the passages exclude=1 skips (None: off)."""
+    if not options.exclude:
+        return None
+    return passage_fingerprint(context_ids(context, window)[:, -store.passage_ids:])
+
+
 class ContextSearch(ContextProvider):
     """A global-bank `context`-query store searched once per forward pass for all its tokens: the
     entry indices go into the context, where every layer's read finds them."""
@@ -395,7 +449,8 @@ class ContextSearch(ContextProvider):
         rows = context.reshape(b * s, c)
         q = self.encoder(context_ids(rows, self.window))
         self.rows += q.shape[0]
-        idx = self.store.search(q.to(input_ids.device), self.spec.options.topk)
+        own = own_passage(self.store, self.spec.options, rows, self.window)
+        idx = self.store.search(q.to(input_ids.device), self.spec.options.topk, own)
         return {self.spec.name: idx.view(b, s, -1)}
 
 
@@ -421,6 +476,11 @@ class StoreKind(IOKind):
             raise IOSourceError(f"{spec.where()}: temperature={o.temperature} must be > 0. Fix: e.g. temperature=1.")
         if o.null not in (0, 1) or o.contrastive < 0:
             raise IOSourceError(f"{spec.where()}: null={o.null} must be 0 or 1 and contrastive={o.contrastive} >= 0.")
+        if o.exclude not in (0, 1):
+            raise IOSourceError(f"{spec.where()}: exclude={o.exclude} must be 0 or 1.")
+        if o.exclude and o.query == "learned":
+            raise IOSourceError(f"{spec.where()}: exclude=1 with query=learned is not built (its exact search over "
+                                "learned keys skips nothing). Fix: query=context or query=hidden, or exclude=0.")
 
     def check_source(self, spec, settings):
         store = open_store(spec.source, where=spec.where(), nprobe=spec.options.nprobe,
@@ -442,6 +502,13 @@ class StoreKind(IOKind):
                                 f"keys at every forward pass, which Neon supports up to {LEARNED_MAX_ENTRIES} "
                                 "entries (re-indexing larger stores is not built yet). Fix: a smaller store, or "
                                 "query=context.")
+        if o.exclude and not store.passage_ids:
+            raise IOSourceError(f"{spec.where()}: exclude=1 needs the store's passage fingerprints. Fix: rebuild it "
+                                "with tools/build_flaming_store.py --passage-ids L (e.g. 16).")
+        if o.exclude and store.passage_ids > settings.context_window:
+            raise IOSourceError(f"{spec.where()}: exclude=1 compares the last {store.passage_ids} ids (the store's "
+                                f"--passage-ids) but flaming_io_context_window={settings.context_window}. Fix: set "
+                                f"flaming_io_context_window >= {store.passage_ids}.")
         if o.query in ("context", "learned") and n > settings.context_window:
             raise IOSourceError(f"{spec.where()}: its encoder reads n={n} ids but flaming_io_context_window="
                                 f"{settings.context_window}. Fix: set flaming_io_context_window >= {n}.")

@@ -233,6 +233,7 @@ def test_the_training_split_datastore_holds_no_validation_document(tiny, tmp_pat
     (begin, end), (valid_begin, valid_end) = _split_ranges(parse_split(config["split"]), len(docs))[:2]
     assert valid_end > valid_begin == end > begin  # both splits hold documents
     store = open_store(str(work / "datastore"), verify=True)
+    assert store.passage_ids == 8  # what the overlay's exclude=1 needs
     train_next_ids = [t for i in range(begin, end) for t in docs[i].tolist()[1:]]
     assert store.values[:, 0].tolist() == train_next_ids  # every training position, nothing else
     valid = [docs[i].tolist() for i in range(valid_begin, valid_end)]

@@ -222,3 +222,43 @@ def test_learned_query_needs_key_ids_and_a_small_store(tmp_path, monkeypatch):
     with pytest.raises(IOSourceError, match="supports up to 3 entries"):
         FEATURES["flaming_moe"].prepare(_config([f"name=m,kind=store,source={big},query=learned"]))
     FEATURES["flaming_moe"].prepare(_config([f"name=m,kind=store,source={big},query=context"]))  # fine
+
+
+def test_exclude_skips_the_tokens_own_passage_and_keeps_other_occurrences(tmp_path):
+    """A store of the text being trained on, built with passage fingerprints (L = 4): with
+    exclude=1 no token retrieves its own position, while the same n-gram elsewhere (another
+    passage) is still found, by the function's own search and by the once-per-forward search;
+    without passages, with a window shorter than L, or with query=learned, exclude=1 is refused."""
+    from neon.io.base import context_ids
+    from neon.io.store import ContextSearch, own_passage
+
+    doc_a, doc_b = [3, 1, 4, 1, 5, 9, 2, 6], [7, 7, 4, 1, 5, 8]  # the 3-gram 4 1 5 in both, other passages
+    path = str(tmp_path / "s")
+    write_store(path, describe("random:4", 3, 8, V), [doc_a, doc_b], value_width=1, passage_ids=4)
+    store = open_store(path, verify=True)
+    assert store.passage_ids == 4 and store.entries == 7 + 5
+    own_entry, other_entry = 4, 7 + 4  # position 4 of each document (after 4 1 5)
+    assert store.values[own_entry, 0] == 9 and store.values[other_entry, 0] == 8
+    entry = f"name=m,kind=store,source={path},query=context,topk=2,exclude=1"
+    config = _config([entry])
+    fn = _store_function(config, entry)
+    ctx = token_context(torch.tensor([doc_a]), 4)[:, 0]  # [8, 2 + W]
+    q = fn.encoder(context_ids(ctx, 4))
+    plain = store.search(q, 2)
+    assert {own_entry, other_entry} == set(plain[4].tolist())  # equal keys: both found without exclude
+    assert all(plain[t, 0] == t for t in range(7) if t != 4)  # unique windows: the own entry first
+    excluded = store.search(q, 2, own_passage(store, fn.spec.options, ctx, 4))
+    assert all(t not in excluded[t].tolist() for t in range(7)), excluded  # never the own position
+    assert excluded[4, 0] == other_entry  # the other occurrence still found
+    provider = ContextSearch(parse_spec(entry), io_settings(config))
+    searched = provider.compute(torch.tensor([doc_a]), ctx.unsqueeze(0), dtype=torch.float32)["m"][0]
+    assert torch.equal(searched, excluded)
+    assert fn(torch.zeros(8, 16), ctx).shape == (8, 16)
+
+    plain_store = small_store(tmp_path / "plain")
+    refusals = {f"name=m,kind=store,source={plain_store},exclude=1": ("--passage-ids", {}),
+                entry: ("flaming_io_context_window >= 4", {"flaming_io_context_window": 3}),
+                f"name=m,kind=store,source={path},query=learned,exclude=1": ("query=learned", {})}
+    for bad, (words, kw) in refusals.items():
+        with pytest.raises((IOSourceError, ConfigError), match=words):
+            FEATURES["flaming_moe"].prepare(_config([bad], **kw))
