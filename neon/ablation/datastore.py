@@ -43,19 +43,27 @@ def source_of(data) -> dict:
         raise AblationError(f"{flag}={' '.join(map(str, prefixes))}: ${{{VARIABLE}}} is built from one .bin/.idx "
                             f"prefix, not a blend. Fix: build the store of your training data yourself with "
                             f"tools/build_flaming_store.py and export {VARIABLE}=<its directory>.")
-    return {"input": str(Path(str(prefixes[0])).resolve()), "split": split,
-            "tokenizer_model": str(data.tokenizer_model)}
+    return split_source(prefixes[0], split, data.tokenizer_model)
 
 
-def build(data, out: Path) -> Path:
+def split_source(prefix, split: str | None, tokenizer_model) -> dict:
+    """What the store is built from: the training split of a .bin/.idx prefix (split None: all of it)."""
+    return {"input": str(Path(str(prefix)).resolve()), "split": split, "tokenizer_model": str(tokenizer_model)}
+
+
+def build(data, out: Path, log: str = "[ablate]") -> Path:
     """The store of the training split of `data` (the resolved config's data section) in `out`."""
+    return build_from(source_of(data), out, log)
+
+
+def build_from(source: dict, out: Path, log: str = "[ablate]") -> Path:
+    """The store of `source` (source_of's: input prefix, split or None, tokenizer model) in `out`."""
     from neon.data.tokenizer import tokenizer_vocab_size
 
-    source = source_of(data)
     if (out / "meta.json").is_file():
         recorded = json.loads((out / SOURCE).read_text()) if (out / SOURCE).is_file() else None
         if recorded == source:
-            print(f"[ablate] training-split datastore: {out} (built before)", flush=True)
+            print(f"{log} training-split datastore: {out} (built before)", flush=True)
             return out
         raise AblationError(f"{out} holds a datastore built from {recorded}, not from {source}. Fix: use another "
                             f"--work-dir, or remove {out} to build it again.")
@@ -69,7 +77,7 @@ def build(data, out: Path) -> Path:
     command = [sys.executable, str(BUILDER), "--input", source["input"], *split, "--output", str(out),
                "--vocab-size", str(tokenizer_vocab_size(source["tokenizer_model"])), *INDEX,
                "--passage-ids", str(PASSAGE_IDS)]
-    print(f"[ablate] building the training-split datastore: {' '.join(command[1:])}", flush=True)
+    print(f"{log} building the training-split datastore: {' '.join(command[1:])}", flush=True)
     result = subprocess.run(command)
     if result.returncode != 0:
         raise AblationError(f"building the training-split datastore failed (status {result.returncode}, above). "

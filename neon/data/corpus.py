@@ -114,6 +114,14 @@ def build_demo_corpus(out_dir: str | Path, show_progress: bool = True) -> Path:
     return path
 
 
+def demo_data_paths(work_dir: str | Path, vocab_size: int) -> tuple[Path, str]:
+    """(tokenizer model path, data prefix) that prepare_demo_data writes, before it runs."""
+    from neon.data.preprocess import output_prefix_for
+
+    work_dir = Path(work_dir)
+    return work_dir / f"tokenizer_{vocab_size}.model", output_prefix_for(work_dir / f"demo_{vocab_size}", "text")
+
+
 def prepare_demo_data(work_dir: str | Path, vocab_size: int, workers: int | None = None,
                       show_progress: bool = True) -> tuple[Path, str]:
     """Corpus -> tokenizer -> .bin/.idx under `work_dir`; returns (tokenizer_model_path, data_prefix).
@@ -122,19 +130,17 @@ def prepare_demo_data(work_dir: str | Path, vocab_size: int, workers: int | None
     name carries the vocab size, so another vocab size trains and preprocesses anew.
     """
     from neon.data.checks import check_data_file
-    from neon.data.preprocess import output_prefix_for, preprocess
+    from neon.data.preprocess import preprocess
     from neon.data.tokenizer_training import train_tokenizer
 
     work_dir = Path(work_dir)
     corpus = work_dir / CORPUS_NAME
     if not corpus.is_file():
         build_demo_corpus(work_dir, show_progress=show_progress)
-    tok_prefix = work_dir / f"tokenizer_{vocab_size}"
-    model = tok_prefix.with_name(tok_prefix.name + ".model")
+    model, data_prefix = demo_data_paths(work_dir, vocab_size)
     if not model.is_file():
-        train_tokenizer([str(corpus)], tok_prefix, vocab_size=vocab_size, show_progress=show_progress)
+        train_tokenizer([str(corpus)], model.with_suffix(""), vocab_size=vocab_size, show_progress=show_progress)
     out = work_dir / f"demo_{vocab_size}"
-    data_prefix = output_prefix_for(out, "text")
     if not (os.path.isfile(data_prefix + ".idx") and os.path.isfile(data_prefix + ".bin")):
         preprocess([str(corpus)], out, model, json_keys=("text",), append_eod=True,
                    workers=workers or min(4, os.cpu_count() or 1), show_progress=show_progress)
