@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 VOCAB_SIZE = 2048
 # kNN-LM's datastore as a FlamingMoE function: the 4 entries nearest each token's 4-gram code,
 # none of the token's own passage (exclude=1, docs/flaming_moe.md)
-STORE_FUNCTION = "name=train,kind=store,source={store},bank=global,query=context,topk=4,exclude=1"
+STORE_FUNCTION = "name=datastore,kind=store,source={store},bank=global,query=context,topk=4,exclude=1"
 
 
 def main(argv=None) -> int:

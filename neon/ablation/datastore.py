@@ -3,7 +3,7 @@
 An IO variant that reads a store of the run's own training text (kNN-LM's datastore, RETRO's
 retrieval database) names it in an IO function entry, e.g. examples/ablations/datastore_context.yaml:
 
-    - name=train,kind=store,source=${NEON_TRAIN_DATASTORE},query=context,topk=4
+    - name=datastore,kind=store,source=${NEON_TRAIN_DATASTORE},bank=global,query=context,topk=4,exclude=1
 
 Where the environment does not set NEON_TRAIN_DATASTORE, the ablation builds the store once, in
 <work-dir>/datastore, with tools/build_flaming_store.py from the base config's training data

@@ -118,6 +118,11 @@ def parse_spec(text: str) -> IOSpec:
         if not values.get(key):
             raise IOSourceError(f"flaming_io_functions entry {text!r} has no {key}. Fix: add '{key}=...' (every "
                                 "IO function needs name, kind and source).")
+    name = values["name"]
+    if not name.isidentifier() or hasattr(torch.nn.ModuleDict, name):  # it names a module of the model
+        raise IOSourceError(f"flaming_io_functions entry {text!r}: name={name!r} cannot name a module (letters, "
+                            f"digits and '_', not starting with a digit, and not an attribute of torch.nn.Module "
+                            f"such as 'train' or 'forward'). Fix: e.g. name=datastore.")
     if values.get("bank", "layer") not in BANKS:
         raise IOSourceError(f"flaming_io_functions entry {text!r}: bank={values['bank']!r} is not one of "
                             f"{list(BANKS)}. Fix: use one of them.")

@@ -88,6 +88,8 @@ def test_bad_entries_fail_at_config_and_bad_sources_before_the_model_is_built(tm
         "name=x,kind=store,source=y,colour=red": ["'colour'", "store options"],
         "name=x,kind=store,source=y,query=guess": ["query='guess'", "'hidden'"],
         "name=x,kind=store,source=y,topk=0": ["topk=0", ">= 1"],
+        "name=train,kind=store,source=y": ["name='train'", "torch.nn.Module", "Fix:"],  # HF's ModuleDict key
+        "name=my-store,kind=store,source=y": ["name='my-store'", "letters, digits"],
         "name=x,kind=callable,source=m:f,timeout=soon": ["timeout='soon'", "float"],
     }
     for entry, words in malformed.items():  # config validation: the entry alone, no file opened
