@@ -43,23 +43,15 @@ def source_of(data) -> dict:
         raise AblationError(f"{flag}={' '.join(map(str, prefixes))}: ${{{VARIABLE}}} is built from one .bin/.idx "
                             f"prefix, not a blend. Fix: build the store of your training data yourself with "
                             f"tools/build_flaming_store.py and export {VARIABLE}=<its directory>.")
-    return split_source(prefixes[0], split, data.tokenizer_model)
-
-
-def split_source(prefix, split: str | None, tokenizer_model) -> dict:
-    """What the store is built from: the training split of a .bin/.idx prefix (split None: all of it)."""
-    return {"input": str(Path(str(prefix)).resolve()), "split": split, "tokenizer_model": str(tokenizer_model)}
+    prefix = Path(str(prefixes[0])).resolve()
+    return {"input": str(prefix), "split": split, "tokenizer_model": str(data.tokenizer_model)}
 
 
 def build(data, out: Path, log: str = "[ablate]") -> Path:
     """The store of the training split of `data` (the resolved config's data section) in `out`."""
-    return build_from(source_of(data), out, log)
-
-
-def build_from(source: dict, out: Path, log: str = "[ablate]") -> Path:
-    """The store of `source` (source_of's: input prefix, split or None, tokenizer model) in `out`."""
     from neon.data.tokenizer import tokenizer_vocab_size
 
+    source = source_of(data)
     if (out / "meta.json").is_file():
         recorded = json.loads((out / SOURCE).read_text()) if (out / SOURCE).is_file() else None
         if recorded == source:
