@@ -44,11 +44,13 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 from megatron.core.datasets.gpt_dataset import MockGPTDataset
 from megatron.core.datasets.indexed_dataset import get_idx_path
 
+from megatron_plugins import indexed_dataset
 from neon.data.checks import DataFileInfo, check_data_files, parse_data_path
 from neon.data.errors import DataError
 from neon.data.gpt_dataset import GPTDataset, NeonGPTDatasetConfig
 from neon.data.helpers import ensure_helpers
 
+indexed_dataset.install()  # a run interrupted while it opens its data ends without a traceback
 logger = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "valid", "test")

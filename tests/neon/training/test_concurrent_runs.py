@@ -9,6 +9,7 @@ fixed to a port in use stops with status 6 and names it.
 """
 
 import json
+import re
 import signal
 import socket
 
@@ -41,7 +42,8 @@ def test_second_run_on_a_directory_is_refused_and_a_killed_runs_lock_is_not(corp
     third = start(args, nproc=0, log=tmp_path / "third.log")
     try:
         third_log = tmp_path / "third.log"  # (metrics.jsonl already holds the killed run's later steps)
-        wait_for(lambda: " iteration " in third_log.read_text(), third, 240, "the resumed run's first step")
+        step = re.compile(r" iteration +\d+/")  # a step's line, not "loaded checkpoint ... at iteration N"
+        wait_for(lambda: step.search(third_log.read_text()), third, 240, "the resumed run's first step")
         third.send_signal(signal.SIGINT)
         assert third.wait(timeout=60) == 130
     finally:
