@@ -88,8 +88,8 @@ def main(argv=None) -> int:
     from plot_metrics import plot, read_metrics
 
     png = plot([run, plain], run / "loss.png", labels=["with the datastore", "without"], title="Neon CPU demo")
-    train, valid = read_metrics(run)
-    plain_train, plain_valid = read_metrics(plain)
+    _, valid = read_metrics(run)
+    _, plain_valid = read_metrics(plain)
     its = sorted(valid)
     marker = run / "latest_checkpointed_iteration.txt"
     checkpoint = run / f"iter_{int(marker.read_text()):07d}" if marker.is_file() else None
@@ -101,10 +101,13 @@ def main(argv=None) -> int:
         print(f"  validation loss: {valid[its[0]]['loss']:.3f} (iteration {its[0]}) -> "
               f"{valid[its[-1]]['loss']:.3f} (iteration {its[-1]})")
     if its and its[-1] in plain_valid:
+        from neon.ablation.report import median_step_time  # the ablation table's step time
+
         with_store, without = valid[its[-1]]["loss"], plain_valid[its[-1]]["loss"]
+        step, plain_step = median_step_time([run]), median_step_time([plain])
         print(f"  the datastore: validation loss {with_store:.3f} against {without:.3f} without it "
-              f"({with_store - without:+.3f}); step time {median_step(train):.3f} s against "
-              f"{median_step(plain_train):.3f} s (x{median_step(train) / median_step(plain_train):.2f})")
+              f"({with_store - without:+.3f}); step time {step:.3f} s against {plain_step:.3f} s "
+              f"(x{step / plain_step:.2f})")
     for line in scores:
         print(f"  {line.strip()}")
     print(f"  checkpoint: {checkpoint}")
@@ -114,14 +117,6 @@ def main(argv=None) -> int:
     print(f"  config:     {run / 'config.yaml'}")
     print(f"  resume or extend: python examples/cpu_demo.py --train-iters N (loads {run} and {plain})")
     return 0
-
-
-def median_step(train: dict) -> float:
-    """The median logged step time, the first window (with the start-up) left out."""
-    import statistics
-
-    times = [train[i]["step_time_s"] for i in sorted(train)][1:] or [train[i]["step_time_s"] for i in train]
-    return statistics.median(times) if times else float("nan")
 
 
 def evaluate(work: Path, run: Path, env: dict) -> list[str]:

@@ -155,13 +155,11 @@ def setup(args, extra: list[str]) -> Setup:
     demo_data = not (base_yaml.get("data") or {}).get("data_path") and "--data-path" not in extra
     data_flags = []
     if demo_data:  # checked first with the paths the demo data will have, then built
-        from neon.data.corpus import demo_data_paths
+        from neon.data.corpus import demo_data_paths, prepare_demo_data
 
         tokenizer, prefix = demo_data_paths(work / "data", DEMO_VOCAB_SIZE)
         future = ["--data-path", prefix, "--tokenizer-model", str(tokenizer), "--vocab-size", str(DEMO_VOCAB_SIZE)]
         _check_validation(_check(variants, configs, [*extra, *future], args.nproc_per_node, not build_store))
-        from neon.data.corpus import prepare_demo_data
-
         tokenizer, prefix = prepare_demo_data(work / "data", DEMO_VOCAB_SIZE)
         data_flags = ["--data-path", str(prefix), "--tokenizer-model", str(tokenizer)]
     common = [*extra, *data_flags]

@@ -504,7 +504,7 @@ class StoreKind(IOKind):
                                 "query=context.")
         if o.exclude and not store.passage_ids:
             raise IOSourceError(f"{spec.where()}: exclude=1 needs the store's passage fingerprints. Fix: rebuild it "
-                                "with tools/build_flaming_store.py --passage-ids L (e.g. 16).")
+                                "with tools/build_flaming_store.py --passage-ids L (e.g. 8).")
         if o.exclude and store.passage_ids > settings.context_window:
             raise IOSourceError(f"{spec.where()}: exclude=1 compares the last {store.passage_ids} ids (the store's "
                                 f"--passage-ids) but flaming_io_context_window={settings.context_window}. Fix: set "
