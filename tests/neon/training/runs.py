@@ -73,14 +73,30 @@ def start(args: list[str], nproc: int = 1, log: Path | None = None, script: Path
 
 
 def kill_all(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun and every worker (torchrun starts workers in their own sessions)."""
+    """SIGKILL torchrun and every worker (torchrun starts workers in their own sessions). The family
+    is stopped (SIGSTOP) first, listing it again until no new process appears: a process forked
+    between a listing and the kill (a checkpoint writer's) would be orphaned and missed."""
     import psutil
 
     try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        root = psutil.Process(proc.pid)
     except psutil.NoSuchProcess:
         return
-    for p in family:
+    family: dict[int, psutil.Process] = {}
+    while True:
+        try:
+            new = [p for p in (root, *root.children(recursive=True)) if p.pid not in family]
+        except psutil.NoSuchProcess:
+            new = []
+        if not new:
+            break
+        for p in new:
+            family[p.pid] = p
+            try:
+                p.suspend()
+            except psutil.NoSuchProcess:
+                pass
+    for p in family.values():
         try:
             p.kill()
         except psutil.NoSuchProcess:
