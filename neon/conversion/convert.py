@@ -119,6 +119,16 @@ def _hf_order(name: str):
     return (1, int(m.group(1)), name) if m else (2, 0, name)
 
 
+def saved_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The model's parameters and persistent buffers (a learned store's key snapshot), each once."""
+    tensors = {id(p): p for p in model.parameters()}
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                tensors[id(buffer)] = buffer
+    return list(tensors.values())
+
+
 def check_against_hf_model(plan: dict, hf_config, cls) -> None:
     """The planned tensors are exactly the HF model's (names and shapes), checked on the meta device."""
     with torch.device("meta"):
@@ -159,7 +169,7 @@ def export_to_hf(load: str | os.PathLike, save: str | os.PathLike, iteration: Op
 
     model, _, config = neon_checkpoint.load_model(ckpt)
     units = megatron_units(model)
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(t.numel() for t in saved_tensors(model))
     plan, unit_of = {}, {}
     meta_units = {layer: {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
                   for layer, tensors in units.items()}
@@ -173,9 +183,9 @@ def export_to_hf(load: str | os.PathLike, save: str | os.PathLike, iteration: Op
     hf_config, cls = hf_config_for(config, dtype, token_ids, feature_config_extra(model, config))
     check_against_hf_model(plan, hf_config, cls)
     if sum(t.numel() for t in plan.values()) != params:
-        raise ConversionError(f"unknown architecture: the model has {params} parameters, the converted tensors "
-                              f"{sum(t.numel() for t in plan.values())}. The weight mapping does not cover every "
-                              f"parameter of this model's features.")
+        raise ConversionError(f"unknown architecture: the model has {params} parameters and persistent buffers, "
+                              f"the converted tensors {sum(t.numel() for t in plan.values())}. The weight mapping "
+                              f"does not cover every tensor of this model's features.")
 
     cache: dict = {}
 

@@ -29,6 +29,7 @@ Hooks, by where they are called:
 | `uses_expert_parallelism`                | neon/training/config/sections.py (EP > 1)          |
 | `wrap_optimizer`                         | neon/training/optim.py `build_optimizer`           |
 | `before_step`                            | neon/training/step.py `train_step`                 |
+| `after_step`                             | neon/training/step.py `after_step` (the Trainer)   |
 | `step_report`                            | neon/training/aux_losses.py (the step's log line)  |
 | `off`, `ablation_name`, `ablation_settings` | neon/ablation/variants.py                       |
 
@@ -242,6 +243,11 @@ class Feature:
 
     def before_step(self, config, num_microbatches: int) -> None:
         """Called on every rank before a training step's forward-backward passes."""
+
+    def after_step(self, chunks: list, config, iteration: int) -> list[str]:
+        """Called on every rank after optimizer step `iteration` (an index to rebuild from the
+        updated weights); returns lines for the log."""
+        return []
 
     def step_report(self, chunks: list, config, *, step_time_s: float, num_microbatches: int) -> dict[str, float]:
         """Values to log for the step just taken ({name: value}, e.g. router losses). Called on

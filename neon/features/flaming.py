@@ -255,6 +255,12 @@ class FlamingMoEFeature(Feature):
 
         set_aux_loss_scale(config, num_microbatches)
 
+    def after_step(self, chunks, config, iteration):
+        """Each IO function's own work after a step (a learned store's re-index), once per function
+        (a global bank's function is shared by the layers)."""
+        functions = {id(m): m for c in chunks for m in c.modules() if getattr(m, "is_io", False)}
+        return [line for m in functions.values() if (line := m.after_step(iteration))]
+
     def step_report(self, chunks, config, *, step_time_s, num_microbatches):
         """The banks' router losses (reduced over ranks) and what the IO context providers report
         (a frozen model's share of the step and its memory), summed over this rank's providers."""

@@ -338,6 +338,11 @@ class IOFunction(torch.nn.Module):
     def source_identity(self) -> dict:
         return {"name": self.spec.name, "kind": self.spec.kind, "source": self.spec.source}
 
+    def after_step(self, iteration: int) -> Optional[str]:
+        """Work after optimizer step `iteration` (a learned store re-indexes its keys); a line for
+        the training log, or None."""
+        return None
+
     def report(self) -> dict[str, tuple[float, float]]:
         """{name: (sum, count)} accumulated since the last report, for the training log (a
         retrieval's recall, an own loss); the log shows sum / count over the layers. Restarts."""

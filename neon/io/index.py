@@ -170,13 +170,27 @@ def build_index(store_path: str, keys: np.ndarray, params: dict, progress: Optio
     meta = dict(params)
     if meta["type"] == "exact":
         return meta
+    index = train_and_fill(keys, meta, progress, seed=seed, batch=batch)
+    path = os.path.join(store_path, INDEX_FILE)
+    faiss().write_index(index, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    meta["bytes"] = os.path.getsize(path)
+    meta["sha256"] = file_sha256(path)
+    return meta
+
+
+def train_and_fill(keys: np.ndarray, params: dict, progress: Optional[Callable[[str, int, int], None]] = None,
+                   seed: int = 1234, batch: int = 65536):
+    """The faiss index `params` describes, trained on a sample of keys [N, K] drawn with `seed`
+    and filled with all of them. faiss' k-means has a fixed seed too: the same keys give the same
+    index, whatever the number of threads."""
     f = faiss()
     n, dim = keys.shape
-    index = f.index_factory(dim, factory_string(meta), f.METRIC_INNER_PRODUCT)
-    if meta["type"] == "hnsw":
-        index.hnsw.efConstruction = meta["ef_construction"]
+    index = f.index_factory(dim, factory_string(params), f.METRIC_INNER_PRODUCT)
+    if params["type"] == "hnsw":
+        index.hnsw.efConstruction = params["ef_construction"]
     if not index.is_trained:
-        sample = min(n, 64 * meta["nlist"])  # faiss' k-means wants 39 to 256 points per cell
+        sample = min(n, 64 * params["nlist"])  # faiss' k-means wants 39 to 256 points per cell
         rows = np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
         if progress:
             progress("train", 0, sample)
@@ -187,12 +201,24 @@ def build_index(store_path: str, keys: np.ndarray, params: dict, progress: Optio
         index.add(np.ascontiguousarray(keys[start:start + batch]))
         if progress:
             progress("add", min(n, start + batch), n)
-    path = os.path.join(store_path, INDEX_FILE)
-    f.write_index(index, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    meta["bytes"] = os.path.getsize(path)
-    meta["sha256"] = file_sha256(path)
-    return meta
+    return index
+
+
+class SnapshotSearch:
+    """An IVF-Flat index of keys held in memory, not on disk (a snapshot of learned keys, rebuilt
+    from the snapshot when needed): sqrt(N) cells, at most N / 39, `nprobe` of them scanned."""
+
+    def __init__(self, keys: np.ndarray, nprobe: int = 16):
+        n = keys.shape[0]
+        self.params = {"type": "ivf_flat", "nlist": max(1, min(int(n ** 0.5), n // 39))}
+        self.index = train_and_fill(keys, self.params)
+        self.index.nprobe = min(nprobe, self.params["nlist"])
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        """queries [Q, K] -> entry indices [Q, k] int64 (-1: fewer than k found), best first."""
+        _, idx = self.index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
+        return torch.from_numpy(idx).long()
 
 
 def file_sha256(path: str, chunk: int = 1 << 24) -> str:

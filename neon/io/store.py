@@ -32,9 +32,13 @@ Memorizing-Transformer memories, the keys are learned too, from each entry's key
 
     key_j = Norm(sum_p E_p[id_{j,p}])      E_p: a learned embedding per window position
 
-recomputed from E at every forward pass and searched exactly (stores up to LEARNED_MAX_ENTRIES
-entries), and the query gets a contrastive loss (InfoNCE, weight `contrastive`) whose teacher is
-the `context` query: the entry whose frozen key equals the token's own n-gram code (an exact
+searched in one of two ways. With reindex=0, every key is recomputed from E and scored at every
+forward pass (stores up to LEARNED_MAX_ENTRIES entries). With reindex=R, as in REALM, the
+candidates come from an IVF index of a snapshot of the keys, and the snapshot (E as it was,
+a buffer of the checkpoint, so a resume searches the same index) is refreshed and the index
+rebuilt after every R-th optimizer step; the candidates' keys are recomputed from the current E
+for the scores. The query gets a contrastive loss (InfoNCE, weight `contrastive`) whose teacher
+is the `context` query: the entry whose frozen key equals the token's own n-gram code (an exact
 window match) is the positive, the other tokens' positives and the retrieved entries the
 negatives. The loss joins the backward pass through AttachLoss. With `null=1` a learned null key
 joins each read's softmax with a zero value, so a token may read nothing. recall@k (the teacher
@@ -52,8 +56,8 @@ every training token its own next id, which the model learns to copy and validat
 not offer (docs/ablations.md).
 
 Options: query, topk, temperature, embed_dim (own embedding width of token values, 0: the hidden
-size), null (a null entry, 0/1), contrastive (the learned query's loss weight), exclude (0/1,
-above), and the search
+size), null (a null entry, 0/1), contrastive (the learned query's loss weight), reindex (steps
+between re-indexes of learned keys, 0: exact search), exclude (0/1, above), and the search
 parameters nprobe (IVF cells scanned) and ef_search (HNSW candidates), which change how the
 search runs, not what was trained: they may differ at a resume or in the export.
 """
@@ -63,6 +67,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -73,7 +78,7 @@ import torch
 from neon.errors import IOSourceError
 from neon.io.base import AttachLoss, ContextProvider, IOFunction, IOKind, IOSettings, IOSpec, context_ids
 from neon.io.encoder import NgramEncoder
-from neon.io.index import open_index
+from neon.io.index import SnapshotSearch, open_index
 
 FORMAT, VERSION = "neon-flaming-store", 1
 KEYS, VALUES, KEY_IDS, META = "keys.f32", "values.bin", "key_ids.i32", "meta.json"
@@ -91,6 +96,7 @@ class StoreOptions:
     null: int = 0
     contrastive: float = 1.0
     exclude: int = 0
+    reindex: int = 0
     nprobe: int = 0
     ef_search: int = 0
 
@@ -121,7 +127,10 @@ class Store:
         those passages skipped."""
         if own is None:
             return self.index.search(queries, k)
-        idx = self.index.search(queries, k + EXCLUDE_SLACK)  # [T, k + s]
+        return self.skip_own(self.index.search(queries, k + EXCLUDE_SLACK), own, k)
+
+    def skip_own(self, idx: torch.Tensor, own: torch.Tensor, k: int) -> torch.Tensor:
+        """idx [T, k + s] candidates, best first -> [T, k]: the first k not of the passages `own` [T]."""
         found = torch.from_numpy(np.array(self.passages[idx.clamp(min=0).reshape(-1).numpy()])).view(idx.shape)
         keep = (idx >= 0) & (found != own.cpu().unsqueeze(1))
         first = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :k]  # the kept ones, in order
@@ -306,6 +315,9 @@ class StoreFunction(IOFunction):
             self.key_embedding = torch.nn.Embedding(n * vocab, meta["key_dim"])
             torch.nn.init.normal_(self.key_embedding.weight, std=1.0)
             self.key_vocab = vocab  # E_p's rows start at p * vocab
+            if o.reindex:  # E when the keys were last indexed: the index is rebuilt from it
+                self.register_buffer("indexed_key_embedding", self.key_embedding.weight.detach().clone())
+                self._snapshot_index = None
         if o.null:  # the null entry's key, in the query's space
             self.null_key = torch.nn.Parameter(torch.zeros(meta["key_dim"]))
         if meta["values"] == "tokens":
@@ -325,13 +337,20 @@ class StoreFunction(IOFunction):
         q = self.query_proj(x.to(self.query_proj.weight.dtype)).float()
         return torch.nn.functional.normalize(q, dim=-1) if self.spec.options.query == "learned" else q
 
-    def learned_keys(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Norm(sum_p E_p[id_{j,p}]) of entries `rows` (all: [N, K]); missing ids (-1) add nothing."""
-        ids = torch.from_numpy(np.array(self.store.key_ids if rows is None else self.store.key_ids[rows.numpy()]))
-        ids = ids.long().to(self.key_embedding.weight.device)  # [R, n]
-        offsets = torch.arange(ids.shape[1], device=ids.device) * self.key_vocab
-        emb = self.key_embedding((ids + offsets).clamp(min=0)) * (ids >= 0).unsqueeze(-1)
-        return torch.nn.functional.normalize(emb.sum(1).float(), dim=-1)
+    def learned_keys(self, rows: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                     block: int = 1 << 18) -> torch.Tensor:
+        """Norm(sum_p E_p[id_{j,p}]) of entries `rows` (all: [N, K]); missing ids (-1) add nothing.
+        weight: E (default: the key embedding's)."""
+        weight = self.key_embedding.weight if weight is None else weight
+        n = self.store.entries if rows is None else rows.shape[0]
+        out = []
+        for start in range(0, n, block):  # the [R, n, K] sums, a block of entries at a time
+            part = (slice(start, start + block) if rows is None else rows[start:start + block].numpy())
+            ids = torch.from_numpy(np.array(self.store.key_ids[part])).long().to(weight.device)  # [R, n]
+            offsets = torch.arange(ids.shape[1], device=ids.device) * self.key_vocab
+            emb = torch.nn.functional.embedding((ids + offsets).clamp(min=0), weight) * (ids >= 0).unsqueeze(-1)
+            out.append(torch.nn.functional.normalize(emb.sum(1).float(), dim=-1))
+        return torch.cat(out) if len(out) != 1 else out[0]
 
     def value_vectors(self, idx: torch.Tensor, device) -> torch.Tensor:
         """idx [T, k] (valid entries) -> [T, k, value_dim]."""
@@ -345,14 +364,15 @@ class StoreFunction(IOFunction):
     def read(self, x, context, extra):
         o = self.spec.options
         q = self.query(x, context)  # [T, K]
+        own = own_passage(self.store, o, context, self.settings.context_window)
         if o.query == "learned":
-            idx, sel = self.learned_search(q)
+            idx, sel = self.learned_search(q, own)
         else:
             if extra is not None:  # the model's search, done once for every layer (ContextSearch)
                 idx = extra.cpu()
             else:
                 self.searched_rows += q.shape[0]
-                idx = self.store.search(q, o.topk, own_passage(self.store, o, context, self.settings.context_window))
+                idx = self.store.search(q, o.topk, own)
             sel = torch.from_numpy(np.array(self.store.keys[idx.clamp(min=0).reshape(-1).numpy()]))
             sel = sel.view(*idx.shape, -1).to(q.device)  # [T, k, K]
         found = (idx >= 0).to(q.device)
@@ -366,35 +386,69 @@ class StoreFunction(IOFunction):
         w = torch.softmax(scores / o.temperature, dim=-1).nan_to_num(0.0)  # none found: reads 0
         out = (w.unsqueeze(-1) * values).sum(1)  # [T, value_dim]
         if o.query == "learned" and self.training and torch.is_grad_enabled():
-            out = AttachLoss.apply(out, o.contrastive * self.contrastive_loss(q, context, idx))
+            out = AttachLoss.apply(out, o.contrastive * self.contrastive_loss(q, context, idx, own))
         return out
 
-    @torch.no_grad()
-    def _exact_topk(self, q: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
-        return torch.topk(q @ keys.T, min(k, keys.shape[0]), dim=1).indices.cpu()
-
-    def learned_search(self, q: torch.Tensor):
-        """The top-k entries of learned keys (an exact search over all of them, recomputed from E)
-        and those keys [T, k, K], differentiable in E."""
-        keys = self.learned_keys()  # [N, K]
+    def learned_search(self, q: torch.Tensor, own: Optional[torch.Tensor]):
+        """The top-k entries of learned keys ([T, k], -1: none; with `own`, not of the token's own
+        passage) and those keys [T, k, K] recomputed from the current E, differentiable in E.
+        reindex=0: every key scored; else the candidates of the snapshot's index."""
+        o = self.spec.options
+        k = o.topk + (EXCLUDE_SLACK if own is not None else 0)
         self.searched_rows += q.shape[0]
-        idx = self._exact_topk(q.detach(), keys.detach(), self.spec.options.topk)
-        return idx, keys[idx.to(keys.device)]
+        with torch.no_grad():
+            if o.reindex:
+                idx = self.snapshot_index().search(q, k)
+            else:
+                keys = self.learned_keys()  # [N, K]
+                idx = torch.topk(q @ keys.T, min(k, keys.shape[0]), dim=1).indices.cpu()
+        if own is not None:
+            idx = self.store.skip_own(idx, own, o.topk)
+        keys = self.learned_keys(idx.clamp(min=0).reshape(-1)).view(*idx.shape, -1)
+        return idx, keys.to(q.device)
 
-    def teacher(self, context: torch.Tensor) -> torch.Tensor:
+    def snapshot_index(self):
+        """The index of the keys of E as it was last indexed (built on first use after a re-index
+        or a load)."""
+        if self._snapshot_index is None:
+            with torch.no_grad():
+                keys = self.learned_keys(weight=self.indexed_key_embedding)
+            self._snapshot_index = SnapshotSearch(keys.cpu().numpy(), nprobe=self.spec.options.nprobe or 16)
+        return self._snapshot_index
+
+    def after_step(self, iteration: int) -> Optional[str]:
+        """Every reindex-th step: E's snapshot refreshed and the index rebuilt; a line for the log."""
+        o = self.spec.options
+        if o.query != "learned" or not o.reindex or iteration % o.reindex:
+            return None
+        start = time.perf_counter()
+        self.indexed_key_embedding.copy_(self.key_embedding.weight.detach())
+        self._snapshot_index = None
+        index = self.snapshot_index()
+        return (f" re-indexed the learned keys of IO function {self.spec.name!r} after step {iteration}: "
+                f"{self.store.entries} entries, IVF {index.params['nlist']} cells, "
+                f"{time.perf_counter() - start:.1f} s")
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if getattr(self, "_snapshot_index", None) is not None:
+            self._snapshot_index = None  # a loaded snapshot: the next search rebuilds the index from it
+
+    def teacher(self, context: torch.Tensor, own: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per token the entry whose frozen key is the token's own n-gram code (the `context` query's
-        exact hit), or -1 where no entry has that window."""
+        exact hit; with `own`, not in the token's own passage), or -1 where no entry has that window."""
         q_ctx = self.encoder(context_ids(context, self.settings.context_window))
-        idx = self.store.search(q_ctx, 1)[:, 0]  # [T]
+        idx = self.store.search(q_ctx, 1, own)[:, 0]  # [T]
         hit = torch.from_numpy(np.array(self.store.keys[idx.clamp(min=0).numpy()]))
         exact = (idx >= 0) & ((hit * q_ctx.cpu()).sum(-1) > 1 - 1e-4)  # unit keys: the same code
         return torch.where(exact, idx, torch.full_like(idx, -1))
 
-    def contrastive_loss(self, q: torch.Tensor, context: torch.Tensor, retrieved: torch.Tensor) -> torch.Tensor:
+    def contrastive_loss(self, q: torch.Tensor, context: torch.Tensor, retrieved: torch.Tensor,
+                         own: Optional[torch.Tensor] = None) -> torch.Tensor:
         """InfoNCE of each token's query against its teacher entry, the other tokens' teachers and
         the retrieved entries as negatives (mean over the tokens with a teacher; 0 without any).
         Records recall@k (the teacher among the k retrieved) and the loss for the log."""
-        teacher = self.teacher(context)  # [T]
+        teacher = self.teacher(context, own)  # [T]
         has = teacher >= 0
         if not bool(has.any()):
             return q.sum() * 0.0
@@ -478,9 +532,9 @@ class StoreKind(IOKind):
             raise IOSourceError(f"{spec.where()}: null={o.null} must be 0 or 1 and contrastive={o.contrastive} >= 0.")
         if o.exclude not in (0, 1):
             raise IOSourceError(f"{spec.where()}: exclude={o.exclude} must be 0 or 1.")
-        if o.exclude and o.query == "learned":
-            raise IOSourceError(f"{spec.where()}: exclude=1 with query=learned is not built (its exact search over "
-                                "learned keys skips nothing). Fix: query=context or query=hidden, or exclude=0.")
+        if o.reindex < 0 or (o.reindex and o.query != "learned"):
+            raise IOSourceError(f"{spec.where()}: reindex={o.reindex} must be >= 0, and re-indexes learned keys "
+                                "(query=learned) only. Fix: e.g. query=learned,reindex=50, or reindex=0.")
 
     def check_source(self, spec, settings):
         store = open_store(spec.source, where=spec.where(), nprobe=spec.options.nprobe,
@@ -497,11 +551,11 @@ class StoreKind(IOKind):
         if o.query == "learned" and store.key_ids is None:
             raise IOSourceError(f"{spec.where()}: query=learned needs the entries' key ids, which this store "
                                 "predates. Fix: rebuild it with tools/build_flaming_store.py.")
-        if o.query == "learned" and store.entries > LEARNED_MAX_ENTRIES:
-            raise IOSourceError(f"{spec.where()}: query=learned recomputes and searches its {store.entries} learned "
-                                f"keys at every forward pass, which Neon supports up to {LEARNED_MAX_ENTRIES} "
-                                "entries (re-indexing larger stores is not built yet). Fix: a smaller store, or "
-                                "query=context.")
+        if o.query == "learned" and not o.reindex and store.entries > LEARNED_MAX_ENTRIES:
+            raise IOSourceError(f"{spec.where()}: query=learned with reindex=0 recomputes and searches its "
+                                f"{store.entries} learned keys at every forward pass, which Neon does up to "
+                                f"{LEARNED_MAX_ENTRIES} entries. Fix: reindex=N (e.g. reindex=50: an index of "
+                                "the keys rebuilt every 50 steps), or a smaller store.")
         if o.exclude and not store.passage_ids:
             raise IOSourceError(f"{spec.where()}: exclude=1 needs the store's passage fingerprints. Fix: rebuild it "
                                 "with tools/build_flaming_store.py --passage-ids L (e.g. 8).")
@@ -526,13 +580,13 @@ class StoreKind(IOKind):
         """[d * K] + k * K + k * V + V * d: [W_q x if the query is learned], the k rescored keys,
         the weighted sum of their values, W_out (V: the value width, value_width * embed_dim for
         token values). The search runs on the index, off the matmul count (query='learned': an
-        exact search over N learned keys, N * K more per token, counted here)."""
+        exact search over N learned keys with reindex=0, N * K more per token, counted here)."""
         with open(os.path.join(spec.source, META)) as f:
             meta = json.load(f)
         d, key_dim, k = settings.hidden_size, meta["key_dim"], spec.options.topk
         value = meta["value_width"] * ((spec.options.embed_dim or d) if meta["values"] == "tokens" else 1)
         query = spec.options.query
-        learned_search = meta["entries"] * key_dim if query == "learned" else 0
+        learned_search = meta["entries"] * key_dim if query == "learned" and not spec.options.reindex else 0
         return ((d * key_dim if query in ("hidden", "learned") else 0) + learned_search + k * key_dim + k * value
                 + value * d)
 

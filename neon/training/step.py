@@ -109,6 +109,12 @@ def train_step(chunks: list, optimizer, data_iterator, config: NeonConfig, *,
     return StepResult(loss=reduce_losses(losses), grad_norm=grad_norm, skipped=not update_ok)
 
 
+def after_step(chunks: list, config: NeonConfig, iteration: int) -> list[str]:
+    """Every active feature's work after optimizer step `iteration` (FlamingMoE: a learned store's
+    re-index); the lines it reports for the log."""
+    return [line for feature in active(config) for line in feature.after_step(chunks, config, iteration)]
+
+
 @torch.no_grad()
 def evaluate(chunks: list, data_iterator, *, num_batches: int, num_microbatches: int, seq_length: int,
              micro_batch_size: int, forward_step_func=forward_step) -> Optional[float]:

@@ -45,7 +45,7 @@ from neon.training.metrics import MetricsLogger
 from neon.training.optim import build_optimizer, current_lr, optimizer_config, scheduler_for
 from neon.training.signals import SignalFlag
 from neon.training.state import TrainerState
-from neon.training.step import build_model_chunks, from_reporting_rank, train_step
+from neon.training.step import after_step, build_model_chunks, from_reporting_rank, train_step
 
 
 @dataclass
@@ -222,6 +222,8 @@ class Trainer:
             self.scheduler.step(increment=1)
         state.iteration += 1
         state.consumed_samples += s.global_batch_size
+        for line in after_step(self.chunks, self.model_config, state.iteration):
+            self.log_line(line)
         signalled, loss, grad_norm = from_reporting_rank([result.loss, result.grad_norm],
                                                          flags=(float(self.signals.received is not None),))
         step_time = time.perf_counter() - t0

@@ -1,10 +1,10 @@
 """FlamingMoE IO functions through pretrain_neon.py (real torchrun, gloo, test corpus): the IO
 list from a YAML file and from flags, distributed checkpoints of a per-layer bank [learned,
-learned, store (learned query: learned keys, a null entry), callable] and a global bank [learned,
-store (context query, searched once per micro-batch)] (learned parts sharded, the global bank's
-stored once, sources recorded and checked at load, a swap only when asked for), an exact resume
-with the default Gumbel router (at EP=2 x PP=2 too: the RNG states are saved per DP rank there),
-and every bad source ending with a clear error and no checkpoint."""
+learned, store (learned query: learned keys re-indexed every 2 steps, a null entry), callable]
+and a global bank [learned, store (context query, searched once per micro-batch)] (learned parts
+sharded, the global bank's stored once, sources recorded and checked at load, a swap only when
+asked for), an exact resume with the default Gumbel router (at EP=2 x PP=2 too: the RNG states
+are saved per DP rank there), and every bad source ending with a clear error and no checkpoint."""
 
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from tests.neon.training.runs import check, latest, launch, metrics, tiny_args
 pytestmark = pytest.mark.slow
 VOCAB = 256  # the test corpus's tokenizer (a multiple of 128: not padded)
 N = 6
+LR = 0.05  # the learned keys move enough in a step that an index of older keys finds other entries
 CALLABLE = "name=add,kind=callable,source=tests.neon.io_callables:sum_last_two,width=2"
 
 
@@ -38,7 +39,7 @@ def io_args(corpus, store: str, yaml_file: Path, callable_spec: str = CALLABLE, 
                   flaming_global_functions=1, flaming_topk=1, flaming_io_context_window=4)  # Gumbel router
     values.update(overrides)
     return ["--config", str(yaml_file), *tiny_args(*corpus, **values), "--flaming-io-functions",
-            f"name=facts,kind=store,source={store},query=learned,null=1,topk=2", callable_spec,
+            f"name=facts,kind=store,source={store},query=learned,null=1,topk=2,reindex=2", callable_spec,
             f"name=shared,kind=store,source={store},query=context,topk=2,bank=global"]
 
 
@@ -53,7 +54,8 @@ def trained(corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("io_run")
     store = build_store(tmp / "store", seed=0)
     save = tmp / "ckpt"
-    out = check(launch(io_args(corpus, store, tmp / "io.yaml", save=save, save_interval=N // 2), timeout=300))
+    out = check(launch(io_args(corpus, store, tmp / "io.yaml", save=save, save_interval=N // 2, lr=LR),
+                     timeout=300))
     return tmp, store, save, out
 
 
@@ -69,6 +71,7 @@ def test_io_run_saves_sources_and_resumes_exactly(corpus, trained, tmp_path):
     assert f"{layer}experts.linear.weight" in keys, sorted(keys)[:40]
     for name, param in (("facts", "value_embedding.weight"), ("facts", "out_proj.weight"),
                         ("facts", "key_embedding.weight"), ("facts", "query_proj.weight"), ("facts", "null_key"),
+                        ("facts", "indexed_key_embedding"),
                         ("add", "embedding.weight"), ("add", "out_proj.weight")):
         assert f"{layer}io_functions.{name}.{param}" in keys, sorted(k for k in keys if "io_" in k)
     for name in ("facts", "add"):  # one per layer (the layer axis)
@@ -82,9 +85,12 @@ def test_io_run_saves_sources_and_resumes_exactly(corpus, trained, tmp_path):
         sorted(k for k in keys if k.startswith(shared))
     assert not any(".global_bank.experts." in k for k in keys)  # the layers hold no copy
 
-    # resume from N/2 into another directory: iterations N/2+1 .. N as in the uninterrupted run
+    assert "re-indexed the learned keys of IO function 'facts' after step 2" in out
+    # resume from N/2 (the learned keys last indexed at step 2: the checkpoint's snapshot, not the
+    # keys of step 3, is searched) into another directory: iterations N/2+1 .. N as in the
+    # uninterrupted run
     resumed = tmp_path / "resumed"
-    check(launch(io_args(corpus, store, tmp_path / "io.yaml", load=save, ckpt_step=N // 2, save=resumed),
+    check(launch(io_args(corpus, store, tmp_path / "io.yaml", load=save, ckpt_step=N // 2, save=resumed, lr=LR),
                  timeout=300))
     ref, got = metrics(save), metrics(resumed)
     assert sorted(got) == list(range(N // 2 + 1, N + 1))

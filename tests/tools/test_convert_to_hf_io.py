@@ -45,7 +45,7 @@ def exported(tmp_path_factory, tiny_tokenizer, tiny_dataset):
     work = tmp_path_factory.mktemp("export_io")
     store = build_store(work / "store", seed=0, vocab=VOCAB)
     frozen = write_frozen(str(work / "frozen"), vocab=VOCAB)
-    io = [f"name=facts,kind=store,source={store},query=learned,null=1,topk=2",
+    io = [f"name=facts,kind=store,source={store},query=learned,null=1,topk=2,reindex=1",
           f"name=facts_h,kind=store,source={store},query=hidden,topk=2,temperature=0.5",
           CALLABLE, f"name=anchor,kind=model,source={frozen},layer=1",
           # bank=global: routed for every token of every layer (k = 2 of 2); a one-wide own embedding
@@ -173,8 +173,8 @@ def test_bad_source_at_load_names_it(exported, tmp_path, bad):
 
 def test_io_export_imports_back_bit_identical(exported, tmp_path):
     """Through both CLIs: the exported IO model imports as a Neon checkpoint (its IO strings and
-    window in model.yaml) and exports again with every tensor (W_q, learned keys, null key, own
-    embeddings, W_out) unchanged."""
+    window in model.yaml) and exports again with every tensor (W_q, learned keys and their
+    indexed snapshot, null key, own embeddings, W_out) unchanged."""
     import yaml
 
     from tests.tools.test_convert_from_hf import assert_identical, tensors
@@ -187,8 +187,9 @@ def test_io_export_imports_back_bit_identical(exported, tmp_path):
     done = run_tool("convert_to_hf", "--load", tmp_path / "ckpt", "--save", tmp_path / "back", "--quiet")
     assert done.returncode == 0, done.stderr[-4000:]
     before = tensors(hf_dir)
-    # 4 layers: facts 5 (W_q, key embedding, null key, value embedding, W_out), facts_h 3, add 2, anchor 1
-    assert sum(".io_functions." in k for k in before) == 4 * 11
+    # 4 layers: facts 6 (W_q, key embedding and its indexed snapshot, null key, value embedding,
+    # W_out), facts_h 3, add 2, anchor 1
+    assert sum(".io_functions." in k for k in before) == 4 * 12
     assert sum(k.startswith("model.flaming_global_io_functions.") for k in before) == 4  # gfacts 2, gadd 2
     assert_identical(before, tensors(tmp_path / "back"))
 

@@ -209,7 +209,7 @@ def test_learned_keys_are_the_documented_sums_and_take_gradients(tmp_path):
     assert report["flaming_io_m_contrastive_loss"][1] == 1 and fn.report() == {}  # restarts
 
 
-def test_learned_query_needs_key_ids_and_a_small_store(tmp_path, monkeypatch):
+def test_learned_query_needs_key_ids_and_a_small_store_or_a_reindex(tmp_path, monkeypatch):
     from neon.io import store as store_module
 
     path = small_store(tmp_path / "s")
@@ -221,16 +221,67 @@ def test_learned_query_needs_key_ids_and_a_small_store(tmp_path, monkeypatch):
         FEATURES["flaming_moe"].prepare(_config([f"name=m,kind=store,source={path},query=learned"]))
     big = small_store(tmp_path / "big")
     monkeypatch.setattr(store_module, "LEARNED_MAX_ENTRIES", 3)
-    with pytest.raises(IOSourceError, match="supports up to 3 entries"):
+    with pytest.raises(IOSourceError, match="does up to 3 entries. Fix: reindex=N"):
         FEATURES["flaming_moe"].prepare(_config([f"name=m,kind=store,source={big},query=learned"]))
     FEATURES["flaming_moe"].prepare(_config([f"name=m,kind=store,source={big},query=context"]))  # fine
+    FEATURES["flaming_moe"].prepare(_config([f"name=m,kind=store,source={big},query=learned,reindex=5"]))
+    for bad in ("query=context,reindex=5", "query=learned,reindex=-1"):
+        with pytest.raises(ConfigError, match="re-indexes learned keys"):
+            _config([f"name=m,kind=store,source={big},{bad}"])
+
+
+def test_reindexed_learned_keys_are_searched_in_the_snapshot_until_the_next_reindex(tmp_path):
+    """reindex=2: the candidates come from an index of the keys as E was at the last re-index
+    (at first, E's initial values), while their scores use the current E; after step 2 the index
+    holds the updated keys; the snapshot is in the state dict, and a function loaded from it
+    searches as the saved one did. nprobe covers every cell here, so each index search must equal
+    the exact top-k over the snapshot's keys."""
+    docs = [torch.randint(0, V, (60,), generator=torch.Generator().manual_seed(d)).tolist() for d in range(40)]
+    path = small_store(tmp_path / "s", docs=docs)  # 2360 entries: 48 cells of >= 39
+    entry = f"name=m,kind=store,source={path},query=learned,topk=4,reindex=2,nprobe=64"
+    config = _config([entry])
+    fn = _store_function(config, entry).train()
+    q = torch.nn.functional.normalize(torch.randn(50, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+
+    def top_of(idx, keys):  # True where idx holds the top 4 of q against keys (equal keys tie)
+        best = torch.topk(q @ keys.T, 4, dim=1).values
+        found = torch.sort((q.unsqueeze(1) * keys[idx]).sum(-1), dim=1, descending=True).values
+        return bool(((found - best).abs() <= 1e-5).all())  # unit vectors: float32 rounding is ~1e-7
+
+    initial = fn.learned_keys().detach()
+    idx, keys = fn.learned_search(q, None)
+    assert top_of(idx, initial)
+    with torch.no_grad():  # an optimizer step moves E
+        fn.key_embedding.weight.add_(torch.randn_like(fn.key_embedding.weight))
+    moved = fn.learned_keys().detach()
+    idx, keys = fn.learned_search(q, None)
+    assert top_of(idx, initial) and not top_of(idx, moved)  # still the snapshot's candidates
+    torch.testing.assert_close(keys, moved[idx], rtol=0, atol=0)  # scored with the current E
+    keys.sum().backward()
+    assert fn.key_embedding.weight.grad.abs().sum() > 0
+    assert fn.after_step(1) is None
+    line = fn.after_step(2)
+    assert "re-indexed the learned keys of IO function 'm' after step 2: 2360 entries, IVF 48 cells" in line
+    assert top_of(fn.learned_search(q, None)[0], moved)
+
+    state = fn.state_dict()
+    assert torch.equal(state["indexed_key_embedding"], fn.key_embedding.weight.detach())
+    with torch.no_grad():
+        fn.key_embedding.weight.add_(torch.randn_like(fn.key_embedding.weight))  # a step after the save
+    saved_search = fn.learned_search(q, None)[0]
+    torch.manual_seed(123)
+    other = _store_function(config, entry)  # other initial values, then the checkpoint
+    other.learned_search(q, None)  # an index of its own initial keys, dropped by the load
+    other.load_state_dict(fn.state_dict())
+    assert torch.equal(other.learned_search(q, None)[0], saved_search)
 
 
 def test_exclude_skips_the_tokens_own_passage_and_keeps_other_occurrences(tmp_path):
     """A store of the text being trained on, built with passage fingerprints (L = 4): with
     exclude=1 no token retrieves its own position, while the same n-gram elsewhere (another
     passage) is still found, by the function's own search and by the once-per-forward search;
-    without passages, with a window shorter than L, or with query=learned, exclude=1 is refused."""
+    without passages or with a window shorter than L, exclude=1 is refused. The learned query skips
+    the own passage too, in its search and in its teacher."""
     from neon.io.base import context_ids
     from neon.io.store import ContextSearch, own_passage
 
@@ -256,11 +307,18 @@ def test_exclude_skips_the_tokens_own_passage_and_keeps_other_occurrences(tmp_pa
     searched = provider.compute(torch.tensor([doc_a]), ctx.unsqueeze(0), dtype=torch.float32)["m"][0]
     assert torch.equal(searched, excluded)
     assert fn(torch.zeros(8, 16), ctx).shape == (8, 16)
+    for reindex in (0, 2):
+        learned = f"name=m,kind=store,source={path},query=learned,topk=2,exclude=1,reindex={reindex}"
+        fn = _store_function(_config([learned]), learned)
+        own = own_passage(store, fn.spec.options, ctx, 4)
+        q = fn.learned_keys(torch.arange(7)).detach()  # queries equal to the own entries' keys
+        found = fn.learned_search(q, own[:7])[0]
+        assert all(t not in found[t].tolist() for t in range(7)), (reindex, found)
+        assert fn.teacher(ctx, own)[4] == other_entry and (fn.teacher(ctx, own)[:7] == -1).sum() == 6
 
     plain_store = small_store(tmp_path / "plain")
     refusals = {f"name=m,kind=store,source={plain_store},exclude=1": ("--passage-ids", {}),
-                entry: ("flaming_io_context_window >= 4", {"flaming_io_context_window": 3}),
-                f"name=m,kind=store,source={path},query=learned,exclude=1": ("query=learned", {})}
+                entry: ("flaming_io_context_window >= 4", {"flaming_io_context_window": 3})}
     for bad, (words, kw) in refusals.items():
         with pytest.raises((IOSourceError, ConfigError), match=words):
             FEATURES["flaming_moe"].prepare(_config([bad], **kw))
