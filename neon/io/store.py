@@ -78,7 +78,7 @@ import torch
 from neon.errors import IOSourceError
 from neon.io.base import AttachLoss, ContextProvider, IOFunction, IOKind, IOSettings, IOSpec, context_ids
 from neon.io.encoder import NgramEncoder
-from neon.io.index import SnapshotSearch, open_index
+from neon.io.index import SnapshotSearch, faiss, open_index
 
 FORMAT, VERSION = "neon-flaming-store", 1
 KEYS, VALUES, KEY_IDS, META = "keys.f32", "values.bin", "key_ids.i32", "meta.json"
@@ -556,6 +556,14 @@ class StoreKind(IOKind):
                                 f"{store.entries} learned keys at every forward pass, which Neon does up to "
                                 f"{LEARNED_MAX_ENTRIES} entries. Fix: reindex=N (e.g. reindex=50: an index of "
                                 "the keys rebuilt every 50 steps), or a smaller store.")
+        if o.reindex:
+            try:
+                faiss()
+            except IOSourceError:
+                raise IOSourceError(f"{spec.where()}: reindex={o.reindex} indexes the learned keys with faiss, which "
+                                    "is not installed. Fix: pip install faiss-cpu (requirements.txt pins the tested "
+                                    f"version), or reindex=0 for a store of at most {LEARNED_MAX_ENTRIES} entries."
+                                    ) from None
         if o.exclude and not store.passage_ids:
             raise IOSourceError(f"{spec.where()}: exclude=1 needs the store's passage fingerprints. Fix: rebuild it "
                                 "with tools/build_flaming_store.py --passage-ids L (e.g. 8).")

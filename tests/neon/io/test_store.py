@@ -6,6 +6,7 @@ padded vocabulary; a checkpoint's store identity refuses another store unless a 
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -228,6 +229,9 @@ def test_learned_query_needs_key_ids_and_a_small_store_or_a_reindex(tmp_path, mo
     for bad in ("query=context,reindex=5", "query=learned,reindex=-1"):
         with pytest.raises(ConfigError, match="re-indexes learned keys"):
             _config([f"name=m,kind=store,source={big},{bad}"])
+    monkeypatch.setitem(sys.modules, "faiss", None)  # faiss not installed: its import fails
+    with pytest.raises(IOSourceError, match="reindex=5 indexes the learned keys with faiss, which is not installed"):
+        FEATURES["flaming_moe"].prepare(_config([f"name=m,kind=store,source={big},query=learned,reindex=5"]))
 
 
 def test_reindexed_learned_keys_are_searched_in_the_snapshot_until_the_next_reindex(tmp_path):
