@@ -258,8 +258,7 @@ class FlamingMoEFeature(Feature):
     def after_step(self, chunks, config, iteration):
         """Each IO function's own work after a step (a learned store's re-index), once per function
         (a global bank's function is shared by the layers)."""
-        functions = {id(m): m for c in chunks for m in c.modules() if getattr(m, "is_io", False)}
-        return [line for m in functions.values() if (line := m.after_step(iteration))]
+        return [line for m in _io_functions(chunks) if (line := m.after_step(iteration))]
 
     def step_report(self, chunks, config, *, step_time_s, num_microbatches):
         """The banks' router losses (reduced over ranks) and what the IO context providers report
@@ -272,7 +271,7 @@ class FlamingMoEFeature(Feature):
             for key, value in provider.report(step_time_s).items():
                 report[key] = report.get(key, 0.0) + value
         totals: dict[str, list[float]] = {}  # IO functions' own values (a learned query's recall), over layers
-        for m in {id(m): m for c in chunks for m in c.modules() if getattr(m, "is_io", False)}.values():
+        for m in _io_functions(chunks):
             for key, (total, count) in m.report().items():
                 acc = totals.setdefault(key, [0.0, 0.0])
                 acc[0], acc[1] = acc[0] + total, acc[1] + count
@@ -370,6 +369,11 @@ class FlamingMoEFeature(Feature):
         from neon.flaming.flops import forward_only_macs
 
         return forward_only_macs(config, seq_length, causal)
+
+
+def _io_functions(chunks: list) -> list:
+    """The IO functions of the model chunks, each once (a global bank's is shared by the layers)."""
+    return list({id(m): m for c in chunks for m in c.modules() if getattr(m, "is_io", False)}.values())
 
 
 def _io_counts(config) -> dict[str, int]:

@@ -88,11 +88,10 @@ def exact_topk(queries: torch.Tensor, keys: np.ndarray, k: int, block_rows: int 
 
 
 class FaissSearch:
-    """A faiss index of the store's keys, memory-mapped; search parameters set at load."""
+    """A faiss index of keys [N, K] that `meta` describes; search parameters set here."""
 
-    def __init__(self, path: str, meta: dict, keys: np.ndarray, nprobe: int = 0, ef_search: int = 0):
-        f = faiss()
-        self.index = f.read_index(path, f.IO_FLAG_MMAP | f.IO_FLAG_READ_ONLY)
+    def __init__(self, index, meta: dict, keys: np.ndarray, nprobe: int = 0, ef_search: int = 0):
+        self.index, self.meta = index, meta
         self.type, self.keys, self.refine = meta["type"], keys, meta.get("refine", 1)
         if self.type in ("ivf_flat", "ivf_pq"):
             self.index.nprobe = nprobe or meta["nprobe"]
@@ -120,7 +119,9 @@ def open_index(store_path: str, meta: Optional[dict], keys: np.ndarray, nprobe: 
     if not os.path.isfile(path) or os.path.getsize(path) != meta["bytes"]:
         raise IOSourceError(f"store {store_path!r}: its {meta['type']} index {INDEX_FILE} is missing or has another "
                             f"size than meta.json records ({meta['bytes']} bytes). Fix: rebuild the store.")
-    return FaissSearch(path, meta, keys, nprobe=nprobe, ef_search=ef_search)
+    f = faiss()
+    index = f.read_index(path, f.IO_FLAG_MMAP | f.IO_FLAG_READ_ONLY)  # memory-mapped
+    return FaissSearch(index, meta, keys, nprobe=nprobe, ef_search=ef_search)
 
 
 # --- building (tools/build_flaming_store.py) --------------------------------------------------------
@@ -204,21 +205,14 @@ def train_and_fill(keys: np.ndarray, params: dict, progress: Optional[Callable[[
     return index
 
 
-class SnapshotSearch:
+def snapshot_search(keys: np.ndarray, nprobe: int = 0) -> FaissSearch:
     """An IVF-Flat index of keys held in memory, not on disk (a snapshot of learned keys, rebuilt
-    from the snapshot when needed): sqrt(N) cells, at most N / 39, `nprobe` of them scanned."""
-
-    def __init__(self, keys: np.ndarray, nprobe: int = 16):
-        n = keys.shape[0]
-        self.params = {"type": "ivf_flat", "nlist": max(1, min(int(n ** 0.5), n // 39))}
-        self.index = train_and_fill(keys, self.params)
-        self.index.nprobe = min(nprobe, self.params["nlist"])
-
-    @torch.no_grad()
-    def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
-        """queries [Q, K] -> entry indices [Q, k] int64 (-1: fewer than k found), best first."""
-        _, idx = self.index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
-        return torch.from_numpy(idx).long()
+    from the snapshot when needed): sqrt(N) cells, at most N / 39; `nprobe` of them scanned
+    (default 16)."""
+    n = keys.shape[0]
+    nlist = max(1, min(int(n ** 0.5), n // 39))
+    params = {"type": "ivf_flat", "nlist": nlist, "nprobe": min(16, nlist)}
+    return FaissSearch(train_and_fill(keys, params), params, keys, nprobe=nprobe)
 
 
 def file_sha256(path: str, chunk: int = 1 << 24) -> str:

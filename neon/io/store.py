@@ -78,7 +78,7 @@ import torch
 from neon.errors import IOSourceError
 from neon.io.base import AttachLoss, ContextProvider, IOFunction, IOKind, IOSettings, IOSpec, context_ids
 from neon.io.encoder import NgramEncoder
-from neon.io.index import SnapshotSearch, faiss, open_index
+from neon.io.index import faiss, open_index, snapshot_search
 
 FORMAT, VERSION = "neon-flaming-store", 1
 KEYS, VALUES, KEY_IDS, META = "keys.f32", "values.bin", "key_ids.i32", "meta.json"
@@ -413,20 +413,20 @@ class StoreFunction(IOFunction):
         if self._snapshot_index is None:
             with torch.no_grad():
                 keys = self.learned_keys(weight=self.indexed_key_embedding)
-            self._snapshot_index = SnapshotSearch(keys.cpu().numpy(), nprobe=self.spec.options.nprobe or 16)
+            self._snapshot_index = snapshot_search(keys.cpu().numpy(), nprobe=self.spec.options.nprobe)
         return self._snapshot_index
 
     def after_step(self, iteration: int) -> Optional[str]:
         """Every reindex-th step: E's snapshot refreshed and the index rebuilt; a line for the log."""
         o = self.spec.options
-        if o.query != "learned" or not o.reindex or iteration % o.reindex:
+        if not o.reindex or iteration % o.reindex:  # reindex > 0 only with query=learned
             return None
         start = time.perf_counter()
         self.indexed_key_embedding.copy_(self.key_embedding.weight.detach())
         self._snapshot_index = None
         index = self.snapshot_index()
         return (f" re-indexed the learned keys of IO function {self.spec.name!r} after step {iteration}: "
-                f"{self.store.entries} entries, IVF {index.params['nlist']} cells, "
+                f"{self.store.entries} entries, IVF {index.meta['nlist']} cells, "
                 f"{time.perf_counter() - start:.1f} s")
 
     def _load_from_state_dict(self, *args, **kwargs):
