@@ -34,9 +34,10 @@ def initialize(
     seed: int = 1234,
     timeout_s: float = 600,
     expert_tensor_parallel: int | None = None,
+    context_parallel: int = 1,
 ) -> None:
     """Join the process group (env:// rendezvous, as torchrun sets it) and split it into
-    tensor/pipeline/expert/data-parallel groups. Safe to call in a single process.
+    tensor/pipeline/context/expert/data-parallel groups. Safe to call in a single process.
     expert_tensor_parallel: the experts' tensor-parallel size (megatron's default, None, is
     tensor_parallel; MoE layers whose experts are not split by TP need 1)."""
     cpu_runtime.install()
@@ -51,6 +52,7 @@ def initialize(
         virtual_pipeline_model_parallel_size=virtual_pipeline,
         expert_model_parallel_size=expert_parallel,
         expert_tensor_parallel_size=expert_tensor_parallel,
+        context_parallel_size=context_parallel,
         distributed_timeout_minutes=timeout_s / 60,  # every group's collectives time out as the default group's
     )
     set_seed(seed)

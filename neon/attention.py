@@ -3,14 +3,15 @@
 Plugs into megatron-core's SelfAttention as its `core_attention` submodule and computes
 softmax(q k^T * scale + causal/window mask) v. `attention()` picks the kernel:
 
-- CUDA, sliding window narrower than the keys: FlexAttention (torch.compile'd) with a block mask,
-  so fully masked key blocks are skipped and no s x s mask exists; the block mask depends only on
-  (sq, sk, window, device) and is built once per shape. Grouped-query attention reads the shared
-  key/value heads in place (enable_gqa), no copies.
-- CUDA, no window (or one at least as wide as the keys): torch SDPA with is_causal, which takes
-  the flash or cuDNN kernel; grouped-query through enable_gqa.
+- CUDA, sliding window narrower than the keys, or fewer queries than keys (a context-parallel
+  chunk: its queries are the last of the keys' positions): FlexAttention (torch.compile'd) with a
+  block mask, so fully masked key blocks are skipped and no s x s mask exists; the block mask
+  depends only on (sq, sk, window, device) and is built once per shape. Grouped-query attention
+  reads the shared key/value heads in place (enable_gqa), no copies.
+- CUDA, as many queries as keys and no window (or one at least as wide as the keys): torch SDPA
+  with is_causal, which takes the flash or cuDNN kernel; grouped-query through enable_gqa.
 - CPU, and CUDA with attention dropout under a window (FlexAttention has no dropout): SDPA with
-  enable_gqa and, for a window, an explicit boolean [sq, sk] mask.
+  enable_gqa and, for a window or fewer queries than keys, an explicit boolean [sq, sk] mask.
 
 Any number of query heads per key/value head works (the base, every DiffAttention layout);
 `scale` is the softmax scale (1/sqrt(d), or nGPT's sqrt(d) on normalised q/k).
@@ -20,6 +21,11 @@ attention is, in Neon, None or `documents` [b, s], each token's document number 
 (neon/data/datasets.py); a query attends only to keys of its own document. That adds a boolean
 [b, 1, sq, sk] mask and takes SDPA on every device. RoPE needs no position reset for this: its
 scores depend only on the distance between tokens of the same document.
+
+Context parallelism: every core attention module (this one, DiffAttention's, nGPT's scaled q/k
+around either) calls `attention` with its context-parallel group; with more than one rank it
+all-gathers the keys and values it needs (neon/context_parallel.py) and runs the kernels above on
+each local chunk. The document ids then cover the whole sequence (the batch split leaves them whole).
 """
 
 from __future__ import annotations
@@ -31,11 +37,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from neon.config import NeonConfig
+from neon.context_parallel import context_parallel_attention
 
 
 def causal_window_mask(sq: int, sk: int, window: Optional[int], device,
@@ -43,9 +50,10 @@ def causal_window_mask(sq: int, sk: int, window: Optional[int], device,
     """Boolean mask, True where attention is allowed (query i is token sk - sq + i): [sq, sk], or
     [b, 1, sq, sk] with documents [b, sk] (a query sees keys of its own document only).
 
-    None when plain causal attention suffices (no window, or one at least as wide as the keys,
-    and no documents)."""
-    if not needs_window(sk, window) and documents is None:
+    None when SDPA's is_causal gives it (as many queries as keys, no window narrower than the
+    keys, no documents): is_causal aligns query 0 with key 0, so fewer queries than keys (a
+    context-parallel chunk) need the mask."""
+    if sq == sk and not needs_window(sk, window) and documents is None:
         return None
     q_pos = torch.arange(sk - sq, sk, device=device)[:, None]
     k_pos = torch.arange(sk, device=device)[None, :]
@@ -66,6 +74,14 @@ def document_ids(attention_mask) -> Optional[torch.Tensor]:
         raise ValueError(f"Neon's core attention takes document ids [b, s] (integers) as attention_mask, not a "
                          f"{attention_mask.dtype} tensor of shape {tuple(attention_mask.shape)}")
     return attention_mask
+
+
+def context_parallel_group(pg_collection=None):
+    """The context-parallel group a core attention module works in (None before megatron's
+    parallel state exists, e.g. a model built outside a distributed run)."""
+    if pg_collection is not None and getattr(pg_collection, "cp", None) is not None:
+        return pg_collection.cp
+    return parallel_state.get_context_parallel_group(check_initialized=False)
 
 
 def needs_window(sk: int, window: Optional[int]) -> bool:
@@ -92,15 +108,18 @@ def sdpa(q, k, v, *, scale: float, window: Optional[int], dropout_p: float = 0.0
 
 
 @functools.lru_cache(maxsize=32)
-def window_block_mask(sq: int, sk: int, window: int, device: torch.device):
-    """FlexAttention block mask of causal attention within `window` keys (query i is token
-    sk - sq + i), shared by every batch entry and head. Built once per (sq, sk, window, device)."""
+def window_block_mask(sq: int, sk: int, window: Optional[int], device: torch.device):
+    """FlexAttention block mask of causal attention within `window` keys (None: all earlier keys;
+    query i is token sk - sq + i), shared by every batch entry and head. Built once per
+    (sq, sk, window, device)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     offset = sk - sq
 
     def causal_window(b, h, q_idx, kv_idx):
         q_pos = q_idx + offset
+        if window is None:
+            return kv_idx <= q_pos
         return (kv_idx <= q_pos) & (kv_idx > q_pos - window)
 
     return create_block_mask(causal_window, None, None, sq, sk, device=device)
@@ -113,8 +132,8 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_window_attention(q, k, v, *, scale: float, window: int, compiled: bool = True):
-    """FlexAttention, causal within `window`: same shapes and result as `sdpa` with that window.
+def flex_window_attention(q, k, v, *, scale: float, window: Optional[int], compiled: bool = True):
+    """FlexAttention, causal within `window` (None: causal): same shapes and result as `sdpa`.
 
     compiled=False runs FlexAttention's eager reference (tests); training always compiles."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -126,13 +145,25 @@ def flex_window_attention(q, k, v, *, scale: float, window: int, compiled: bool 
 
 
 def attention(q, k, v, *, scale: float, window: Optional[int], dropout_p: float = 0.0,
-              documents: Optional[torch.Tensor] = None):
+              documents: Optional[torch.Tensor] = None, cp_group=None):
     """Causal (optionally windowed, optionally within documents) grouped-query attention on the
     kernel the module doc names.
 
     q [b, h, sq, d], k [b, h_kv, sk, d], v [b, h_kv, sk, d_v] -> [b, h, sq, d_v], h a multiple of
-    h_kv; documents [b, sk] or None."""
-    if q.is_cuda and needs_window(k.size(2), window) and not dropout_p and documents is None:
+    h_kv; documents [b, sk] or None. With a context-parallel group of more than one rank, q/k/v
+    are this rank's two chunks of the sequence and documents cover the whole sequence
+    (neon/context_parallel.py)."""
+    if cp_group is not None and cp_group.size() > 1:
+        return context_parallel_attention(q, k, v, group=cp_group, window=window, kernel=local_attention,
+                                          documents=documents, scale=scale, dropout_p=dropout_p)
+    return local_attention(q, k, v, scale=scale, window=window, dropout_p=dropout_p, documents=documents)
+
+
+def local_attention(q, k, v, *, scale: float, window: Optional[int], dropout_p: float = 0.0,
+                    documents: Optional[torch.Tensor] = None):
+    """`attention` on one process's q/k/v (query i is key sk - sq + i)."""
+    offset_or_window = q.size(2) != k.size(2) or needs_window(k.size(2), window)
+    if q.is_cuda and offset_or_window and not dropout_p and documents is None:
         return flex_window_attention(q, k, v, scale=scale, window=window)
     return sdpa(q, k, v, scale=scale, window=window, dropout_p=dropout_p, documents=documents)
 
@@ -157,6 +188,7 @@ class NeonCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.window = config.sliding_window
+        self.cp_group = context_parallel_group(pg_collection)
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -165,7 +197,7 @@ class NeonCoreAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout_p = self.dropout_p if self.training else 0.0
         attend = partial(attention, q, k, v, scale=self.softmax_scale, window=self.window,
-                         documents=document_ids(attention_mask))
+                         documents=document_ids(attention_mask), cp_group=self.cp_group)
         if dropout_p:
             with tensor_parallel.get_cuda_rng_tracker().fork():  # per-TP-rank dropout
                 out = attend(dropout_p=dropout_p)

@@ -47,7 +47,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from neon.attention import attention, document_ids
+from neon.attention import attention, context_parallel_group, document_ids
 from neon.config import NeonConfig
 
 HEAD_NORM_EPS = 1e-5
@@ -162,6 +162,7 @@ class DiffCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(lay.qk_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.window = config.sliding_window
+        self.cp_group = context_parallel_group(pg_collection)
         self.tp_group = (pg_collection.tp if pg_collection is not None
                          else parallel_state.get_tensor_model_parallel_group(check_initialized=False))
         tp = self.tp_group.size() if self.tp_group is not None else 1
@@ -219,7 +220,7 @@ class DiffCoreAttention(MegatronModule):
         if split_values is None:
             split_values = v.size(-1) == 2 * q.size(-1) and not dropout_p
         attend = partial(attention, scale=self.softmax_scale, window=self.window, dropout_p=dropout_p,
-                         documents=documents)
+                         documents=documents, cp_group=self.cp_group)
         if split_values:
             return torch.cat([attend(q, k, half) for half in v.chunk(2, dim=-1)], dim=-1)
         return attend(q, k, v)

@@ -43,7 +43,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from neon.attention import attention, document_ids
+from neon.attention import attention, context_parallel_group, document_ids
 from neon.config import NeonConfig
 from neon.diff_attention import with_width
 
@@ -134,6 +134,7 @@ class DiffV2CoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(lay.head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.window = config.sliding_window
+        self.cp_group = context_parallel_group(pg_collection)
         self.kernel = None
         if use_te:  # written to TE's interface; not run on the CPU development machine
             from megatron.core.extensions.transformer_engine import TEDotProductAttention
@@ -159,7 +160,8 @@ class DiffV2CoreAttention(MegatronModule):
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
             with (tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p else contextlib.nullcontext()):
                 maps = attention(q, k, v, scale=self.softmax_scale, window=self.window, dropout_p=dropout_p,
-                                 documents=document_ids(attention_mask)).permute(2, 0, 1, 3)  # [sq, b, 2n, d]
+                                 documents=document_ids(attention_mask), cp_group=self.cp_group)
+                maps = maps.permute(2, 0, 1, 3)  # [sq, b, 2n, d]
         lam = torch.sigmoid(logits.reshape(sq, b, n, 1))  # head h of group h // r
         heads = maps[:, :, 0::2] - lam.to(maps.dtype) * maps[:, :, 1::2]  # [sq, b, n, d]
         return heads.reshape(sq, b, n * d)

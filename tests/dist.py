@@ -54,15 +54,16 @@ def _worker(rank, world_size, port, layout, fn, kwargs, results):
 
 
 def run_distributed(fn, world_size: int = 2, *, tp: int = 1, pp: int = 1, ep: int = 1,
-                    vpp: int | None = None, etp: int | None = None, seed: int = 1234,
+                    vpp: int | None = None, etp: int | None = None, cp: int = 1, seed: int = 1234,
                     kwargs: dict | None = None, timeout: float = 240.0) -> list:
     """Run fn(**kwargs) on `world_size` ranks; return the list of per-rank results (etp: the
-    experts' tensor-parallel size, megatron's default tp when None)."""
+    experts' tensor-parallel size, megatron's default tp when None; cp: the context-parallel size)."""
     import torch
 
     assert world_size <= 4, "at most 4 processes on this machine"
     layout = dict(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
-                  virtual_pipeline=vpp, seed=seed, expert_tensor_parallel=etp)
+                  virtual_pipeline=vpp, seed=seed, expert_tensor_parallel=etp,
+                  context_parallel=cp)
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)  # takes effect when this process first starts the server
     results = ctx.Queue()

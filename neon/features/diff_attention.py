@@ -56,9 +56,6 @@ class DiffAttentionFeature(Feature):
         if config.diff_lambda_init is not None and not 0.0 <= config.diff_lambda_init < 1.0:
             fail("diff_lambda_init", config.diff_lambda_init, "must lie in [0, 1) (heads are scaled "
                  "by 1 - lambda_init)", "use e.g. 0.8 or 0.5, or None for the per-layer schedule")
-        if mode != "off" and config.context_parallel_size > 1:
-            fail("context_parallel_size", config.context_parallel_size, "is not supported with "
-                 "DiffAttention", "set context_parallel_size=1")
         if mode != "off" and head_dim % 2:
             fail("kv_channels", head_dim, "must be even for rotary embeddings with DiffAttention",
                  "use an even head size")

@@ -12,13 +12,17 @@ dict) run once per micro-batch here: a frozen model (neon/io/frozen_model.py) on
 sequence, a global-bank `context`-query store searched once for every layer (neon/io/store.py).
 Under tensor parallelism every TP rank runs them on the whole sequence (a frozen state needs the
 tokens before it); with sequence parallelism each rank's layers then get the context rows of
-their part of the sequence, as megatron's embedding scatters the hidden states.
+their part of the sequence, as megatron's embedding scatters the hidden states. Under context
+parallelism each rank gathers the whole sequences' ids from its CP group, builds the context of
+the whole sequences (a token's ids window reaches into chunks other ranks hold; a frozen model
+reads everything before it) and keeps the rows of its own two chunks.
 """
 
 from __future__ import annotations
 
 from megatron.core.models.gpt import GPTModel
 
+from neon.context_parallel import gather_sequence, local_chunks
 from neon.flaming.io import io_settings, io_specs
 from neon.io.base import ContextLayout, build_context, context_providers
 
@@ -36,8 +40,15 @@ class IOGPTModel(GPTModel):
         if input_ids is None:
             raise RuntimeError("a model with FlamingMoE IO functions needs the input ids on every "
                                "pipeline stage (they give the token context)")
-        ctx = build_context(self.io_layout, self.io_providers, input_ids, position_ids,
-                            dtype=self.config.params_dtype, documents=attention_mask)  # [b, s, C]
+        cp = self.pg_collection.cp
+        ids, positions = input_ids, position_ids
+        if cp.size() > 1:  # this rank holds two chunks of each sequence: build on the whole one
+            ids = gather_sequence(input_ids, cp)
+            positions = None if position_ids is None else gather_sequence(position_ids, cp)
+        ctx = build_context(self.io_layout, self.io_providers, ids, positions,
+                            dtype=self.config.params_dtype, documents=attention_mask)  # [b, S, C]
+        if cp.size() > 1:
+            ctx = local_chunks(ctx, cp, dim=1)
         ctx = ctx.transpose(0, 1).contiguous()  # megatron's [s, b, C]
         if self.config.sequence_parallel:  # the layers hold this TP rank's part of the sequence
             ctx = ctx.chunk(self.pg_collection.tp.size(), dim=0)[self.pg_collection.tp.rank()]

@@ -28,9 +28,15 @@ def set_aux_loss_scale(config, num_microbatches: int) -> None:
         scale = config.grad_scale_func(scale)
     if not config.calculate_per_token_loss:
         scale = scale / num_microbatches
+    # IO functions' own losses (a learned query's) are means over this rank's tokens: DDP's average
+    # over the data- and context-parallel ranks averages them.
+    AttachLoss.scale = float(scale)
+    # The router losses are computed over the TP x CP group's tokens (megatron's router); each CP
+    # rank holds a share of their gradient, which megatron's scale restores after that average.
+    if not config.calculate_per_token_loss:
+        scale = scale * config.context_parallel_size
     if config.num_moe_experts is None:  # megatron's schedules set it for configs with MoE MLPs
         MoEAuxLossAutoScaler.set_loss_scale(scale)
-    AttachLoss.scale = float(scale)  # IO functions' own losses (a learned query's)
 
 
 def aux_loss_report(num_microbatches: int = 1, clear: bool = True) -> dict[str, float]:

@@ -21,6 +21,7 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_plugins import cpu_runtime
 from neon.config import NeonConfig
@@ -63,18 +64,41 @@ def build_model_chunks(config: NeonConfig, build_stage: Callable, wrap_ddp: bool
 
 
 def lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Sum of the masked token losses, with the token count: megatron's per-token reduction."""
+    """Sum of the masked token losses, with the token count: megatron's per-token reduction.
+
+    Under context parallelism each rank holds part of every sequence: its sum is scaled by CP and
+    divided by the CP group's token count, so that megatron's average of the gradients over
+    DP x CP ranks is the token mean of the whole sequences (also when the ranks' loss masks keep
+    different numbers of tokens). The reported pair stays this rank's own."""
     mask = loss_mask.reshape(-1).float()
     total = torch.sum(per_token_loss.reshape(-1).float() * mask)
     num_tokens = mask.sum().to(torch.int)
     reported = torch.stack([total.detach(), num_tokens.float()])
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp > 1:
+        torch.distributed.all_reduce(num_tokens, group=parallel_state.get_context_parallel_group())
+        total = total * cp
     return total, num_tokens, {"lm loss": reported}
+
+
+def context_parallel_batch(batch: dict) -> dict:
+    """This context-parallel rank's part of a micro-batch: megatron's head-tail split of every
+    per-token tensor (neon/context_parallel.py), except the document ids, which attention needs
+    for the whole sequence. The batch itself without context parallelism."""
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return batch
+    whole = {k: batch.pop(k) for k in WHOLE_SEQUENCE_KEYS if k in batch}
+    return get_batch_on_this_cp_rank(batch) | whole
+
+
+WHOLE_SEQUENCE_KEYS = ("documents",)
 
 
 def forward_step(data_iterator: Iterator[dict], model):
     """Megatron's forward_step contract: (output, loss function of that output)."""
     device = cpu_runtime.device()
     batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+    batch = context_parallel_batch(batch)
     # megatron's attention_mask argument carries the document ids (neon/attention.py), or None
     output = model(batch["tokens"], batch["position_ids"], batch.get("documents"), labels=batch["labels"])
     return output, partial(lm_loss, batch["loss_mask"])
@@ -140,24 +164,24 @@ def evaluate(chunks: list, data_iterator, *, num_batches: int, num_microbatches:
     if not totals:
         return None
     total = torch.stack(totals).sum(0)
-    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     return (total[0] / total[1].clamp(min=1)).item()
 
 
 def reduce_losses(losses: list) -> Optional[float]:
-    """Token-weighted mean of the micro-batch losses, averaged over data-parallel ranks."""
+    """Token-weighted mean of the micro-batch losses over data- and context-parallel ranks."""
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     totals = torch.stack([item["lm loss"] for item in losses]).sum(0)
-    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
 def reporting_rank() -> bool:
-    """The rank whose values the logs show: first tensor- and data-parallel rank of the last
-    pipeline stage (where the losses are)."""
+    """The rank whose values the logs show: first tensor-, context- and data-parallel rank of the
+    last pipeline stage (where the losses are)."""
     return (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-            and parallel_state.get_data_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
             and parallel_state.get_tensor_model_parallel_rank() == 0)
 
 

@@ -70,7 +70,8 @@ def start_parallel(cfg: Config) -> int:
         distributed.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                p.expert_model_parallel_size, cfg.virtual_pipeline_size, s.seed,
                                timeout_s=60 * p.distributed_timeout_minutes,
-                               expert_tensor_parallel=1)  # as neon_config(): experts are whole on each TP rank
+                               expert_tensor_parallel=1,  # as neon_config(): experts are whole on each TP rank
+                               context_parallel=p.context_parallel_size)
     except distributed.PortInUse as e:  # megatron_plugins knows no Neon error class
         raise PortInUseError(str(e)) from None
     if not cpu_runtime.cuda_available():  # the CPU runtime's RNG tracker forks the CPU generator itself

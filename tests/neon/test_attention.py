@@ -81,6 +81,18 @@ def test_flex_block_mask_forward_matches_reference(heads, window, normalized):
     torch.testing.assert_close(out.double(), reference(q, k, v, scale, min(window, 48)), **FP32_TOL)
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_fewer_queries_than_keys_are_the_last_positions(window):
+    """A context-parallel chunk: 12 queries at the end of 40 keys, causal (SDPA's is_causal would
+    align query 0 with key 0) or windowed, on the SDPA path and FlexAttention's eager forward."""
+    q, _, _ = inputs(2, 4, 2, 12, 8, seed=3)
+    _, k, v = inputs(2, 4, 2, 40, 8, seed=4)
+    expected = reference(q, k, v, 0.3, window)
+    torch.testing.assert_close(attention(q, k, v, scale=0.3, window=window).double(), expected, **FP32_TOL)
+    flex = flex_window_attention(q, k, v, scale=0.3, window=window, compiled=False)
+    torch.testing.assert_close(flex.double(), expected, **FP32_TOL)
+
+
 def test_compiled_flex_forward_skips_blocks_and_matches_reference():
     """The compiled FlexAttention kernel (as on CUDA) on 3 blocks of 128: with window 64 the last
     query block never sees the first key block, which the block mask skips. GQA 4:1, nGPT scale."""

@@ -22,9 +22,9 @@ from typing import Any, Literal, Union
 
 from neon.config import NeonConfig, extend_dataclass, on_fields_changed
 
-PARALLELISM_OWNED_FIELDS = {"tensor_model_parallel_size", "pipeline_model_parallel_size",
+PARALLELISM_OWNED_FIELDS = {"tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
                             "expert_model_parallel_size", "sequence_parallel"}
-DERIVED_MODEL_FIELDS = {"virtual_pipeline_model_parallel_size", "context_parallel_size",
+DERIVED_MODEL_FIELDS = {"virtual_pipeline_model_parallel_size",
                         "expert_tensor_parallel_size", "params_dtype", "pipeline_dtype",
                         "window_size"}
 # Sizes megatron-core leaves at 0 (they must be set) get a tiny model's; every example config sets them.

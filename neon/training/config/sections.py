@@ -32,6 +32,9 @@ class ParallelismConfig:
     """Tensor-parallel size (splits attention heads and MLP width)."""
     pipeline_model_parallel_size: int = 1
     """Pipeline-parallel size (splits the layers into stages)."""
+    context_parallel_size: int = 1
+    """Context-parallel size: splits every sequence over this many ranks (attention all-gathers
+    keys/values; docs/parallelism.md)."""
     num_layers_per_virtual_pipeline_stage: Optional[int] = None
     """Layers per virtual stage: turns on the interleaved 1F1B schedule (needs PP > 1)."""
     expert_model_parallel_size: int = 1
@@ -231,7 +234,8 @@ class Config:
     @property
     def data_parallel_size(self) -> int:
         p = self.parallelism
-        return self.world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+        return self.world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+                                   * p.context_parallel_size)
 
     @property
     def num_microbatches(self) -> int:
@@ -259,6 +263,7 @@ class Config:
             **values,
             tensor_model_parallel_size=p.tensor_model_parallel_size,
             pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+            context_parallel_size=p.context_parallel_size,
             virtual_pipeline_model_parallel_size=self.virtual_pipeline_size,
             expert_model_parallel_size=p.expert_model_parallel_size,
             sequence_parallel=p.sequence_parallel,
@@ -312,6 +317,7 @@ def _check_positive(cfg: Config) -> None:
     p, s = cfg.parallelism, cfg.schedule
     for name, value in (("tensor_model_parallel_size", p.tensor_model_parallel_size),
                         ("pipeline_model_parallel_size", p.pipeline_model_parallel_size),
+                        ("context_parallel_size", p.context_parallel_size),
                         ("expert_model_parallel_size", p.expert_model_parallel_size),
                         ("micro_batch_size", s.micro_batch_size), ("global_batch_size", s.global_batch_size),
                         ("train_iters", s.train_iters), ("seq_length", cfg.data.seq_length),
@@ -323,14 +329,19 @@ def _check_positive(cfg: Config) -> None:
 def _check_layout(cfg: Config) -> None:
     p, s = cfg.parallelism, cfg.schedule
     tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
-    if cfg.world_size % (tp * pp):
-        fail("--tensor-model-parallel-size x --pipeline-model-parallel-size", tp * pp,
-             f"does not divide the {cfg.world_size} processes", "launch a multiple of TP x PP processes "
-             "(torchrun --nproc-per-node) or change the layout")
+    cp = p.context_parallel_size
+    if cfg.world_size % (tp * pp * cp):
+        fail("--tensor-model-parallel-size x --pipeline-model-parallel-size x --context-parallel-size",
+             tp * pp * cp, f"does not divide the {cfg.world_size} processes", "launch a multiple of TP x PP x CP "
+             "processes (torchrun --nproc-per-node) or change the layout")
+    if cfg.data.seq_length % (2 * cp):
+        fail("--seq-length", cfg.data.seq_length, f"is not divisible by 2 x context_parallel_size = {2 * cp} "
+             "(each context-parallel rank holds two chunks of every sequence)",
+             f"use a sequence length that is a multiple of {2 * cp}")
     dp = cfg.data_parallel_size
-    if (dp * tp) % ep:
-        fail("--expert-model-parallel-size", ep, f"does not divide data-parallel x tensor-parallel = {dp * tp}",
-             "use an expert-parallel size that divides DP x TP")
+    if (dp * cp * tp) % ep:
+        fail("--expert-model-parallel-size", ep, f"does not divide data-parallel x context-parallel x "
+             f"tensor-parallel = {dp * cp * tp}", "use an expert-parallel size that divides DP x CP x TP")
     experts = cfg.model.num_moe_experts
     routed = [f"--{f.name.replace('_', '-')}" for f in FEATURES.values() if f.uses_expert_parallelism(cfg.model)]
     if ep > 1 and not (experts or any(f.enabled(cfg.model) and f.uses_expert_parallelism(cfg.model)
