@@ -20,7 +20,8 @@ from torch.overrides import TorchFunctionMode
 PATCHES: dict[str, str] = {
     "rng_tracker": "the model-parallel RNG tracker reads and writes the CUDA generator; use the CPU one",
     "current_device": "~150 sites allocate on torch.cuda.current_device(); answer with the CPU device",
-    "cuda_device_mode": "hard-coded device='cuda' / .cuda() (schedules, optimizer, clip_grads): rewrite to CPU",
+    "cuda_device_mode": "hard-coded device='cuda' / .cuda() (schedules, optimizer, clip_grads): rewrite to CPU; "
+    "pin_memory=True (the context-parallel RoPE slice) needs an accelerator: drop it",
     "synchronize": "torch.cuda.synchronize (p2p, checkpoint writer) becomes a no-op",
     "streams_events": "torch.cuda Stream/Event/current_stream/stream (DDP, MoE dispatcher) become torch.cpu's",
     "tensor_type": "clip_grads and the optimizers check Tensor.type() == 'torch.cuda.FloatTensor'",
@@ -123,12 +124,15 @@ def _to_cpu(dev):
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites device='cuda' arguments, `.cuda()` and `.to('cuda')` to the CPU."""
+    """Rewrites device='cuda' arguments, `.cuda()` and `.to('cuda')` to the CPU, and drops
+    pin_memory=True (pinned memory needs an accelerator; torch raises without one)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if "device" in kwargs:
             kwargs["device"] = _to_cpu(kwargs["device"])
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.to and len(args) > 1:
