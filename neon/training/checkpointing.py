@@ -102,6 +102,7 @@ def layout() -> dict:
         "pp": ps.get_pipeline_model_parallel_world_size(),
         "vpp": ps.get_virtual_pipeline_model_parallel_world_size(),
         "ep": ps.get_expert_model_parallel_world_size(),
+        "cp": ps.get_context_parallel_world_size(),  # CP ranks hold copies of the weights: never a reshard
         "dp": ps.get_data_parallel_world_size(),
     }
 

@@ -82,6 +82,14 @@ def start_parallel(cfg: Config) -> int:
     return get_num_microbatches()
 
 
+def layout_line(cfg: Config) -> str:
+    """Megatron-LM's start-up line of the parallel layout."""
+    p = cfg.parallelism
+    return (f"using world size: {cfg.world_size}, data-parallel size: {cfg.data_parallel_size}, context-parallel "
+            f"size: {p.context_parallel_size}, tensor-model-parallel size: {p.tensor_model_parallel_size}, "
+            f"pipeline-model-parallel size: {p.pipeline_model_parallel_size}")
+
+
 class Trainer:
     """One pretraining run on this rank: build everything in __init__ (collective), then run();
     close() releases what it started (DataLoader workers, an unfinished asynchronous save, the logs,
@@ -101,6 +109,8 @@ class Trainer:
         self.closing.callback(self.signals.restore)
         self.num_microbatches = start_parallel(cfg)
         self.rank0 = dist.get_rank() == 0
+        if self.rank0:
+            print(layout_line(cfg), flush=True)
         self.lock = run_lock.acquire([cfg.checkpointing.save, run_dir_of(cfg)])  # one run per directory
         self.closing.callback(self.lock.release)
         adopted = recipe_resume.adopt_checkpoint_settings(cfg)  # before anything is built from cfg.model
