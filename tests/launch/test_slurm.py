@@ -194,12 +194,13 @@ def test_dense_sbatch_trains_on_two_nodes_and_requeues_on_sigusr1(slurm, launch_
 
 
 def test_flaming_moe_sbatch_runs_expert_parallel_over_two_nodes(slurm, launch_corpus, tmp_path):
-    """The FlamingMoE script: EP=2 x DP=2 over the two nodes, both banks on, a short run."""
+    """The FlamingMoE script: CP=2 x DP=2 over the two nodes (each sequence split over the two ranks
+    of a node), the function banks sharded over EP=2, both banks on, a short run."""
     run_dir = tmp_path / "run"
     name = "neon-test-moe"
     knobs = training.knobs(tmp_path, launch_corpus, train_iters=training.ITERS)
-    knobs.update(TP="1", EP="2", FLAMING_MOE="between", GLOBAL_FUNCTIONS="4", LAYER_FUNCTIONS="4", ROUTER="topk",
-                 TOPK="1")
+    knobs.update(TP="1", EP="2", CP="2", FLAMING_MOE="between", GLOBAL_FUNCTIONS="4", LAYER_FUNCTIONS="4",
+                 ROUTER="topk", TOPK="1")
     rc, log = _finish(_submit(slurm, run_dir, name, knobs, script=MOE), slurm, run_dir, name,
                       timeout=training.JOB_TIMEOUT)
     assert rc == 0, log
@@ -207,6 +208,8 @@ def test_flaming_moe_sbatch_runs_expert_parallel_over_two_nodes(slurm, launch_co
     assert [r["iteration"] for r in _train_records(run_dir)] == list(range(1, training.ITERS + 1)), log
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["parallelism"]["expert_model_parallel_size"] == 2, config["parallelism"]
+    assert config["parallelism"]["context_parallel_size"] == 2, config["parallelism"]
+    assert "data-parallel size: 2, context-parallel size: 2" in log, log
     model = config["model"]
     assert (model["flaming_moe"], model["flaming_global_functions"], model["flaming_layer_functions"]) == (
         "between", 4, 4), model

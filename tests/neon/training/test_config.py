@@ -107,6 +107,10 @@ def test_feature_defaults_apply_below_explicit_settings(corpus):
 BAD = [
     (["--global-batch-size", "6", "--micro-batch-size", "4"], 1, "--global-batch-size=6", "multiple of 4"),
     (["--tensor-model-parallel-size", "2"], 3, "does not divide the 3 processes", "launch a multiple"),
+    (["--context-parallel-size", "2"], 3, "does not divide the 3 processes", "TP x PP x CP"),
+    (["--context-parallel-size", "3", "--seq-length", "16"], 3, "--seq-length=16: is not divisible by 2 x "
+     "context_parallel_size = 6", "multiple of 6"),
+    (["--context-parallel-size", "0"], 1, "--context-parallel-size=0", "positive integer"),
     (["--num-layers-per-virtual-pipeline-stage", "1"], 1, "needs pipeline parallelism", "--pipeline-model"),
     (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1", "--num-layers", "4",
       "--global-batch-size", "1"], 2, "interleaved schedule needs a multiple of PP=2", "global batch"),
