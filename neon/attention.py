@@ -55,14 +55,28 @@ def causal_window_mask(sq: int, sk: int, window: Optional[int], device,
     context-parallel chunk) need the mask."""
     if sq == sk and not needs_window(sk, window) and documents is None:
         return None
-    q_pos = torch.arange(sk - sq, sk, device=device)[:, None]
-    k_pos = torch.arange(sk, device=device)[None, :]
-    mask = k_pos <= q_pos
-    if needs_window(sk, window):
-        mask = mask & (k_pos > q_pos - window)
+    mask = _position_mask(sq, sk, window if needs_window(sk, window) else None, torch.device(device))
     if documents is not None:
         same = documents[:, sk - sq:, None] == documents[:, None, :]  # [b, sq, sk]
         mask = (mask & same)[:, None]
+    return mask
+
+
+@functools.lru_cache(maxsize=32)
+def _additive_mask(sq: int, sk: int, window: Optional[int], device: torch.device, dtype) -> torch.Tensor:
+    allowed = _position_mask(sq, sk, window, device)
+    return torch.zeros(sq, sk, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+
+
+@functools.lru_cache(maxsize=32)
+def _position_mask(sq: int, sk: int, window: Optional[int], device: torch.device) -> torch.Tensor:
+    """The causal (window) part of `causal_window_mask`, built once per shape: every layer's
+    attention shares one tensor (it is saved for the backward once, not once per layer)."""
+    q_pos = torch.arange(sk - sq, sk, device=device)[:, None]
+    k_pos = torch.arange(sk, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask = mask & (k_pos > q_pos - window)
     return mask
 
 
@@ -99,9 +113,16 @@ def sdpa(q, k, v, *, scale: float, window: Optional[int], dropout_p: float = 0.0
          documents: Optional[torch.Tensor] = None):
     """torch SDPA: q [b, h, sq, d], k [b, h_kv, sk, d], v [b, h_kv, sk, d_v] -> [b, h, sq, d_v].
 
-    Causal through is_causal (flash/cuDNN-eligible) without a window or documents, else a boolean mask."""
+    Causal through is_causal (flash/cuDNN-eligible) without a window or documents, else a mask:
+    without documents the additive (0 / -inf) one of the query's dtype, built once per shape, which
+    the kernels take as it is (a boolean mask becomes a new float copy in each layer's call, and
+    each copy is saved for the backward)."""
     _check_heads(q, k, v)
-    mask = causal_window_mask(q.size(2), k.size(2), window, q.device, documents)
+    sq, sk = q.size(2), k.size(2)
+    if documents is None and (sq != sk or needs_window(sk, window)):
+        mask = _additive_mask(sq, sk, window if needs_window(sk, window) else None, q.device, q.dtype)
+    else:
+        mask = causal_window_mask(sq, sk, window, q.device, documents)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, scale=scale,
         enable_gqa=q.size(1) != k.size(1))
@@ -145,23 +166,28 @@ def flex_window_attention(q, k, v, *, scale: float, window: Optional[int], compi
 
 
 def attention(q, k, v, *, scale: float, window: Optional[int], dropout_p: float = 0.0,
-              documents: Optional[torch.Tensor] = None, cp_group=None):
+              documents: Optional[torch.Tensor] = None, cp_group=None, value_halves: bool = False):
     """Causal (optionally windowed, optionally within documents) grouped-query attention on the
     kernel the module doc names.
 
     q [b, h, sq, d], k [b, h_kv, sk, d], v [b, h_kv, sk, d_v] -> [b, h, sq, d_v], h a multiple of
     h_kv; documents [b, sk] or None. With a context-parallel group of more than one rank, q/k/v
     are this rank's two chunks of the sequence and documents cover the whole sequence
-    (neon/context_parallel.py)."""
+    (neon/context_parallel.py). value_halves: attend to each half of V's width in a kernel call
+    of its own and concatenate (flash kernels need d_v == d; DiffAttention's 'matched' V is 2d
+    wide); under context parallelism the keys are gathered once for both."""
+    kwargs = dict(scale=scale, window=window, dropout_p=dropout_p, documents=documents, value_halves=value_halves)
     if cp_group is not None and cp_group.size() > 1:
-        return context_parallel_attention(q, k, v, group=cp_group, window=window, kernel=local_attention,
-                                          documents=documents, scale=scale, dropout_p=dropout_p)
-    return local_attention(q, k, v, scale=scale, window=window, dropout_p=dropout_p, documents=documents)
+        return context_parallel_attention(q, k, v, group=cp_group, kernel=local_attention, **kwargs)
+    return local_attention(q, k, v, **kwargs)
 
 
 def local_attention(q, k, v, *, scale: float, window: Optional[int], dropout_p: float = 0.0,
-                    documents: Optional[torch.Tensor] = None):
+                    documents: Optional[torch.Tensor] = None, value_halves: bool = False):
     """`attention` on one process's q/k/v (query i is key sk - sq + i)."""
+    if value_halves:
+        return torch.cat([local_attention(q, k, half, scale=scale, window=window, dropout_p=dropout_p,
+                                          documents=documents) for half in v.chunk(2, dim=-1)], dim=-1)
     offset_or_window = q.size(2) != k.size(2) or needs_window(k.size(2), window)
     if q.is_cuda and offset_or_window and not dropout_p and documents is None:
         return flex_window_attention(q, k, v, scale=scale, window=window)

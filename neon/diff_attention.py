@@ -219,11 +219,8 @@ class DiffCoreAttention(MegatronModule):
         under dropout, whose masks would then differ between the halves)."""
         if split_values is None:
             split_values = v.size(-1) == 2 * q.size(-1) and not dropout_p
-        attend = partial(attention, scale=self.softmax_scale, window=self.window, dropout_p=dropout_p,
-                         documents=documents, cp_group=self.cp_group)
-        if split_values:
-            return torch.cat([attend(q, k, half) for half in v.chunk(2, dim=-1)], dim=-1)
-        return attend(q, k, v)
+        return attention(q, k, v, scale=self.softmax_scale, window=self.window, dropout_p=dropout_p,
+                         documents=documents, cp_group=self.cp_group, value_halves=split_values)
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):

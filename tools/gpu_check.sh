@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared run for a lent GPU machine (under 7 minutes in one call), in four sections:
+# The one prepared run for a lent GPU machine (under 9 minutes in one call), in five sections:
 #   tests      the GPU-marked tests (pytest -m gpu)                        -> gpu_tests.xml
 #   model      training step of whole ~1B Neon models, bf16, every variant
 #              and once with sliding_window 1024 (tools/benchmark_model.py) -> benchmark_model.{txt,json}
@@ -8,6 +8,9 @@
 #   io         a FlamingMoE store IO function's step against store size 1e4-1e6 with the exact
 #              search, which runs on the GPU when the keys fit (tools/benchmark_flaming_io.py)
 #              -> benchmark_flaming_io.txt
+#   cp         activation memory and step time per GPU at sequence 8K-32K, CP=1 against CP=2 where
+#              two GPUs are visible (CP=1 only on one: tools/benchmark_context_parallel.py)
+#              -> benchmark_context_parallel.txt
 # That machine has no network, a Python 3.12 with its own CUDA torch and Triton, and no
 # Transformer Engine; megatron-core travels as a wheel in .whl/ (git-ignored).
 #
@@ -16,16 +19,16 @@
 #   one section again:                      bash tools/gpu_check.sh --only model
 #   here, on the CPU (tiny sizes, same code): bash tools/gpu_check.sh --dry-run
 #
-# Each section runs under its own timeout (TESTS_TIMEOUT, MODEL_TIMEOUT, ATTENTION_TIMEOUT, IO_TIMEOUT
-# seconds) and writes its files to $OUT as soon as it finishes; gpu_check.log holds everything
-# and gpu.txt the card (8 files, the device tool's limit). Exit status 0 only when every
+# Each section runs under its own timeout (TESTS_TIMEOUT, MODEL_TIMEOUT, ATTENTION_TIMEOUT, IO_TIMEOUT,
+# CP_TIMEOUT seconds) and writes its files to $OUT as soon as it finishes; gpu_check.log holds everything
+# the card and versions too (8 files, the device tool's limit). Exit status 0 only when every
 # section run succeeds. PEAK_TFLOPS overrides the card's dense bf16 peak; MODEL_ARGS and
 # ATTENTION_ARGS add benchmark options (e.g. MODEL_ARGS="--layers 8").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WHEELS=(megatron-core==0.16.1)
-SECTIONS=(tests model attention io)
+SECTIONS=(tests model attention io cp)
 PYTHON=${PYTHON:-python3}
 
 usage() {
@@ -66,6 +69,9 @@ export PYTHONUNBUFFERED=1
 if ((dry_run)); then
     # the CPU: this checkout's Python and megatron-core, tiny sizes, short timeouts
     : "${TESTS_TIMEOUT:=120}" "${MODEL_TIMEOUT:=240}" "${ATTENTION_TIMEOUT:=240}" "${IO_TIMEOUT:=120}"
+    : "${CP_TIMEOUT:=240}"
+    cp_procs=2
+    cp_opts=(--seq 256 512 --steps 1)
     io_opts=(--entries 1000 --indexes exact ivf_flat --nprobe 4 --queries 20 --tokens 16 --hidden 32 --key-dim 16
              --vocab 256 --repeats 1)
     preset=tiny
@@ -76,6 +82,10 @@ if ((dry_run)); then
     log "dry run on the CPU (tiny sizes) with $PYTHON, results in $OUT"
 else
     : "${TESTS_TIMEOUT:=110}" "${MODEL_TIMEOUT:=150}" "${ATTENTION_TIMEOUT:=80}" "${IO_TIMEOUT:=45}"
+    : "${CP_TIMEOUT:=90}"
+    gpus=$(nvidia-smi --list-gpus | wc -l)
+    if ((gpus >= 2)); then cp_procs=2; cp_opts=(--cp 1 2); else cp_procs=1; cp_opts=(--cp 1); fi
+    cp_opts+=(--seq 8192 16384 32768 --steps 2)
     io_opts=(--entries 10000 100000 1000000 --indexes exact --tokens 1024 --repeats 2 --work-dir /tmp)
     preset=gpu
     model_opts=(--steps 5 --warmup 2)
@@ -89,7 +99,7 @@ else
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site "${wheels[@]}"
     export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)
     case "$name" in  # dense bf16 peak, TFLOP/s (the datasheet's; KINDS.md measured ~790 on an H200)
         *H100*|*H200*) peak=989 ;;
@@ -102,7 +112,7 @@ else
 fi
 "$PYTHON" -c "import neon, torch, megatron.core as m; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'megatron-core', m.__version__, 'device',
-      torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')" | tee -a "$OUT/gpu.txt"
+      torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')"
 
 # shellcheck disable=SC2206  # MODEL_ARGS / ATTENTION_ARGS are lists of options on purpose
 model_opts+=(${MODEL_ARGS:-})
@@ -131,12 +141,18 @@ section_io() {
     timeout "$IO_TIMEOUT" "$PYTHON" tools/benchmark_flaming_io.py "${io_opts[@]}" | tee "$OUT/benchmark_flaming_io.txt"
 }
 
+section_cp() {
+    timeout "$CP_TIMEOUT" "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$cp_procs" \
+        tools/benchmark_context_parallel.py "${cp_opts[@]}" | tee "$OUT/benchmark_context_parallel.txt"
+}
+
 run_section() {
     case "$1" in
         tests) section_tests ;;
         model) section_model ;;
         attention) section_attention ;;
         io) section_io ;;
+        cp) section_cp ;;
     esac
 }
 

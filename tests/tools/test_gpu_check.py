@@ -27,7 +27,8 @@ def run_check(out: Path, *args: str, timeout: int = 600) -> subprocess.Completed
 def test_dry_run_writes_every_section(tmp_path):
     r = run_check(tmp_path, "--dry-run")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert (tmp_path / "gpu_check.log").stat().st_size > 0 and (tmp_path / "gpu.txt").exists()
+    assert "megatron-core 0.16.1 device NO CUDA" in (tmp_path / "gpu_check.log").read_text()
+    assert len(list(tmp_path.iterdir())) <= 8  # what the device tool brings back
 
     # tests: the GPU-marked tests were collected and skipped cleanly (no CUDA here)
     suite = ET.parse(tmp_path / "gpu_tests.xml").getroot().find("testsuite")
@@ -73,11 +74,22 @@ def test_dry_run_writes_every_section(tmp_path):
     for index, search in (("exact", "-"), ("ivf_flat", "4")):
         assert re.search(rf"^\s+1000\s+{index}\s+[\d.]+\s+{search}\s+[\d.]+\s+16\s+[\d.]+\s", io, re.M), io
 
+    # cp: both variants at both lengths, CP=1 and CP=2; splitting the sequence lowers each rank's
+    # activations (every per-token activation halves; the gathered keys/values do not)
+    rows = re.findall(r"^seq\s+(\d+)\s+(\S+)\s+CP=(\d)\s+activations ([\d.]+) GiB\s+step ([\d.]+) s",
+                      (tmp_path / "benchmark_context_parallel.txt").read_text(), re.M)
+    cp = {(variant, int(seq), int(size)): (float(act), float(step)) for seq, variant, size, act, step in rows}
+    assert set(cp) == {(v, s, c) for v in ("base", "diff+ngpt") for s in (256, 512) for c in (1, 2)}, rows
+    for (variant, seq, size), (activations, step) in cp.items():
+        assert step > 0 and activations > 0
+        if size == 2:
+            assert activations < cp[variant, seq, 1][0], (variant, seq)
+
 
 def test_unknown_section_is_refused_before_any_work(tmp_path):
     r = run_check(tmp_path, "--dry-run", "--only", "modle", timeout=30)
     assert r.returncode == 2
-    assert "--only modle is not a section; choose one of: tests model attention io" in r.stderr
+    assert "--only modle is not a section; choose one of: tests model attention io cp" in r.stderr
     assert not any(tmp_path.iterdir())
 
 
