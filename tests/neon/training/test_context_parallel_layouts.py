@@ -6,7 +6,7 @@ CP=2 x TP=2 and PP=2 x CP=2 against the same TP or PP layout at CP=1 (losses, gr
 Sequences of 16 tokens give CP=2 chunks of 4: a window of 5 needs the last 4 keys of the chunk
 before (the window-aware exchange), one of 7 reaches over a whole chunk, and FlamingMoE's IO
 context window of 6 ids reaches into the chunk another rank holds (store `context` queries and a
-callable read it).
+callable read it; a frozen model's states need the whole sequence before each token).
 
 Bound. Every layout starts from the same weights and differs from CP=1 only in the order of fp32
 sums: the attention of a chunk sums over its keys in another blocking, the token-mean loss is
@@ -50,11 +50,13 @@ VARIANTS = {
 }
 
 
-def flaming_io(store: str) -> dict:
+def flaming_io(store: str, frozen: str) -> dict:
     """A per-layer bank of a learned function, a store read by a `context` query and a callable,
-    each reading an ids window of 6 (wider than a chunk), and a global bank."""
+    each reading an ids window of 6 (wider than a chunk), and a frozen model (its states need every
+    earlier token of the sequence); and a global bank."""
     io = [f"name=facts,kind=store,source={store},query=context,topk=2,embed_dim=6",
-          "name=sums,kind=callable,source=tests.neon.io_callables:window_sum,width=1,embed_dim=5"]
+          "name=sums,kind=callable,source=tests.neon.io_callables:window_sum,width=1,embed_dim=5",
+          f"name=anchor,kind=model,source={frozen},layer=1"]
     return dict(flaming_moe="between", flaming_global_functions=2, flaming_layer_functions=1,
                 flaming_router="topk", flaming_topk=2, flaming_io_functions=io, flaming_io_context_window=6,
                 flaming_aux_loss_coeff=1e-2)
@@ -99,8 +101,10 @@ def train(variants: dict, full_grads: bool = False) -> dict:
 @pytest.fixture(scope="module")
 def io_variant(tmp_path_factory):
     from tests.neon.test_flaming_moe_io import build_test_store
+    from tests.neon.test_flaming_moe_io_frozen import write_frozen
 
-    return {"flaming-io": flaming_io(build_test_store(str(tmp_path_factory.mktemp("cp") / "store")))}
+    root = tmp_path_factory.mktemp("cp")
+    return {"flaming-io": flaming_io(build_test_store(str(root / "store")), write_frozen(str(root / "frozen")))}
 
 
 def assert_same_training(got: dict, expected: dict, full_grads: bool) -> None:
