@@ -71,7 +71,7 @@ if ((dry_run)); then
     : "${TESTS_TIMEOUT:=120}" "${MODEL_TIMEOUT:=240}" "${ATTENTION_TIMEOUT:=240}" "${IO_TIMEOUT:=120}"
     : "${CP_TIMEOUT:=240}"
     cp_procs=2
-    cp_opts=(--seq 256 512 --steps 1)
+    cp_opts=(--seq 64 128 --steps 1)
     io_opts=(--entries 1000 --indexes exact ivf_flat --nprobe 4 --queries 20 --tokens 16 --hidden 32 --key-dim 16
              --vocab 256 --repeats 1)
     preset=tiny

@@ -45,6 +45,7 @@ VARIANTS = {
     "ngpt": dict(ngpt=True),
     "ngpt-diff-window": dict(ngpt=True, diff_attention="matched", sliding_window=5),
     "documents": dict(sliding_window=7, documents=True),
+    "loss-mask": dict(masked=True),  # CP ranks with different numbers of loss tokens
     "flaming": dict(flaming_moe="between", flaming_global_functions=2, flaming_layer_functions=2,
                     flaming_router="topk", flaming_topk=1, flaming_aux_loss_coeff=1e-2, flaming_z_loss_coeff=1e-3),
 }
@@ -70,10 +71,14 @@ def config(overrides: dict) -> NeonConfig:
                       expert_tensor_parallel_size=1, pipeline_dtype=torch.float32)
 
 
-def batches(documents: bool) -> list:
-    """The same two micro-batches at every step (the loss must fall on them)."""
+def batches(documents: bool, masked: bool) -> list:
+    """The same two micro-batches at every step (the loss must fall on them); `masked`: no loss on
+    the first 6 tokens (chunk 0 and half of chunk 1: at CP=2, rank 0 keeps 4 loss tokens of each
+    sequence, rank 1 keeps 6)."""
     step = [batch | ({"documents": DOCUMENTS.expand(MB, SEQ).clone()} if documents else {})
             for batch in random_batches(MICRO, vocab=TINY["vocab_size"], micro_batch=MB, seq=SEQ, seed=3)]
+    for batch in step if masked else ():
+        batch["loss_mask"][:, :6] = 0
     return step * STEPS
 
 
@@ -82,12 +87,12 @@ def train(variants: dict, full_grads: bool = False) -> dict:
     out = {}
     for name, overrides in variants.items():
         overrides = dict(overrides)
-        documents = overrides.pop("documents", False)
+        documents, masked = overrides.pop("documents", False), overrides.pop("masked", False)
         cfg = config(overrides)
         torch.manual_seed(7)
         chunks = build_model_chunks(cfg, build_model, ddp_config=DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=False))
-        data = iter(batches(documents))
+        data = iter(batches(documents, masked))
         first, grads = sgd_losses(chunks, cfg, data, steps=1, num_microbatches=MICRO, seq_length=SEQ,
                                   micro_batch_size=MB, lr=0.5), None
         if full_grads:
