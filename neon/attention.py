@@ -11,7 +11,8 @@ softmax(q k^T * scale + causal/window mask) v. `attention()` picks the kernel:
 - CUDA, as many queries as keys and no window (or one at least as wide as the keys): torch SDPA
   with is_causal, which takes the flash or cuDNN kernel; grouped-query through enable_gqa.
 - CPU, and CUDA with attention dropout under a window (FlexAttention has no dropout): SDPA with
-  enable_gqa and, for a window or fewer queries than keys, an explicit boolean [sq, sk] mask.
+  enable_gqa and, for a window or fewer queries than keys, an explicit additive [sq, sk] mask
+  built once per shape.
 
 Any number of query heads per key/value head works (the base, every DiffAttention layout);
 `scale` is the softmax scale (1/sqrt(d), or nGPT's sqrt(d) on normalised q/k).
@@ -55,7 +56,7 @@ def causal_window_mask(sq: int, sk: int, window: Optional[int], device,
     context-parallel chunk) need the mask."""
     if sq == sk and not needs_window(sk, window) and documents is None:
         return None
-    mask = _position_mask(sq, sk, window if needs_window(sk, window) else None, torch.device(device))
+    mask = _position_mask(sq, sk, window, torch.device(device))
     if documents is not None:
         same = documents[:, sk - sq:, None] == documents[:, None, :]  # [b, sq, sk]
         mask = (mask & same)[:, None]
@@ -75,7 +76,7 @@ def _position_mask(sq: int, sk: int, window: Optional[int], device: torch.device
     q_pos = torch.arange(sk - sq, sk, device=device)[:, None]
     k_pos = torch.arange(sk, device=device)[None, :]
     mask = k_pos <= q_pos
-    if window is not None:
+    if needs_window(sk, window):
         mask = mask & (k_pos > q_pos - window)
     return mask
 
@@ -118,11 +119,9 @@ def sdpa(q, k, v, *, scale: float, window: Optional[int], dropout_p: float = 0.0
     the kernels take as it is (a boolean mask becomes a new float copy in each layer's call, and
     each copy is saved for the backward)."""
     _check_heads(q, k, v)
-    sq, sk = q.size(2), k.size(2)
-    if documents is None and (sq != sk or needs_window(sk, window)):
-        mask = _additive_mask(sq, sk, window if needs_window(sk, window) else None, q.device, q.dtype)
-    else:
-        mask = causal_window_mask(sq, sk, window, q.device, documents)
+    mask = causal_window_mask(q.size(2), k.size(2), window, q.device, documents)
+    if mask is not None and documents is None:
+        mask = _additive_mask(q.size(2), k.size(2), window, q.device, q.dtype)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, scale=scale,
         enable_gqa=q.size(1) != k.size(1))

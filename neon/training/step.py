@@ -81,6 +81,9 @@ def lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return total, num_tokens, {"lm loss": reported}
 
 
+WHOLE_SEQUENCE_KEYS = ("documents",)  # what context parallelism leaves whole in a micro-batch
+
+
 def context_parallel_batch(batch: dict) -> dict:
     """This context-parallel rank's part of a micro-batch: megatron's head-tail split of every
     per-token tensor (neon/context_parallel.py), except the document ids, which attention needs
@@ -89,9 +92,6 @@ def context_parallel_batch(batch: dict) -> dict:
         return batch
     whole = {k: batch.pop(k) for k in WHOLE_SEQUENCE_KEYS if k in batch}
     return get_batch_on_this_cp_rank(batch) | whole
-
-
-WHOLE_SEQUENCE_KEYS = ("documents",)
 
 
 def forward_step(data_iterator: Iterator[dict], model):

@@ -34,7 +34,7 @@ class ParallelismConfig:
     """Pipeline-parallel size (splits the layers into stages)."""
     context_parallel_size: int = 1
     """Context-parallel size: splits every sequence over this many ranks (attention all-gathers
-    keys/values; docs/parallelism.md)."""
+    keys/values; docs/training.md, "Context parallelism")."""
     num_layers_per_virtual_pipeline_stage: Optional[int] = None
     """Layers per virtual stage: turns on the interleaved 1F1B schedule (needs PP > 1)."""
     expert_model_parallel_size: int = 1
