@@ -10,9 +10,12 @@ softmax(q k^T * scale + causal/window mask) v. `attention()` picks the kernel:
   reads the shared key/value heads in place (enable_gqa), no copies.
 - CUDA, as many queries as keys and no window (or one at least as wide as the keys): torch SDPA
   with is_causal, which takes the flash or cuDNN kernel; grouped-query through enable_gqa.
-- CPU, and CUDA with attention dropout under a window (FlexAttention has no dropout): SDPA with
-  enable_gqa and, for a window or fewer queries than keys, an explicit additive [sq, sk] mask
-  built once per shape.
+- CPU, fewer queries than keys and no window narrower than the keys (a context-parallel chunk):
+  two mask-free flash calls merged by their log-sum-exps (neon/chunk_attention.py), so no
+  [sq, sk] mask is built or saved.
+- CPU otherwise, and CUDA with attention dropout under a window (FlexAttention has no dropout):
+  SDPA with enable_gqa and, for a window or fewer queries than keys, an explicit additive
+  [sq, sk] mask built once per shape.
 
 Any number of query heads per key/value head works (the base, every DiffAttention layout);
 `scale` is the softmax scale (1/sqrt(d), or nGPT's sqrt(d) on normalised q/k).
@@ -42,6 +45,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from neon import chunk_attention
 from neon.config import NeonConfig
 from neon.context_parallel import context_parallel_attention
 
@@ -190,6 +194,10 @@ def local_attention(q, k, v, *, scale: float, window: Optional[int], dropout_p: 
     offset_or_window = q.size(2) != k.size(2) or needs_window(k.size(2), window)
     if q.is_cuda and offset_or_window and not dropout_p and documents is None:
         return flex_window_attention(q, k, v, scale=scale, window=window)
+    if (chunk_attention.available(q, k, v) and not needs_window(k.size(2), window) and not dropout_p
+            and documents is None):
+        _check_heads(q, k, v)
+        return chunk_attention.chunk_causal_attention(q, k, v, scale=scale)
     return sdpa(q, k, v, scale=scale, window=window, dropout_p=dropout_p, documents=documents)
 
 

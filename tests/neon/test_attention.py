@@ -84,7 +84,8 @@ def test_flex_block_mask_forward_matches_reference(heads, window, normalized):
 @pytest.mark.parametrize("window", [None, 5])
 def test_fewer_queries_than_keys_are_the_last_positions(window):
     """A context-parallel chunk: 12 queries at the end of 40 keys, causal (SDPA's is_causal would
-    align query 0 with key 0) or windowed, on the SDPA path and FlexAttention's eager forward."""
+    align query 0 with key 0) or windowed, on the CPU path (merged flash calls without a window,
+    SDPA with its mask with one) and FlexAttention's eager forward."""
     q, _, _ = inputs(2, 4, 2, 12, 8, seed=3)
     _, k, v = inputs(2, 4, 2, 40, 8, seed=4)
     expected = reference(q, k, v, 0.3, window)
