@@ -4,8 +4,8 @@ On real gloo process groups of 2 and 4 ranks, each rank takes its two chunks of 
 (megatron's head-tail split) and runs `attention` with its CP group; its output and the
 gradients of its q/k/v chunks must be the rows of the single-process attention over the whole
 sequence, with grouped-query heads, without a window, with a window narrower than a chunk (the
-window-aware exchange of the last W - 1 keys), one wider than a chunk (whole chunks gathered),
-and with document masks.
+last W - 1 keys of the chunk before, from a neighbour rank point to point), one exactly a chunk
+wide and one wider (whole chunks gathered), and with document masks.
 
 Bound. In float64 the two computations differ only in the order of the softmax and value sums
 (at most S = 32 terms each) and in the sum of the gathered key/value gradients over the ranks:
@@ -52,11 +52,13 @@ def cp_against_whole(window, with_documents):
 
 
 @pytest.mark.parametrize("cp", [2, 4])
-@pytest.mark.parametrize("window,with_documents", [(None, False), (3, False), (7, False), (None, True), (6, True)],
-                         ids=["causal", "window-in-chunk", "window-over-chunks", "documents", "window-documents"])
+@pytest.mark.parametrize("window,with_documents", [(None, False), (3, False), (7, False), (9, False), (None, True),
+                                                   (6, True)],
+                         ids=["causal", "window-in-chunk", "window-over-chunks", "window-of-a-chunk", "documents",
+                              "window-documents"])
 def test_context_parallel_attention_gives_the_whole_sequence_rows_and_gradients(cp, window, with_documents):
-    # chunks of S / (2 CP) = 8 (CP=2) or 4 (CP=4) tokens: window 3 needs part of one earlier chunk,
-    # window 7 at CP=4 needs two earlier chunks
+    # chunks of S / (2 CP) = 8 (CP=2) or 4 (CP=4) tokens: window 3 needs part of one earlier chunk
+    # (a neighbour's), window 7 at CP=4 needs two earlier chunks, window 9 at CP=2 one whole chunk
     for got, expected in run_distributed(cp_against_whole, cp, cp=cp,
                                          kwargs=dict(window=window, with_documents=with_documents)):
         for name, g, e in zip(["output", "dq", "dk", "dv"], got, expected):

@@ -3,10 +3,11 @@
 Three SGD steps of megatron DDP on real gloo processes, at CP=2 against one process (every
 parameter's reduced gradient after the first step, every step's loss and gradient norm), and at
 CP=2 x TP=2 and PP=2 x CP=2 against the same TP or PP layout at CP=1 (losses, gradient norms).
-Sequences of 16 tokens give CP=2 chunks of 4: a window of 5 needs the last 4 keys of the chunk
-before (the window-aware exchange), one of 7 reaches over a whole chunk, and FlamingMoE's IO
-context window of 6 ids reaches into the chunk another rank holds (store `context` queries and a
-callable read it; a frozen model's states need the whole sequence before each token).
+Sequences of 16 tokens give CP=2 chunks of 4: a window of 3 needs the last 2 keys of the chunk
+before (sent by a neighbour rank), one of 5 the whole chunk before and one of 7 reaches over it
+(whole chunks gathered), and FlamingMoE's IO context window of 6 ids reaches into the chunk
+another rank holds (store `context` queries and a callable read it; a frozen model's states need
+the whole sequence before each token).
 
 Bound. Every layout starts from the same weights and differs from CP=1 only in the order of fp32
 sums: the attention of a chunk sums over its keys in another blocking, the token-mean loss is
@@ -37,13 +38,13 @@ DOCUMENTS = torch.tensor([0] * 3 + [1] * 8 + [2] * 5)  # boundaries inside chunk
 
 VARIANTS = {
     "mistral": {},
-    "window-in-chunk": dict(sliding_window=5),
+    "window-in-chunk": dict(sliding_window=3),
     "window-over-chunks": dict(sliding_window=7),
     "diff-matched-window": dict(diff_attention="matched", sliding_window=5),
     "diff-expressive": dict(diff_attention="expressive"),
     "diff-v2-window": dict(diff_attention="v2", sliding_window=7),
     "ngpt": dict(ngpt=True),
-    "ngpt-diff-window": dict(ngpt=True, diff_attention="matched", sliding_window=5),
+    "ngpt-diff-window": dict(ngpt=True, diff_attention="matched", sliding_window=3),
     "documents": dict(sliding_window=7, documents=True),
     "loss-mask": dict(masked=True),  # CP ranks with different numbers of loss tokens
     "flaming": dict(flaming_moe="between", flaming_global_functions=2, flaming_layer_functions=2,
