@@ -28,8 +28,9 @@ scores depend only on the distance between tokens of the same document.
 
 Context parallelism: every core attention module (this one, DiffAttention's, nGPT's scaled q/k
 around either) calls `attention` with its context-parallel group; with more than one rank it
-all-gathers the keys and values it needs (neon/context_parallel.py) and runs the kernels above on
-each local chunk. The document ids then cover the whole sequence (the batch split leaves them whole).
+takes the keys and values it needs from the other ranks (neon/context_parallel.py) and runs the
+kernels above on each local chunk. The document ids then cover the whole sequence (the batch split
+leaves them whole).
 """
 
 from __future__ import annotations
