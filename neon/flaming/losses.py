@@ -31,9 +31,15 @@ def set_aux_loss_scale(config, num_microbatches: int) -> None:
     # IO functions' own losses (a learned query's) are means over this rank's tokens: DDP's average
     # over the data- and context-parallel ranks averages them.
     AttachLoss.scale = float(scale)
-    # The router losses are computed over the TP x CP group's tokens (megatron's router); each CP
-    # rank holds a share of their gradient, which megatron's scale restores after that average.
-    if not config.calculate_per_token_loss:
+    # The router losses are computed over the TP x CP group's tokens (megatron's router); each rank
+    # holds a share of their gradient. A mean loss averages the shares over DP x CP: megatron's
+    # x CP restores them. A per-token loss sums them and divides by the loss tokens, and megatron's
+    # router weights them by the rank's own tokens, a (TP x CP)-th of the group's: x TP x CP
+    # restores the group's (megatron-core 0.16.1 omits this factor: its per-token router losses
+    # shrink by 1 / (TP x CP)).
+    if config.calculate_per_token_loss:
+        scale = scale * config.tensor_model_parallel_size * config.context_parallel_size
+    else:
         scale = scale * config.context_parallel_size
     if config.num_moe_experts is None:  # megatron's schedules set it for configs with MoE MLPs
         MoEAuxLossAutoScaler.set_loss_scale(scale)

@@ -21,7 +21,7 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_batch_on_this_cp_rank
+from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config
 
 from megatron_plugins import cpu_runtime
 from neon.config import NeonConfig
@@ -63,19 +63,21 @@ def build_model_chunks(config: NeonConfig, build_stage: Callable, wrap_ddp: bool
     return chunks
 
 
-def lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+def lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor, *, calculate_per_token_loss: bool = False):
     """Sum of the masked token losses, with the token count: megatron's per-token reduction.
 
-    Under context parallelism each rank holds part of every sequence: its sum is scaled by CP and
-    divided by the CP group's token count, so that megatron's average of the gradients over
-    DP x CP ranks is the token mean of the whole sequences (also when the ranks' loss masks keep
-    different numbers of tokens). The reported pair stays this rank's own."""
+    Under context parallelism each rank holds part of every sequence. With megatron's default
+    (a mean per micro-batch, gradients averaged over DP x CP) its sum is scaled by CP and divided
+    by the CP group's token count, so that the average is the token mean of the whole sequences
+    (also when the ranks' loss masks keep different numbers of tokens). With
+    --calculate-per-token-loss megatron sums the gradients and the token counts over DP x CP, which
+    is exact as it is. The reported pair stays this rank's own."""
     mask = loss_mask.reshape(-1).float()
     total = torch.sum(per_token_loss.reshape(-1).float() * mask)
     num_tokens = mask.sum().to(torch.int)
     reported = torch.stack([total.detach(), num_tokens.float()])
     cp = parallel_state.get_context_parallel_world_size()
-    if cp > 1:
+    if cp > 1 and not calculate_per_token_loss:
         torch.distributed.all_reduce(num_tokens, group=parallel_state.get_context_parallel_group())
         total = total * cp
     return total, num_tokens, {"lm loss": reported}
@@ -101,7 +103,8 @@ def forward_step(data_iterator: Iterator[dict], model):
     batch = context_parallel_batch(batch)
     # megatron's attention_mask argument carries the document ids (neon/attention.py), or None
     output = model(batch["tokens"], batch["position_ids"], batch.get("documents"), labels=batch["labels"])
-    return output, partial(lm_loss, batch["loss_mask"])
+    return output, partial(lm_loss, batch["loss_mask"],
+                           calculate_per_token_loss=get_model_config(model).calculate_per_token_loss)
 
 
 @dataclass

@@ -50,6 +50,9 @@ VARIANTS = {
     "flaming": dict(flaming_moe="between", flaming_global_functions=2, flaming_layer_functions=2,
                     flaming_router="topk", flaming_topk=1, flaming_aux_loss_coeff=1e-2, flaming_z_loss_coeff=1e-3),
 }
+# --calculate-per-token-loss: megatron sums the gradients and the loss tokens over DP x CP
+VARIANTS |= {"per-token-loss": dict(calculate_per_token_loss=True, masked=True),
+             "flaming-per-token-loss": dict(VARIANTS["flaming"], calculate_per_token_loss=True, masked=True)}
 
 
 def flaming_io(store: str, frozen: str) -> dict:
