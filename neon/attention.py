@@ -192,13 +192,13 @@ def local_attention(q, k, v, *, scale: float, window: Optional[int], dropout_p: 
     if value_halves:
         return torch.cat([local_attention(q, k, half, scale=scale, window=window, dropout_p=dropout_p,
                                           documents=documents) for half in v.chunk(2, dim=-1)], dim=-1)
-    offset_or_window = q.size(2) != k.size(2) or needs_window(k.size(2), window)
-    if q.is_cuda and offset_or_window and not dropout_p and documents is None:
-        return flex_window_attention(q, k, v, scale=scale, window=window)
-    if (chunk_attention.available(q, k, v) and not needs_window(k.size(2), window) and not dropout_p
-            and documents is None):
-        _check_heads(q, k, v)
-        return chunk_attention.chunk_causal_attention(q, k, v, scale=scale)
+    if not dropout_p and documents is None:  # FlexAttention and the CPU chunk kernel take neither
+        offset_or_window = q.size(2) != k.size(2) or needs_window(k.size(2), window)
+        if q.is_cuda and offset_or_window:
+            return flex_window_attention(q, k, v, scale=scale, window=window)
+        if chunk_attention.available(q, k, v) and not needs_window(k.size(2), window):
+            _check_heads(q, k, v)
+            return chunk_attention.chunk_causal_attention(q, k, v, scale=scale)
     return sdpa(q, k, v, scale=scale, window=window, dropout_p=dropout_p, documents=documents)
 
 

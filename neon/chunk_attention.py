@@ -25,25 +25,24 @@ from __future__ import annotations
 
 import torch
 
-_OPS = torch.ops.aten
-_FORWARD = "_scaled_dot_product_flash_attention_for_cpu"
-_BACKWARD = "_scaled_dot_product_flash_attention_for_cpu_backward"
+# None on a torch without them (looked up once: `available` runs in every attention call)
+_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_flash_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
 def available(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """A CPU query block shorter than its keys, values as wide as keys (the flash kernel's
     condition), on a torch that has the CPU flash ops."""
     return (q.device.type == "cpu" and q.size(2) < k.size(2) and v.size(-1) == k.size(-1)
-            and hasattr(_OPS, _FORWARD) and hasattr(_OPS, _BACKWARD))
+            and _flash is not None and _flash_backward is not None)
 
 
 class _ChunkCausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale):
         p = k.size(2) - q.size(2)
-        flash = getattr(_OPS, _FORWARD)
-        out_prefix, lse_prefix = flash(q, k[:, :, :p], v[:, :, :p], 0.0, False, scale=scale)
-        out_own, lse_own = flash(q, k[:, :, p:], v[:, :, p:], 0.0, True, scale=scale)
+        out_prefix, lse_prefix = _flash(q, k[:, :, :p], v[:, :, :p], 0.0, False, scale=scale)
+        out_own, lse_own = _flash(q, k[:, :, p:], v[:, :, p:], 0.0, True, scale=scale)
         lse = torch.logaddexp(lse_prefix, lse_own)  # [b, h, sq], float32 or float64
         out = (out_prefix.to(lse.dtype) * (lse_prefix - lse).exp().unsqueeze(-1)
                + out_own.to(lse.dtype) * (lse_own - lse).exp().unsqueeze(-1)).to(q.dtype)
@@ -55,11 +54,10 @@ class _ChunkCausalAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         p = k.size(2) - q.size(2)
-        flash_backward = getattr(_OPS, _BACKWARD)
         grad_out = grad_out.contiguous()
-        dq_prefix, dk_prefix, dv_prefix = flash_backward(
+        dq_prefix, dk_prefix, dv_prefix = _flash_backward(
             grad_out, q, k[:, :, :p], v[:, :, :p], out, lse, 0.0, False, scale=ctx.scale)
-        dq_own, dk_own, dv_own = flash_backward(
+        dq_own, dk_own, dv_own = _flash_backward(
             grad_out, q, k[:, :, p:], v[:, :, p:], out, lse, 0.0, True, scale=ctx.scale)
         return dq_prefix + dq_own, torch.cat([dk_prefix, dk_own], 2), torch.cat([dv_prefix, dv_own], 2), None
 

@@ -83,11 +83,17 @@ class _GatherPieces(torch.autograd.Function):
         return grad[group.rank()], None
 
 
+def _in_order(pieces: torch.Tensor, chunks: int, dim: int) -> torch.Tensor:
+    """Chunks 0 .. chunks - 1 of the sequence, in order along `dim`, from every rank's pieces
+    [CP, 2, ...] (as gathered)."""
+    size = pieces.size(0)
+    return torch.cat([pieces[_holder(j, size)] for j in range(chunks)], dim=dim)
+
+
 def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
     """Whole-sequence ids (no gradient) from this rank's two chunks along dim 1: [b, S/CP] -> [b, S]."""
-    size = group.size()
     pieces = _all_gather(torch.stack(x.chunk(2, dim=1)), group)  # [CP, 2, b, c]
-    return torch.cat([pieces[_holder(j, size)] for j in range(2 * size)], dim=1)
+    return _in_order(pieces, 2 * group.size(), dim=1)
 
 
 class _NeighbourHalos(torch.autograd.Function):
@@ -139,10 +145,9 @@ def _neighbour_keys(x: torch.Tensor, group, c: int, halo: int) -> list[torch.Ten
 def _gathered_keys(x: torch.Tensor, group, c: int, window: Optional[int]) -> list[torch.Tensor]:
     """No window or one of W - 1 >= c: every rank's chunks, laid out 0 .. this rank's tail chunk
     once; each local chunk's keys are a view of them, from the first chunk its window reaches."""
-    size, rank = group.size(), group.rank()
-    chunks = chunk_ids(rank, size)
+    chunks = chunk_ids(group.rank(), group.size())
     gathered = _GatherPieces.apply(torch.stack(x.chunk(2, dim=2)), group)  # [CP, 2, b, h_kv, c, d]
-    sequence = torch.cat([gathered[_holder(i, size)] for i in range(chunks[1] + 1)], dim=2)
+    sequence = _in_order(gathered, chunks[1] + 1, dim=2)
     reach = [j if window is None else min(j, -(-(window - 1) // c)) for j in chunks]  # chunks before
     return [sequence[:, :, (j - m) * c:(j + 1) * c] for j, m in zip(chunks, reach)]
 
